@@ -1,0 +1,796 @@
+"""Input data: small datasets held in memory, augmentation in the jitted step, ImageNet.
+
+Small datasets (CIFAR-10/100, MNIST, Fashion-MNIST) are loaded once on the host
+as uint8 NHWC arrays (`load`), zero-padded to the 32x32 input the models expect
+(`prepare`), and then live on the device. Each training step gathers a batch by
+index (`train_batches` / `eval_batches` hand out the indices), augments it
+(`augment`) and normalizes it (`normalize`) inside the jitted step, so the host
+does no per-step work and a run resumes exactly from its global step.
+
+ImageNet is too large for that and is streamed with tf.data instead
+(`imagenet_tf_dataset`). TensorFlow is an optional dependency
+(`pip install 'dirac_jax[tf]'`), imported only by the functions that need it.
+
+Typical use for a small dataset::
+
+  ds = prepare(load("cifar10", split="train"))
+  images, labels = jax.device_put((ds.images, ds.labels))
+  epoch, start = divmod(global_step, steps_per_epoch(len(ds), batch_size))
+  for idx in train_batches(len(ds), batch_size, seed, epoch, start_step=start):
+    state = train_step(state, images[idx], labels[idx], key)  # augment + normalize inside
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pathlib
+import pickle
+import struct
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct as flax_struct
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+SOURCES = ("auto", "idx", "cifar_archive", "tfds", "synthetic")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+
+# Native image shapes; `prepare` pads the 28x28 ones to the models' 32x32.
+_SHAPES = {
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+    "mnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+}
+_LOCAL_SOURCE = {
+    "cifar10": "cifar_archive",
+    "cifar100": "cifar_archive",
+    "mnist": "idx",
+    "fashion_mnist": "idx",
+}
+DEFAULT_DATA_DIRS = {
+    "mnist": "/usr/share/datasets/mnist",
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",  # Debian dataset-fashion-mnist
+}
+
+# Per-channel mean/std of the training images, on the [0, 1] scale. CIFAR-100 uses the
+# CIFAR-10 statistics, as the DiracNets reference code does; they differ by < 2/255.
+_CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+_CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+MEAN_STD = {
+    "cifar10": (_CIFAR_MEAN, _CIFAR_STD),
+    "cifar100": (_CIFAR_MEAN, _CIFAR_STD),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+# IDX type codes (third magic byte); multi-byte types are big-endian.
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+_CIFAR_ARCHIVES = {
+    # name: (archive file, folder inside it, {split: member files}, label key)
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        "labels",
+    ),
+    "cifar100": (
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        {"train": ["train"], "test": ["test"]},
+        "fine_labels",
+    ),
+}
+_SYNTHETIC_SIZES = {"train": 1024, "test": 512}
+_TF_MISSING = (
+    "TensorFlow is not installed; tf.data/TFDS input needs it: pip install 'dirac_jax[tf]'"
+)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset could not be found by any of the sources tried.
+
+    The message lists what was tried and every way to provide the data.
+    """
+
+
+class _SourceUnavailable(Exception):
+    """One source cannot provide the data; `load` turns it into `DataNotFoundError`."""
+
+
+@flax_struct.dataclass
+class ArrayDataset:
+    """A dataset split held in memory as whole arrays.
+
+    A pytree whose leaves are `images` and `labels`, so `jax.device_put(ds)` moves
+    both to the device while `num_classes` and `name` stay static.
+
+    Attributes:
+      images: uint8 array of shape (N, H, W, C).
+      labels: int32 array of shape (N,), values in [0, num_classes).
+      num_classes: number of classes.
+      name: dataset name, e.g. "cifar10"; selects the `normalize` statistics.
+    """
+
+    images: Any
+    labels: Any
+    num_classes: int = flax_struct.field(pytree_node=False)
+    name: str = flax_struct.field(pytree_node=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Loading small datasets.
+
+
+def load(
+    name: str,
+    *,
+    source: str = "auto",
+    data_dir: str | pathlib.Path | None = None,
+    split: str = "train",
+    synthetic_size: int | None = None,
+    download: bool = False,
+) -> ArrayDataset:
+    """Loads a whole split of a small dataset into host memory.
+
+    Images keep their native size (28x28x1 for MNIST-likes); use `prepare` to pad
+    them to the models' 32x32 input.
+
+    Args:
+      name: one of `DATASETS`: "cifar10", "cifar100", "mnist", "fashion_mnist".
+      source: where to read from, one of `SOURCES`:
+        "idx": a directory of MNIST-format IDX files, plain or gzipped
+        (MNIST-likes only; `data_dir` defaults to `DEFAULT_DATA_DIRS[name]`).
+        "cifar_archive": the CIFAR python archive `cifar-10-python.tar.gz` /
+        `cifar-100-python.tar.gz` in `data_dir`, or its extracted folder.
+        "tfds": TensorFlow Datasets (needs TensorFlow), with TFDS's `data_dir`.
+        "synthetic": deterministic random data for tests and benchmarks only.
+        "auto": the local source for `name`, then "tfds"; the first that works.
+      data_dir: directory holding the data; its meaning depends on `source`.
+      split: "train" or "test". The "tfds" source also accepts TFDS split strings
+        such as "train[:90%]".
+      synthetic_size: number of examples for `source="synthetic"` (default 1024
+        for "train", 512 otherwise).
+      download: let TFDS download and prepare the dataset if it is missing.
+
+    Returns:
+      An `ArrayDataset` with uint8 NHWC images and int32 labels.
+
+    Raises:
+      ValueError: unknown `name`, `source` or `split`, a source that does not apply
+        to `name`, or malformed files.
+      DataNotFoundError: the data is not where the source(s) looked. The message
+        lists every way to provide it.
+      ImportError: `source="tfds"` without TensorFlow installed.
+    """
+    if name not in DATASETS:
+        raise ValueError(
+            f"load: unknown dataset {name!r}; known small datasets: {', '.join(DATASETS)} "
+            "(imagenet2012 is streamed with imagenet_tf_dataset)."
+        )
+    if source not in SOURCES:
+        raise ValueError(f"load: unknown source {source!r}; valid sources: {', '.join(SOURCES)}.")
+    if source in ("idx", "cifar_archive") and source != _LOCAL_SOURCE[name]:
+        raise ValueError(
+            f"load: source {source!r} does not apply to {name}; use "
+            f"{_LOCAL_SOURCE[name]!r}, 'tfds', 'synthetic' or 'auto'."
+        )
+    if source != "tfds" and split not in ("train", "test"):
+        raise ValueError(
+            f"load: split {split!r} is not available from source {source!r}; use 'train' or "
+            "'test' (TFDS split strings like 'train[:90%]' need source='tfds')."
+        )
+
+    if source == "synthetic":
+        return _load_synthetic(name, split, synthetic_size)
+    if source == "tfds":
+        try:
+            return _load_tfds(name, split, data_dir, download)
+        except _SourceUnavailable as e:
+            raise DataNotFoundError(_not_found_message(name, split, [f"tfds: {e}"])) from None
+    if source != "auto":
+        try:
+            return _LOCAL_LOADERS[source](name, split, data_dir)
+        except _SourceUnavailable as e:
+            raise DataNotFoundError(_not_found_message(name, split, [f"{source}: {e}"])) from None
+
+    tried = []
+    local = _LOCAL_SOURCE[name]
+    try:
+        return _LOCAL_LOADERS[local](name, split, data_dir)
+    except _SourceUnavailable as e:
+        tried.append(f"{local}: {e}")
+    try:
+        return _load_tfds(name, split, data_dir, download)
+    except (_SourceUnavailable, ImportError) as e:
+        # Without TensorFlow "auto" still ends in the one guidance message below.
+        tried.append(f"tfds: {e}")
+    raise DataNotFoundError(_not_found_message(name, split, tried))
+
+
+def _not_found_message(name: str, split: str, tried: Sequence[str]) -> str:
+    """The one message that says what was tried and how to provide the data."""
+    ways = []
+    if name == "fashion_mnist":
+        ways.append(
+            "apt-get install dataset-fashion-mnist (IDX files in "
+            "/usr/share/datasets/fashion-mnist), then --config.dataset.source=idx"
+        )
+    if _LOCAL_SOURCE[name] == "idx":
+        ways.append(
+            "--config.dataset.data_dir=DIR --config.dataset.source=idx, with DIR holding the "
+            "IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (plain or .gz)"
+        )
+    else:
+        archive, folder, _, _ = _CIFAR_ARCHIVES[name]
+        ways.append(
+            f"download https://www.cs.toronto.edu/~kriz/{archive} into DIR (or extract it "
+            f"there, giving DIR/{folder}) and set --config.dataset.data_dir=DIR "
+            "--config.dataset.source=cifar_archive"
+        )
+    ways.append(
+        f"pip install 'dirac_jax[tf]'; tfds build {name} [--data_dir=DIR]; then "
+        "--config.dataset.source=tfds [--config.dataset.data_dir=DIR]"
+    )
+    ways.append("--config.dataset.source=synthetic for random stand-in data (tests, benchmarks)")
+    lines = [f"Could not load {name} (split={split!r}).", "Tried:"]
+    lines += [f"  - {t}" for t in tried]
+    lines.append("Ways to provide the data:")
+    lines += [f"  - {w}" for w in ways]
+    return "\n".join(lines)
+
+
+def _load_synthetic(name: str, split: str, size: int | None) -> ArrayDataset:
+    """Deterministic random images and labels, seeded by (name, split)."""
+    n = _SYNTHETIC_SIZES.get(split, _SYNTHETIC_SIZES["test"]) if size is None else size
+    if n < 0:
+        raise ValueError(f"load: synthetic_size must be >= 0, got {n}.")
+    # crc32, unlike hash(), is stable across processes, so the data is too.
+    rng = np.random.default_rng([zlib.crc32(name.encode()), zlib.crc32(split.encode())])
+    images = rng.integers(0, 256, (n, *_SHAPES[name]), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES[name], (n,), dtype=np.int32)
+    return ArrayDataset(images, labels, NUM_CLASSES[name], name)
+
+
+def _load_tfds(
+    name: str, split: str, data_dir: str | pathlib.Path | None, download: bool
+) -> ArrayDataset:
+    """Whole split from TFDS as numpy (needs TensorFlow)."""
+    _import_tf()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+    if not builder.is_prepared():
+        if not download:
+            raise _SourceUnavailable(
+                f"TFDS dataset {name} is not prepared in {builder.data_dir} (download=False)"
+            )
+        builder.download_and_prepare()
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    images = np.asarray(data["image"], np.uint8)
+    labels = np.asarray(data["label"], np.int32)
+    return ArrayDataset(images, labels, NUM_CLASSES[name], name)
+
+
+def read_idx(path: str | pathlib.Path, *, expected_magic: int | None = None) -> np.ndarray:
+    """Reads an IDX file (the MNIST format), plain or gzip-compressed.
+
+    Args:
+      path: the file. Compression is detected from its content, not its name.
+      expected_magic: if given, the file's 4-byte magic number must equal it, e.g.
+        `IDX_IMAGES_MAGIC` (0x00000803) or `IDX_LABELS_MAGIC` (0x00000801).
+
+    Returns:
+      The array with the file's dimensions, in native byte order.
+
+    Raises:
+      ValueError: not an IDX file, a different magic number than expected, or a
+        size that does not match the header. The message names the file.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> path = pathlib.Path(tempfile.mkdtemp()) / "labels-idx1-ubyte"
+      >>> _ = path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 9]))
+      >>> read_idx(path, expected_magic=IDX_LABELS_MAGIC)
+      array([7, 2, 9], dtype=uint8)
+    """
+    path = pathlib.Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        raw = gzip.decompress(raw)
+    if len(raw) < 4:
+        raise ValueError(f"read_idx: {path} is too short ({len(raw)} bytes) to be an IDX file.")
+    magic = int.from_bytes(raw[:4], "big")
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(
+            f"read_idx: {path} has IDX magic number 0x{magic:08x}, expected "
+            f"0x{expected_magic:08x}; wrong or corrupt file?"
+        )
+    if raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"read_idx: {path} is not an IDX file (magic number 0x{magic:08x}).")
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise ValueError(f"read_idx: {path} is truncated inside its header.")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    if len(raw) - header != math.prod(dims) * dtype.itemsize:
+        raise ValueError(
+            f"read_idx: {path} holds {len(raw) - header} data bytes, but its header "
+            f"{dims} of {dtype} needs {math.prod(dims) * dtype.itemsize}."
+        )
+    data = np.frombuffer(raw, dtype, offset=header).reshape(dims)
+    return data.astype(dtype.newbyteorder("="))  # a writable copy in native order
+
+
+def _find_file(directory: pathlib.Path, stems: Sequence[str]) -> pathlib.Path | None:
+    for stem in stems:
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx(name: str, split: str, data_dir: str | pathlib.Path | None) -> ArrayDataset:
+    """MNIST-likes from a directory of IDX files."""
+    directory = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIRS[name])
+    prefix = "train" if split == "train" else "t10k"
+    # Some mirrors name the files "train-images.idx3-ubyte".
+    image_stems = [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]
+    label_stems = [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]
+    image_path = _find_file(directory, image_stems)
+    label_path = _find_file(directory, label_stems)
+    if image_path is None or label_path is None:
+        missing = image_stems[0] if image_path is None else label_stems[0]
+        raise _SourceUnavailable(f"no {missing}[.gz] in {directory}")
+    images = read_idx(image_path, expected_magic=IDX_IMAGES_MAGIC)
+    labels = read_idx(label_path, expected_magic=IDX_LABELS_MAGIC)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"load: {image_path} has {images.shape[0]} images but {label_path} has "
+            f"{labels.shape[0]} labels."
+        )
+    return ArrayDataset(images[..., None], labels.astype(np.int32), NUM_CLASSES[name], name)
+
+
+def _unpickle_cifar(fileobj: Any, label_key: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: (N, 3072) channel-major rows to NHWC uint8."""
+    # The archives were pickled by Python 2: keys come back as bytes. Only load
+    # archives from a trusted source; unpickling can run arbitrary code.
+    batch = pickle.load(fileobj, encoding="bytes")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"load: {where} lacks the 'data' or {label_key!r} entry.")
+    data = np.asarray(batch["data"], np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"load: {where} has data of shape {data.shape}, expected (N, 3072).")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(batch[label_key], np.int32)
+
+
+def _load_cifar_archive(name: str, split: str, data_dir: str | pathlib.Path | None) -> ArrayDataset:
+    """CIFAR from the python archive, compressed or extracted."""
+    archive, folder, members, label_key = _CIFAR_ARCHIVES[name]
+    wanted = members[split]
+    if data_dir is None:
+        raise _SourceUnavailable(f"no data_dir given to look for {archive} in")
+    directory = pathlib.Path(data_dir)
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if (directory / archive).is_file():
+        # Streams the members out of the archive: nothing is extracted to disk.
+        with tarfile.open(directory / archive, "r:*") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in wanted and member.name.startswith(folder):
+                    with tar.extractfile(member) as f:
+                        parts[base] = _unpickle_cifar(f, label_key, f"{archive}:{member.name}")
+        missing = [m for m in wanted if m not in parts]
+        if missing:
+            raise ValueError(f"load: {directory / archive} lacks {folder}/{missing[0]}.")
+    else:
+        # Accept both DIR/<folder>/<member> and data_dir pointing at <folder> itself.
+        for base_dir in (directory / folder, directory):
+            if all((base_dir / m).is_file() for m in wanted):
+                for m in wanted:
+                    with open(base_dir / m, "rb") as f:
+                        parts[m] = _unpickle_cifar(f, label_key, str(base_dir / m))
+                break
+        else:
+            raise _SourceUnavailable(f"neither {archive} nor {folder}/{wanted[0]} in {directory}")
+    images = np.concatenate([parts[m][0] for m in wanted])
+    labels = np.concatenate([parts[m][1] for m in wanted])
+    return ArrayDataset(images, labels, NUM_CLASSES[name], name)
+
+
+_LOCAL_LOADERS = {"idx": _load_idx, "cifar_archive": _load_cifar_archive}
+
+
+def pad_to(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """Zero-pads NHWC images on the host, centred, to `size` x `size`.
+
+    An odd difference puts the extra row/column at the bottom/right.
+
+    Args:
+      images: array of shape (N, H, W, C) with H, W <= size.
+      size: target height and width.
+
+    Returns:
+      A numpy array of shape (N, size, size, C) and the dtype of `images`.
+
+    Raises:
+      ValueError: `images` is not 4-D or is larger than `size`.
+
+    Examples:
+      >>> pad_to(np.ones((2, 28, 28, 1), np.uint8)).shape
+      (2, 32, 32, 1)
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] > size or images.shape[2] > size:
+        raise ValueError(f"pad_to: expected (N, H, W, C) with H, W <= {size}, got {images.shape}.")
+    dh, dw = size - images.shape[1], size - images.shape[2]
+    return np.pad(images, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+
+
+def prepare(dataset: ArrayDataset, image_size: int = 32) -> ArrayDataset:
+    """Pads a loaded dataset's images to `image_size` (MNIST-likes: 28 -> 32).
+
+    Padding is done here, once on the host, rather than in the training step: the
+    zero border is the same every step, so redoing it per step is wasted work, and
+    the array that goes to the device already has the models' input shape, so
+    `augment` reflect-pads 32x32 images like it does for CIFAR.
+
+    Args:
+      dataset: as returned by `load`.
+      image_size: the models' input height and width.
+
+    Returns:
+      `dataset` unchanged if its images already have that size, else a copy with
+      zero-padded images.
+
+    Raises:
+      ValueError: the images are larger than `image_size`.
+    """
+    if dataset.images.shape[1:3] == (image_size, image_size):
+        return dataset
+    return dataset.replace(images=pad_to(dataset.images, image_size))
+
+
+# ---------------------------------------------------------------------------
+# In-step preprocessing (pure JAX, jit/vmap friendly).
+
+
+def normalize(images: jax.Array, name: str) -> jax.Array:
+    """Scales uint8 images to [0, 1] and standardizes each channel.
+
+    Pure and jit-able; `name` is a Python string, so it must be static under jit.
+
+    Args:
+      images: uint8 (or float on the 0..255 scale) array of shape (..., C).
+      name: a key of `MEAN_STD`, e.g. "cifar10" or "imagenet2012".
+
+    Returns:
+      float32 array, `(images / 255 - mean) / std` per channel.
+
+    Raises:
+      ValueError: unknown `name`.
+
+    Examples:
+      >>> x = normalize(jnp.full((1, 2, 2, 1), 255, jnp.uint8), "mnist")
+      >>> round(float(x[0, 0, 0, 0]), 4)  # (1 - 0.1307) / 0.3081
+      2.8215
+    """
+    if name not in MEAN_STD:
+        raise ValueError(f"normalize: no statistics for {name!r}; known: {', '.join(MEAN_STD)}.")
+    mean, std = MEAN_STD[name]
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def augment(key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
+    """Standard CIFAR augmentation: reflect-pad, random crop, random horizontal flip.
+
+    Each example gets its own crop offset and flip from `key`. Pure JAX, so it runs
+    inside the jitted training step; `pad` and `flip` must be static under jit.
+
+    Args:
+      key: a PRNG key.
+      images: array of shape (N, H, W, C), any dtype.
+      pad: pixels of reflection padding per side; the crop offset is uniform in
+        [0, 2 * pad] in each direction. Must be smaller than H and W.
+      flip: whether to flip each example left-right with probability 1/2.
+
+    Returns:
+      Array of the shape and dtype of `images`.
+
+    Raises:
+      ValueError: `images` is not 4-D or `pad` is negative or too large to reflect.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"augment: expected images of shape (N, H, W, C), got {images.shape}.")
+    if not 0 <= pad < min(images.shape[1:3]):
+        raise ValueError(f"augment: pad={pad} must be in [0, {min(images.shape[1:3])}).")
+    shape = images.shape[1:]
+
+    def one(key, image):
+        crop_key, flip_key = jax.random.split(key)
+        padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
+        out = jax.lax.dynamic_slice(padded, (dy, dx, jnp.zeros_like(dy)), shape)
+        if flip:
+            out = jnp.where(jax.random.bernoulli(flip_key), out[:, ::-1], out)
+        return out
+
+    return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+# ---------------------------------------------------------------------------
+# Batch indices for on-device datasets.
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Training steps per epoch: full batches only, the remainder is dropped.
+
+    Args:
+      n: dataset size.
+      batch_size: global batch size.
+
+    Returns:
+      `n // batch_size`.
+
+    Raises:
+      ValueError: `batch_size` < 1 or larger than `n` (an epoch would have no step).
+
+    Examples:
+      >>> steps_per_epoch(50000, 128)
+      390
+      >>> divmod(1000, steps_per_epoch(50000, 128))  # (epoch, step in epoch) at step 1000
+      (2, 220)
+    """
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"steps_per_epoch: need 1 <= batch_size <= n, got {batch_size}, n={n}.")
+    return n // batch_size
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the examples in one epoch, a function of (seed, epoch) only.
+
+    Computed on the host with NumPy's PCG64 seeded by `SeedSequence([seed, epoch])`,
+    so any epoch is reproduced without replaying the earlier ones (for a given
+    NumPy version).
+
+    Args:
+      seed: non-negative run seed.
+      epoch: non-negative epoch number.
+      n: dataset size.
+
+    Returns:
+      int32 array, a permutation of `range(n)`.
+
+    Raises:
+      ValueError: negative `seed`, `epoch` or `n`.
+    """
+    if seed < 0 or epoch < 0 or n < 0:
+        raise ValueError(f"epoch_permutation: need seed, epoch, n >= 0, got {seed}, {epoch}, {n}.")
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def train_batches(
+    dataset_size: int, batch_size: int, seed: int, epoch: int, start_step: int = 0
+) -> Iterator[np.ndarray]:
+    """Index arrays of the training batches of one epoch, optionally from mid-epoch.
+
+    The last partial batch is dropped so every step has the same shape (one jit
+    compilation). To resume exactly from global step `s`, use
+    `epoch, start_step = divmod(s, steps_per_epoch(dataset_size, batch_size))`.
+
+    Args:
+      dataset_size: number of training examples.
+      batch_size: global batch size.
+      seed: run seed, see `epoch_permutation`.
+      epoch: epoch number, see `epoch_permutation`.
+      start_step: index of the first batch to yield within the epoch.
+
+    Returns:
+      An iterator of int32 arrays of shape (batch_size,): batches `start_step`,
+      `start_step + 1`, ... of the epoch.
+
+    Raises:
+      ValueError: invalid sizes, or `start_step` outside [0, steps per epoch].
+    """
+    steps = steps_per_epoch(dataset_size, batch_size)
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"train_batches: start_step={start_step} not in [0, {steps}].")
+    order = epoch_permutation(seed, epoch, dataset_size)[: steps * batch_size]
+    # An iterator rather than a generator function: argument errors surface at the call.
+    return iter(order.reshape(steps, batch_size)[start_step:])
+
+
+def eval_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Index batches covering all `n` examples exactly once, in order.
+
+    Every batch has the full `batch_size`, so the eval step compiles once: the last
+    batch is padded with index 0 and a False mask, which the caller uses to leave
+    the padding out of the metrics.
+
+    Args:
+      n: dataset size.
+      batch_size: examples per batch.
+
+    Returns:
+      An iterator of `(indices, mask)`: int32 and bool arrays of shape (batch_size,).
+
+    Raises:
+      ValueError: `batch_size` < 1 or `n` < 0.
+
+    Examples:
+      >>> for indices, mask in eval_batches(5, 2):
+      ...   print(indices, mask)
+      [0 1] [ True  True]
+      [2 3] [ True  True]
+      [4 0] [ True False]
+    """
+    if batch_size < 1 or n < 0:
+        raise ValueError(f"eval_batches: need batch_size >= 1 and n >= 0, got {batch_size}, {n}.")
+    num_batches = -(-n // batch_size)
+    positions = np.arange(num_batches * batch_size, dtype=np.int32)
+    mask = positions < n
+    indices = np.where(mask, positions, 0).astype(np.int32)
+    return zip(
+        indices.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size), strict=True
+    )
+
+
+# ---------------------------------------------------------------------------
+# ImageNet, streamed with tf.data.
+
+
+def _import_tf():
+    """TensorFlow, or an ImportError that says how to get it."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(
+            f"{_TF_MISSING}, or for small datasets use source='idx', 'cifar_archive' "
+            "or 'synthetic'."
+        ) from e
+    # JAX owns the accelerators; tf.data only needs the CPU. This fails once TF has
+    # initialized its devices, in which case TF was set up elsewhere and is left so.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
+    return tf
+
+
+def imagenet_tf_dataset(
+    split: str,
+    *,
+    data_dir: str | None,
+    batch_size_per_host: int,
+    train: bool,
+    image_size: int = 224,
+    seed: int = 0,
+):
+    """ImageNet (TFDS imagenet2012) as a tf.data pipeline for this JAX process.
+
+    Each process reads its own shard (`tfds.split_for_jax_process`).
+    Training: endless, shuffled, inception-style random-resized crop (area
+    (0.08, 1), aspect ratio (3/4, 4/3)) to `image_size` and a random horizontal
+    flip, with stateless per-example randomness. Evaluation: one pass, shorter
+    side resized to `image_size / 0.875` (256 for 224) and a central crop; every
+    process yields the same number of full batches, the tail padded with
+    mask=False examples, so the whole split is covered once (as `eval_batches`).
+    Images are normalized with the ImageNet mean/std.
+
+    Args:
+      split: TFDS split, e.g. "train" or "validation".
+      data_dir: TFDS data directory holding the prepared imagenet2012, or None for
+        TFDS's default.
+      batch_size_per_host: batch size of this process.
+      train: training (augmented, endless) or evaluation pipeline.
+      image_size: output height and width.
+      seed: shuffling and augmentation seed.
+
+    Returns:
+      A `tf.data.Dataset` of dicts: "image" float32 (B, image_size, image_size, 3),
+      "label" int32 (B,), and for evaluation "mask" bool (B,).
+
+    Raises:
+      ImportError: TensorFlow is not installed.
+      DataNotFoundError: imagenet2012 is not prepared in `data_dir`.
+    """
+    tf = _import_tf()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    if not builder.is_prepared():
+        raise DataNotFoundError(
+            f"imagenet2012 is not prepared in {builder.data_dir}. ImageNet cannot be "
+            "downloaded automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+            "into MANUAL_DIR, run `tfds build imagenet2012 --manual_dir=MANUAL_DIR "
+            "[--data_dir=DIR]`, then set --config.dataset.data_dir=DIR."
+        )
+    # Different per-process seeds, so processes do not draw identical augmentations.
+    host_seed = int(np.random.SeedSequence([seed, jax.process_index()]).generate_state(1)[0])
+    mean = tf.constant([255 * m for m in MEAN_STD["imagenet2012"][0]], tf.float32)
+    std = tf.constant([255 * s for s in MEAN_STD["imagenet2012"][1]], tf.float32)
+    autotune = tf.data.AUTOTUNE
+
+    ds = builder.as_dataset(
+        split=tfds.split_for_jax_process(split, drop_remainder=train),
+        shuffle_files=train,
+        # Decoding is done by the crop below, which decodes only the crop window.
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=host_seed),
+    )
+
+    if train:
+
+        def train_example(index, example):
+            crop_seed = tf.stack([tf.constant(host_seed, tf.int64), 2 * index])
+            flip_seed = tf.stack([tf.constant(host_seed, tf.int64), 2 * index + 1])
+            image_bytes = example["image"]
+            begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.io.extract_jpeg_shape(image_bytes),
+                bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+                seed=crop_seed,
+                min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0),
+                use_image_if_no_bounding_boxes=True,
+            )
+            window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+            image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+            image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+            return {"image": (image - mean) / std, "label": tf.cast(example["label"], tf.int32)}
+
+        ds = ds.repeat().shuffle(16 * batch_size_per_host, seed=host_seed)
+        # The running index makes each example's augmentation a function of the seed.
+        ds = ds.enumerate().map(train_example, num_parallel_calls=autotune)
+        return ds.batch(batch_size_per_host, drop_remainder=True).prefetch(autotune)
+
+    resize_size = round(image_size / 0.875)
+
+    def eval_example(example):
+        image = tf.io.decode_jpeg(example["image"], channels=3)
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        new_hw = tf.cast(tf.round(hw * resize_size / tf.reduce_min(hw)), tf.int32)
+        image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+        top_left = (new_hw - image_size) // 2
+        image = tf.image.crop_to_bounding_box(
+            image, top_left[0], top_left[1], image_size, image_size
+        )
+        image = tf.ensure_shape(image, [image_size, image_size, 3])
+        return {
+            "image": (image - mean) / std,
+            "label": tf.cast(example["label"], tf.int32),
+            "mask": tf.constant(True),
+        }
+
+    # Equal batch counts on all processes: the largest shard, rounded up to batches.
+    per_host = -(-builder.info.splits[split].num_examples // jax.process_count())
+    num_batches = -(-per_host // batch_size_per_host)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, 3], tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(False),
+        }
+    ).repeat()
+    ds = ds.map(eval_example, num_parallel_calls=autotune).concatenate(padding)
+    ds = ds.take(num_batches * batch_size_per_host)
+    return ds.batch(batch_size_per_host, drop_remainder=True).prefetch(autotune)

@@ -1,0 +1,261 @@
+"""Dirac parameterization: DiracNets v2 eqs. 2 and 5, v1 eqs. 4-11, v2 sec. 3.4.
+
+Equation numbers refer to `000_a9856d9ddea773fd.txt` ("DiracNets eq. N", the
+final v2 paper) and `003_a73ce67cb58aa179.txt` ("DiracNets v1 eq. N").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dirac_jax.param._core import Array, Transform, check_kernel_shape, size
+
+_MODES = ("truncate", "repeat")
+
+
+def _truncate_delta(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    """`torch.nn.init.dirac_` in Flax layout (see `dirac_delta`)."""
+    *spatial, n_in, n_out = shape
+    if groups < 1 or n_out % groups:
+        raise ValueError(
+            f"dirac_delta: kernel_shape {shape} has out_features={n_out}, which must be "
+            f"divisible by groups={groups} in mode='truncate'."
+        )
+    out_per_group = n_out // groups
+    delta = np.zeros(shape, np.float32)
+    centre = tuple(k // 2 for k in spatial)
+    for g in range(groups):
+        for d in range(min(out_per_group, n_in)):
+            delta[(*centre, d, g * out_per_group + d)] = 1.0
+    return delta
+
+
+def _repeat_delta(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    """DiracNets v1 sec. 2.1: a square delta repeated along the larger channel axis."""
+    *spatial, n_in, n_out = shape
+    if groups != 1:
+        raise ValueError(f"dirac_delta: mode='repeat' supports groups=1 only, got groups={groups}.")
+    if n_in % n_out and n_out % n_in:
+        raise ValueError(
+            f"dirac_delta: kernel_shape {shape} has in={n_in}, out={n_out}; mode='repeat' "
+            "needs in = m*out or out = m*in for a natural m (DiracNets v1 sec. 2.1). "
+            "Use mode='truncate' for other shapes."
+        )
+    n = min(n_in, n_out)
+    square = _truncate_delta((*spatial, n, n), 1)
+    return np.tile(square, (1,) * len(spatial) + (n_in // n, n_out // n))
+
+
+def dirac_delta(
+    kernel_shape: Sequence[int],
+    *,
+    mode: str = "truncate",
+    groups: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+) -> Array:
+    """The identity of the convolution algebra, DiracNets eq. 2 (v1 eq. 2).
+
+    A SAME-padded stride-1 convolution with this kernel returns its input when
+    `in == out` and every spatial size is odd: the single 1 of each filter sits at
+    the centre `K // 2` of every spatial axis.
+
+    Args:
+      kernel_shape: Flax layout `(*spatial, in_features, out_features)`, with 1 to
+        3 spatial axes. For grouped convolutions `in_features` is per group, as
+        in Flax's `feature_group_count`.
+      mode: how a non-square channel shape is served.
+        `"truncate"` follows `torch.nn.init.dirac_(tensor, groups)`: in each of
+        the `groups` output groups, output channel `d` of the group reads input
+        channel `d` for `d < min(out / groups, in)`; the other filters are zero.
+        `"repeat"` is DiracNets v1 sec. 2.1: when `in = m * out` the square delta
+        is stacked `m` times along the input axis (the conv sums `m` input
+        blocks, v1 eq. 7); when `out = m * in` it is stacked along the output
+        axis (the output is the input tiled `m` times, v1 eq. 8).
+      groups: number of output groups (truncate mode only).
+      dtype: dtype of the result.
+
+    Returns:
+      An array of shape `kernel_shape`, zero except for ones at the centres.
+
+    Raises:
+      ValueError: if the shape is not a kernel shape, `mode` is unknown, `out` is
+        not divisible by `groups`, or (repeat mode) neither channel count divides
+        the other.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dirac_jax.param import dirac_delta
+      >>> d = dirac_delta((3, 3, 2, 2))
+      >>> d[1, 1].tolist()
+      [[1.0, 0.0], [0.0, 1.0]]
+      >>> float(d.sum())
+      2.0
+      >>> dirac_delta((1, 4, 2), mode="repeat")[0].tolist()
+      [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    """
+    shape = check_kernel_shape(kernel_shape, "dirac_delta")
+    if mode == "truncate":
+        delta = _truncate_delta(shape, groups)
+    elif mode == "repeat":
+        delta = _repeat_delta(shape, groups)
+    else:
+        raise ValueError(f"dirac_delta: unknown mode {mode!r}; expected one of {_MODES}.")
+    return jnp.asarray(delta, dtype)
+
+
+def normalize(w: Array, eps: float = 1e-12) -> Array:
+    """Scales each output filter to unit L2 norm: `v / max(||v||, eps)`, DiracNets v1 eq. 5.
+
+    A filter is everything but the last (output) axis, so the norm runs over the
+    spatial and input axes. The norm is accumulated in at least float32, so
+    bfloat16 weights keep their dtype without losing the norm's precision.
+
+    Args:
+      w: a kernel `(*spatial, in, out)`, or any array whose last axis indexes
+        filters.
+      eps: lower bound of the norm, so all-zero filters stay zero.
+
+    Returns:
+      An array like `w` whose filters have norm 1 (or are zero).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dirac_jax.param import normalize
+      >>> normalize(jnp.array([[3.0, 0.0], [4.0, 0.0]])).tolist()
+      [[0.6000000238418579, 0.0], [0.800000011920929, 0.0]]
+    """
+    acc = jnp.promote_types(w.dtype, jnp.float32)
+    axes = tuple(range(w.ndim - 1))
+    norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(acc)), axis=axes, keepdims=True))
+    return (w.astype(acc) / jnp.maximum(norm, eps)).astype(w.dtype)
+
+
+def dirac(
+    kernel_shape: Sequence[int],
+    *,
+    a_init: float = 1.0,
+    b_init: float = 0.1,
+    per_channel: bool = True,
+    weight_norm: bool = True,
+    mode: str = "truncate",
+    groups: int = 1,
+) -> Transform:
+    """Dirac parameterization `W_hat = diag(a) I + diag(b) W_norm`, DiracNets eq. 5.
+
+    `init(key)` returns `{"w", "a", "b"}` with `w ~ N(0, 1)` of `kernel_shape`
+    (eq. 5's initialization; the scale of `w` is irrelevant once normalized) and
+    `a`, `b` filled with `a_init`, `b_init`. `apply(raw)` returns the kernel.
+
+    With `per_channel=False`, `a` and `b` are scalars: DiracNets v1 eq. 4,
+    `W_hat = a delta + b W_norm`. With `weight_norm=False`, `W` enters as is
+    (DiracNets eq. 4). `a` scales the identity per output channel, so after
+    training a large `a` with a small `b` means "mostly pass the input through".
+
+    Args:
+      kernel_shape: Flax layout `(*spatial, in, out)`, 1 to 3 spatial axes.
+      a_init: initial value of `a` (the paper: 1.0; v1: 5.0).
+      b_init: initial value of `b` (the paper: 0.1; v1: 1e-3).
+      per_channel: `a`, `b` of shape `(out,)` (v2) or scalars (v1).
+      weight_norm: normalize each filter of `w` (v1 eq. 5) before scaling by `b`.
+      mode: how the delta serves `in != out`; see `dirac_delta`.
+      groups: output groups of the delta (truncate mode); see `dirac_delta`.
+
+    Returns:
+      A `Transform` whose `num_params` is `size(w) + 2 * out` (or `+ 2`).
+
+    Raises:
+      ValueError: as `dirac_delta`, for shapes the delta mode cannot serve.
+
+    Examples:
+      >>> import jax
+      >>> from dirac_jax.param import dirac
+      >>> t = dirac((3, 3, 16, 16))
+      >>> raw = t.init(jax.random.key(0))
+      >>> sorted(raw), raw["a"].shape, t.num_params
+      (['a', 'b', 'w'], (16,), 2336)
+      >>> t.apply(raw).shape
+      (3, 3, 16, 16)
+    """
+    shape = check_kernel_shape(kernel_shape, "dirac")
+    delta = dirac_delta(shape, mode=mode, groups=groups)
+    scale_shape = (shape[-1],) if per_channel else ()
+
+    def init(key):
+        return {
+            "w": jax.random.normal(key, shape, jnp.float32),
+            "a": jnp.full(scale_shape, a_init, jnp.float32),
+            "b": jnp.full(scale_shape, b_init, jnp.float32),
+        }
+
+    def apply(raw):
+        w, a, b = raw["w"], raw["a"], raw["b"]
+        dtype = jnp.result_type(w, a, b)
+        w = normalize(w) if weight_norm else w
+        # a and b broadcast over the last (output) axis: diag(a) and diag(b).
+        return (a.astype(dtype) * delta.astype(dtype) + b.astype(dtype) * w.astype(dtype)).astype(
+            dtype
+        )
+
+    return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape))
+
+
+def dirac_v1(kernel_shape: Sequence[int]) -> Transform:
+    """DiracNets v1: scalar `a = 5`, `b = 1e-3`, repeated deltas (v1 eqs. 4, 7-8).
+
+    Use it after `ncrelu`, which doubles the channels: with `in = 2 * out` and
+    `W = 0` the layer computes `a * relu(x) - a * relu(-x) = a * x` (v1 eq. 11).
+
+    Examples:
+      >>> from dirac_jax.param import dirac_v1
+      >>> dirac_v1((3, 3, 32, 16)).num_params
+      4610
+    """
+    return dirac(kernel_shape, a_init=5.0, b_init=1e-3, per_channel=False, mode="repeat")
+
+
+def dirac_residual(kernel_shape: Sequence[int], sigma: float, *, mode: str = "truncate") -> Transform:
+    """Dirac parameterization as ResNet initialization, `W_hat = I + W`, DiracNets sec. 3.4.
+
+    `init(key)` returns `{"w"}` with `W ~ N(0, sigma^2)`, ignoring the filter
+    shape as the paper does; `apply(raw) = delta + w`.
+
+    Raises:
+      ValueError: if `sigma` is negative, or as `dirac_delta`.
+
+    Examples:
+      >>> import jax
+      >>> from dirac_jax.param import dirac_residual
+      >>> t = dirac_residual((3, 3, 4, 4), sigma=0.0)
+      >>> float(t.apply(t.init(jax.random.key(0)))[1, 1, 2, 2])
+      1.0
+    """
+    shape = check_kernel_shape(kernel_shape, "dirac_residual")
+    if not sigma >= 0:
+        raise ValueError(f"dirac_residual: sigma must be >= 0, got {sigma!r}.")
+    delta = dirac_delta(shape, mode=mode)
+
+    def init(key):
+        return {"w": sigma * jax.random.normal(key, shape, jnp.float32)}
+
+    def apply(raw):
+        return delta.astype(raw["w"].dtype) + raw["w"]
+
+    return Transform(init, apply, shape, size(shape))
+
+
+def ncrelu(x: Array, axis: int = -1) -> Array:
+    """Negative CReLU, `[relu(x), -relu(-x)]` along `axis`, DiracNets v1 eq. 9.
+
+    It doubles the channels and loses no information: the two halves sum to `x`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dirac_jax.param import ncrelu
+      >>> ncrelu(jnp.array([-2.0, 3.0])).tolist()
+      [0.0, 3.0, -2.0, 0.0]
+    """
+    return jnp.concatenate([jnp.maximum(x, 0), jnp.minimum(x, 0)], axis=axis)

@@ -1,0 +1,431 @@
+"""Properties of `dirac_jax.param`: identities, equivalences, exact counts."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dirac_jax import param
+
+
+def conv(x, kernel, groups=1):
+    """SAME-padded stride-1 conv of NH..C inputs with a Flax-layout kernel."""
+    nd = kernel.ndim - 2
+    spatial = "DHW"[-nd:] if nd > 1 else "W"
+    dn = jax.lax.conv_dimension_numbers(
+        x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    )
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,) * nd, "SAME", dimension_numbers=dn, feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+# ---------------------------------------------------------------- dirac_delta
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_delta_conv_is_exact_identity(nd, k):
+    c = 6
+    x = jax.random.normal(jax.random.key(nd * 10 + k), (2, *([7] * nd), c))
+    y = conv(x, param.dirac_delta((k,) * nd + (c, c)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def torch_dirac_rule(shape_oi_k, groups):
+    """A transcription of `torch.nn.init.dirac_` in OIHW layout (numpy)."""
+    out, inp, *ks = shape_oi_k
+    t = np.zeros(shape_oi_k, np.float32)
+    per = out // groups
+    for g in range(groups):
+        for d in range(min(per, inp)):
+            t[(g * per + d, d, *[k // 2 for k in ks])] = 1
+    return t
+
+
+def to_flax(oik):
+    """OI(spatial) -> (spatial)IO."""
+    return np.transpose(oik, (*range(2, oik.ndim), 1, 0))
+
+
+TRUNCATE_SHAPES = [  # (out, in, *spatial), groups
+    ((4, 4, 3, 3), 1),
+    ((8, 4, 3, 3), 1),
+    ((4, 8, 3, 3), 1),
+    ((6, 6, 2, 2), 1),
+    ((6, 3, 4, 4), 3),
+    ((8, 2, 3, 3), 4),
+    ((8, 4, 3), 2),
+    ((5, 5, 5), 1),
+    ((4, 2, 3, 3, 3), 2),
+    ((3, 7, 2, 4, 3), 1),
+    ((12, 5, 1, 1), 3),
+    ((9, 9, 2), 3),
+]
+
+
+@pytest.mark.parametrize("shape,groups", TRUNCATE_SHAPES)
+def test_truncate_matches_torch_rule(shape, groups):
+    expected = to_flax(torch_dirac_rule(shape, groups))
+    got = param.dirac_delta(expected.shape, groups=groups)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@pytest.mark.parametrize("shape,groups", TRUNCATE_SHAPES)
+def test_truncate_matches_torch_itself(shape, groups):
+    torch = pytest.importorskip("torch")
+    t = torch.nn.init.dirac_(torch.empty(shape), groups=groups).numpy()
+    np.testing.assert_array_equal(np.asarray(param.dirac_delta(to_flax(t).shape, groups=groups)), to_flax(t))
+
+
+def test_truncate_groups_conv_is_groupwise_identity():
+    # Grouped conv with per-group in == out/groups is the identity.
+    x = jax.random.normal(jax.random.key(0), (1, 5, 5, 6))
+    y = conv(x, param.dirac_delta((3, 3, 2, 6), groups=3), groups=3)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_repeat_in_multiple_of_out_sums_blocks():
+    m, out = 3, 4
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, m * out))
+    y = conv(x, param.dirac_delta((3, 3, m * out, out), mode="repeat"))
+    blocks = sum(x[..., i * out : (i + 1) * out] for i in range(m))  # v1 eq. 7 with W = 0.
+    np.testing.assert_allclose(np.asarray(y), np.asarray(blocks), rtol=0, atol=1e-6)
+
+
+def test_repeat_out_multiple_of_in_tiles_output():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    y = conv(x, param.dirac_delta((3, 3, 3, 6), mode="repeat"))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.concatenate([x, x], -1)))
+
+
+def test_ncrelu_repeat_zero_w_is_a_times_x():
+    # v1 eq. 11: with W = 0, conv(ncrelu(x), a * delta_repeat) == a * x exactly.
+    out, a = 5, 2.5
+    x = jax.random.normal(jax.random.key(3), (2, 6, 6, out))
+    t = param.dirac((3, 3, 2 * out, out), a_init=a, b_init=0.0, per_channel=False, mode="repeat")
+    raw = t.init(jax.random.key(0))
+    raw["w"] = jnp.zeros_like(raw["w"])
+    y = conv(param.ncrelu(x), t.apply(raw))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(a * x))
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,match",
+    [
+        ((3, 3, 6, 4), {"mode": "repeat"}, "in = m\\*out"),
+        ((3, 3, 4, 6), {"groups": 4}, "divisible by groups"),
+        ((3, 3, 4, 4), {"mode": "mirror"}, "unknown mode"),
+        ((4, 4), {}, "3 to 5 dims"),
+        ((3, 0, 4, 4), {}, "non-positive"),
+        ((3, 3, 4, 8), {"mode": "repeat", "groups": 2}, "groups=1"),
+    ],
+)
+def test_delta_bad_shapes_raise(shape, kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        param.dirac_delta(shape, **kwargs)
+    if len(shape) > 2:
+        assert str(shape) in str(e.value) or "mode" in str(e.value)
+
+
+# ---------------------------------------------------------------- dirac
+
+
+def test_normalize_gives_unit_filters():
+    w = jax.random.normal(jax.random.key(0), (3, 3, 5, 7))
+    norms = jnp.sqrt(jnp.sum(param.normalize(w) ** 2, axis=(0, 1, 2)))
+    np.testing.assert_allclose(np.asarray(norms), 1.0, rtol=1e-6)
+    assert float(jnp.abs(param.normalize(jnp.zeros((3, 2)))).max()) == 0.0
+
+
+def test_dirac_apply_is_eq5():
+    t = param.dirac((3, 3, 4, 6))
+    raw = t.init(jax.random.key(0))
+    raw["a"] = jnp.arange(6.0)
+    raw["b"] = jnp.arange(6.0) + 0.5
+    w = np.asarray(raw["w"])
+    w_norm = w / np.linalg.norm(w.reshape(-1, 6), axis=0)
+    expected = np.asarray(param.dirac_delta((3, 3, 4, 6))) * np.arange(6.0) + w_norm * (np.arange(6.0) + 0.5)
+    np.testing.assert_allclose(np.asarray(t.apply(raw)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dirac_init_and_counts():
+    t = param.dirac((3, 3, 16, 32))
+    raw = t.init(jax.random.key(0))
+    assert raw["a"].shape == raw["b"].shape == (32,)
+    assert np.all(np.asarray(raw["a"]) == 1.0) and np.allclose(np.asarray(raw["b"]), 0.1)
+    assert t.num_params == sum(v.size for v in raw.values()) == 9 * 16 * 32 + 64
+    w = np.asarray(raw["w"])
+    assert abs(w.mean()) < 0.05 and abs(w.std() - 1) < 0.05  # w ~ N(0, 1).
+    scalar = param.dirac((3, 3, 16, 16), per_channel=False)
+    assert scalar.init(jax.random.key(0))["a"].shape == ()
+    assert scalar.num_params == 9 * 256 + 2
+
+
+def test_dirac_v1_defaults():
+    t = param.dirac_v1((3, 3, 32, 16))
+    raw = t.init(jax.random.key(0))
+    assert float(raw["a"]) == 5.0 and np.isclose(float(raw["b"]), 1e-3) and raw["a"].shape == ()
+    with pytest.raises(ValueError, match="repeat"):
+        param.dirac_v1((3, 3, 32, 24))
+
+
+def test_dirac_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        t = param.dirac((3, 3, 3, 4))
+        raw = jax.tree.map(lambda v: v.astype(jnp.float64), t.init(jax.random.key(0)))
+        raw["a"] = raw["a"] * jnp.arange(1.0, 5.0)
+        probe = jax.random.normal(jax.random.key(1), t.kernel_shape, jnp.float64)
+        loss = lambda r: jnp.sum(jnp.sin(t.apply(r)) * probe)
+        grads = jax.grad(loss)(raw)
+        rng = np.random.default_rng(0)
+        eps = 1e-6
+        for name in ("w", "a", "b"):
+            for _ in range(5):
+                idx = tuple(rng.integers(0, s) for s in raw[name].shape)
+                plus = dict(raw, **{name: raw[name].at[idx].add(eps)})
+                minus = dict(raw, **{name: raw[name].at[idx].add(-eps)})
+                fd = (loss(plus) - loss(minus)) / (2 * eps)
+                np.testing.assert_allclose(float(grads[name][idx]), float(fd), rtol=1e-6, atol=1e-9)
+
+
+def test_apply_traces_once_under_jit():
+    t = param.dirac((3, 3, 8, 8))
+    traces = []
+
+    @jax.jit
+    def f(raw):
+        traces.append(1)
+        return t.apply(raw)
+
+    for seed in range(3):
+        f(t.init(jax.random.key(seed)))
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: param.dirac(s),
+        lambda s: param.dirac_residual(s, 0.1),
+        lambda s: param.symmetric(s, kind="triangular"),
+        lambda s: param.plain(s),
+    ],
+)
+def test_bf16_in_bf16_out(make):
+    t = make((3, 3, 8, 8))
+    raw = jax.tree.map(lambda v: v.astype(jnp.bfloat16), t.init(jax.random.key(0)))
+    assert t.apply(raw).dtype == jnp.bfloat16
+
+
+def test_dirac_residual_init_statistics():
+    sigma = 0.05
+    t = param.dirac_residual((3, 3, 64, 64), sigma)
+    raw = t.init(jax.random.key(0))
+    np.testing.assert_allclose(float(raw["w"].std()), sigma, rtol=0.02)
+    np.testing.assert_allclose(
+        np.asarray(t.apply(raw) - raw["w"]), np.asarray(param.dirac_delta((3, 3, 64, 64))), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="sigma"):
+        param.dirac_residual((3, 3, 4, 4), -1.0)
+
+
+def test_ncrelu_halves_sum_to_input():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 5))
+    y = param.ncrelu(x, axis=1)
+    assert y.shape == (4, 6, 5)
+    np.testing.assert_array_equal(np.asarray(y[:, :3] + y[:, 3:]), np.asarray(x))
+    assert float(y[:, :3].min()) >= 0 and float(y[:, 3:].max()) <= 0
+
+
+# ---------------------------------------------------------------- symmetric
+
+
+def is_sym(k, axis):
+    k = np.asarray(k)
+    ok = True
+    if axis in ("channel", "both"):
+        ok &= np.allclose(k, np.swapaxes(k, -1, -2), atol=1e-6)
+    if axis in ("spatial", "both"):
+        ok &= np.allclose(k, np.swapaxes(k, 0, 1), atol=1e-6)
+    return ok
+
+
+def tri(n):
+    return n * (n + 1) // 2
+
+
+@pytest.mark.parametrize("kind", ["triangular", "average", "eigen", "ldl"])
+@pytest.mark.parametrize("axis", ["channel", "spatial", "both"])
+def test_symmetric_kernels_are_symmetric_with_closed_form_counts(kind, axis):
+    shape = (3, 3, 6, 6)
+    t = param.symmetric(shape, kind=kind, axis=axis)
+    raw = t.init(jax.random.key(0))
+    k = t.apply(raw)
+    assert k.shape == shape
+    assert is_sym(k, axis)
+    if axis == "channel":
+        assert not is_sym(k, "spatial")  # Only the stated axis is constrained.
+    if axis == "spatial":
+        assert not is_sym(k, "channel")
+    assert t.num_params == sum(v.size for v in jax.tree.leaves(raw))
+    expected = {
+        ("average", "channel"): 324,
+        ("average", "spatial"): 324,
+        ("average", "both"): 324,
+        ("triangular", "channel"): 9 * tri(6),
+        ("triangular", "spatial"): 36 * tri(3),
+        ("triangular", "both"): tri(3) * tri(6),
+    }.get((kind, axis), {"channel": 9 * tri(6), "spatial": 36 * tri(3), "both": tri(3) * tri(6)}[axis])
+    assert t.num_params == expected
+
+
+def test_triangular_is_diag_plus_triu_plus_transpose():
+    n = 5
+    t = param.symmetric((1, n, n), kind="triangular")
+    raw = t.init(jax.random.key(0))
+    v, w = np.asarray(raw["v"][0]), np.asarray(raw["w"][0])
+    upper = np.zeros((n, n))
+    upper[np.triu_indices(n, 1)] = w
+    np.testing.assert_allclose(np.asarray(t.apply(raw)[0]), np.diag(v) + upper + upper.T, rtol=1e-6)
+
+
+def test_eigen_has_the_chosen_eigenvalues():
+    t = param.symmetric((1, 1, 5, 5), kind="eigen")
+    raw = t.init(jax.random.key(0))
+    got = np.linalg.eigvalsh(np.asarray(t.apply(raw)[0, 0], np.float64))
+    np.testing.assert_allclose(np.sort(got), np.sort(np.asarray(raw["lambda"][0, 0])), atol=1e-4)
+
+
+def test_ldl_matches_definition():
+    t = param.symmetric((1, 4, 4), kind="ldl")
+    raw = t.init(jax.random.key(0))
+    lower = np.eye(4)
+    lower[np.tril_indices(4, -1)[0], np.tril_indices(4, -1)[1]] = 0  # placeholder, rebuilt below
+    rows, cols = np.triu_indices(4, 1)
+    lower = np.eye(4)
+    lower[cols, rows] = np.asarray(raw["l"][0])
+    expected = lower @ np.diag(np.asarray(raw["d"][0])) @ lower.T
+    np.testing.assert_allclose(np.asarray(t.apply(raw)[0]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind,n,count,check",
+    [
+        ("chunk4", 8, 16, lambda m: np.array_equal(m, np.tile(m[:2], (4, 1)))),
+        ("block4", 8, 16, lambda m: np.array_equal(m, m[::-1]) and np.array_equal(m, m[:, ::-1])),
+        ("triangulize4", 8, 20, lambda m: np.array_equal(m, m.T) and np.array_equal(m, m[::-1, ::-1].T)),
+        (
+            "triangulize8",
+            8,
+            10,
+            lambda m: np.array_equal(m, m.T) and np.array_equal(m, m[::-1]) and np.array_equal(m, m[:, ::-1]),
+        ),
+    ],
+)
+def test_nway_structures(kind, n, count, check):
+    t = param.symmetric((3, 3, n, n), kind=kind)
+    k = np.asarray(t.apply(t.init(jax.random.key(0))))
+    assert t.num_params == 9 * count
+    for pos in itertools.product(range(3), range(3)):
+        m = k[pos]
+        assert check(m)
+        assert len(np.unique(m)) == count  # Exactly one free number per orbit.
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,match",
+    [
+        ((3, 3, 4, 6), {"kind": "triangular", "axis": "channel"}, "in=4 != out=6"),
+        ((3, 5, 4, 4), {"kind": "triangular", "axis": "spatial"}, "kh == kw"),
+        ((3, 3, 3, 4, 4), {"kind": "average", "axis": "both"}, "2-D kernel"),
+        ((3, 3, 4, 4), {"kind": "cholesky"}, "unknown kind"),
+        ((3, 3, 4, 4), {"kind": "average", "axis": "depth"}, "unknown axis"),
+        ((3, 3, 6, 6), {"kind": "chunk4"}, "divisible by 4"),
+    ],
+)
+def test_symmetric_bad_shapes_raise(shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        param.symmetric(shape, **kwargs)
+
+
+@pytest.mark.parametrize("axis", ["channel", "spatial", "both"])
+def test_penalty_zero_iff_symmetric_and_symmetrize_projects(axis):
+    k = jax.random.normal(jax.random.key(0), (3, 3, 4, 4))
+    assert float(param.symmetry_penalty(k, axis=axis)) > 0
+    s = param.symmetrize(k, axis)
+    assert is_sym(s, axis)
+    assert float(param.symmetry_penalty(s, axis=axis)) == 0.0
+    np.testing.assert_array_equal(np.asarray(param.symmetrize(s, axis)), np.asarray(s))  # Idempotent.
+    if axis == "channel":  # The upper triangle (with the diagonal) is kept as is.
+        iu = np.triu_indices(4)
+        np.testing.assert_array_equal(np.asarray(s)[:, :, iu[0], iu[1]], np.asarray(k)[:, :, iu[0], iu[1]])
+
+
+def test_penalty_p_norms():
+    k = jnp.zeros((1, 2, 2)).at[0, 0, 1].set(3.0)  # diff = [[0, 3], [-3, 0]]
+    assert float(param.symmetry_penalty(k, p=1)) == 6.0
+    np.testing.assert_allclose(float(param.symmetry_penalty(k, p=2)), np.sqrt(18.0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- PlainNet recipe
+
+
+def test_max_norm_gives_exact_norms():
+    k = jax.random.normal(jax.random.key(0), (3, 3, 8, 16)) * jnp.linspace(0.01, 1.0, 16)
+    c = 1.5
+    before = np.linalg.norm(np.asarray(k).reshape(-1, 16), axis=0)
+    out = np.asarray(param.max_norm(k, c))
+    after = np.linalg.norm(out.reshape(-1, 16), axis=0)
+    assert (before > c).any() and (before < c).any()
+    np.testing.assert_allclose(after, np.minimum(before, c), rtol=1e-6)
+    keep = before <= c
+    np.testing.assert_array_equal(out.reshape(-1, 16)[:, keep], np.asarray(k).reshape(-1, 16)[:, keep])
+    with pytest.raises(ValueError, match="c must be"):
+        param.max_norm(k, 0.0)
+
+
+def test_uniform_init_bounds_and_variance():
+    shape = (3, 3, 64, 64)
+    w = np.asarray(param.uniform_init(jax.random.key(0), shape))
+    limit = np.sqrt(6 / (9 * 64))
+    assert w.min() >= -limit and w.max() <= limit
+    np.testing.assert_allclose(w.var(), limit**2 / 3, rtol=0.03)  # Var of U[-l, l] is l^2 / 3.
+
+
+# ---------------------------------------------------------------- trees
+
+
+def test_tree_helpers_under_jit_grad_vmap():
+    ts = {
+        "block": {"conv": param.dirac((3, 3, 4, 4))},
+        "sym": param.symmetric((3, 3, 4, 4), kind="triangular"),
+        "plain": param.plain((1, 1, 4, 2)),
+    }
+    raw = param.init_tree(jax.random.key(0), ts)
+    kernels = param.apply_tree(ts, raw)
+    assert kernels["block"]["conv"].shape == (3, 3, 4, 4)
+    jitted = jax.jit(lambda r: param.apply_tree(ts, r))(raw)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), kernels, jitted)
+    grads = jax.grad(lambda r: sum(jnp.sum(k**2) for k in jax.tree.leaves(param.apply_tree(ts, r))))(raw)
+    assert jax.tree.structure(grads) == jax.tree.structure(raw)
+    batched = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), raw)
+    out = jax.vmap(lambda r: param.apply_tree(ts, r))(batched)
+    assert out["block"]["conv"].shape == (2, 3, 3, 4, 4)
+    np.testing.assert_allclose(np.asarray(out["plain"][1]), 2 * np.asarray(kernels["plain"]))
+    assert param.num_params_tree(ts) == sum(v.size for v in jax.tree.leaves(raw))
+    # Each transform gets its own key: two transforms of one shape draw different kernels.
+    twins = param.init_tree(jax.random.key(0), [param.dirac((3, 3, 4, 4))] * 2)
+    assert not np.allclose(np.asarray(twins[0]["w"]), np.asarray(twins[1]["w"]))
+
+
+def test_public_api_names():
+    for name in [
+        "dirac_delta", "normalize", "dirac", "dirac_v1", "dirac_residual", "ncrelu", "symmetric",
+        "symmetry_penalty", "symmetrize", "max_norm", "uniform_init", "init_tree", "apply_tree",
+    ]:
+        assert callable(getattr(param, name))
+    assert set(param.__all__) == {n for n in dir(param) if not n.startswith("_")} - {"annotations"}
