@@ -162,7 +162,6 @@ def test_cifar100_fine_labels(tmp_path):
 # Errors and guidance
 
 
-@pytest.mark.skipif(HAS_TF, reason="checks the message without TensorFlow")
 def test_missing_cifar_guidance(tmp_path):
     with pytest.raises(data.DataNotFoundError) as info:
         data.load("cifar10", data_dir=tmp_path)

@@ -1,0 +1,86 @@
+"""The networks of the papers, in Flax linen (NHWC), chosen by name with `get_model`.
+
+Every conv takes its kernel from a `dirac_jax.param` transform, so the
+parameterization is a constructor value, not a separate model.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from dirac_jax.models import get_model, count_params
+  >>> model = get_model("diracnet", depth=10, width=0.5, num_classes=10)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  >>> sorted(variables), count_params(variables["params"])
+  (['batch_stats', 'params'], 31754)
+  >>> model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False).shape
+  (2, 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from dirac_jax.models._diracnet import DiracNet, Step, diracnet_plan
+from dirac_jax.models._layers import ParamConv, kernel_factory
+from dirac_jax.models._plainnet import PlainNet
+from dirac_jax.models._resnet import ResNet, WideResNet
+
+_MODELS = {
+    "diracnet": (DiracNet, {"variant": "v2"}),
+    "diracnet_v1": (DiracNet, {"variant": "v1"}),
+    "plain": (DiracNet, {"variant": "plain"}),
+    "wrn": (WideResNet, {}),
+    "resnet": (ResNet, {}),
+    "plainnet": (PlainNet, {}),
+}
+MODEL_NAMES = tuple(_MODELS)
+
+
+def get_model(name: str, **kwargs):
+    """Builds the network called `name`, validating its arguments now.
+
+    Args:
+      name: `"diracnet"` (v2), `"diracnet_v1"`, `"plain"` (the DiracNet
+        architecture without Dirac parameterization), `"wrn"`, `"resnet"` or
+        `"plainnet"`.
+      **kwargs: the module's attributes, e.g. `depth`, `width`, `num_classes`,
+        `stem` (DiracNets), `dirac_init_sigma` (WRN, ResNet), `dtype`.
+
+    Returns:
+      A Flax module: `model.init(key, x, train=False)` returns
+      `{"params", "batch_stats"}`, and `model.apply(variables, x, train=False)`
+      returns float32 logits; with `train=True` pass `mutable=["batch_stats"]`.
+
+    Raises:
+      ValueError: an unknown name or argument, a bad depth or width, an unknown stem.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}.")
+    cls, fixed = _MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"} - set(fixed)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes {sorted(fields)}.")
+    model = cls(**fixed, **kwargs)
+    model.plan() if isinstance(model, DiracNet) else model.validate()
+    return model
+
+
+def count_params(params) -> int:
+    """Number of trainable scalars in a params pytree."""
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "DiracNet",
+    "ParamConv",
+    "PlainNet",
+    "ResNet",
+    "Step",
+    "WideResNet",
+    "count_params",
+    "diracnet_plan",
+    "get_model",
+    "kernel_factory",
+]

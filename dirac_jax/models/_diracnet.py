@@ -1,0 +1,187 @@
+"""DiracNet (v2 and v1) and its plain baseline, DiracNets Table 1 and sec. 3.
+
+One module serves three variants, as in the papers, where the plain baseline is
+the same architecture without the Dirac parameterization:
+
+* `"v2"`: block `ReLU -> conv(diag(a) I + diag(b) W_norm) -> BN` (eq. 5), per-channel `a`, `b`.
+* `"v1"`: block `NCReLU -> conv(a delta + b W_norm) -> BN` (v1 eqs. 4, 9), scalar
+  `a`, `b`, input channels doubled by NCReLU and deltas repeated (v1 sec. 2.1).
+* `"plain"`: block `ReLU -> conv(W) -> BN` with He-normal `W`.
+
+Architecture details follow the reference code (see `../shared/seeds/README.md`):
+CIFAR stem `conv3x3(16k) -> BN -> ReLU`, three groups of `2n` layers with
+`n = (depth - 4) / 6`, widths `16k, 32k, 64k`, a 2x2 max-pool between groups,
+head `ReLU -> global average pool -> linear`. ImageNet stem
+`conv7x7/2(64k) -> BN -> max-pool 3/2`, four groups of `2 x [2, 2, 2, 2]`
+(depth 18) or `2 x [3, 4, 6, 3]` (depth 34) layers, widths `64k .. 512k`.
+The first layer of a group changes the width; its delta is non-square
+(`torch.nn.init.dirac_` rule in v2, repeated blocks in v1). BatchNorm scales are
+initialized from `U[0, 1)` as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dirac_jax import param
+from dirac_jax.models._layers import (
+    ParamConv,
+    batch_norm,
+    dense,
+    global_avg_pool,
+    kernel_factory,
+    max_pool,
+)
+
+VARIANTS = ("v2", "v1", "plain")
+STEMS = ("cifar", "imagenet")
+IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class Step(NamedTuple):
+    """One step of a network's static plan; the forward pass and `fold` both walk it.
+
+    kind: `"conv"`, `"bn"`, `"relu"`, `"ncrelu"`, `"max_pool"`, `"avg_pool"`,
+    `"dense"` or `"group"` (a run of blocks `act -> conv -> bn`).
+    """
+
+    kind: str
+    name: str = ""
+    args: tuple = ()
+
+
+def _check_width(width: float, base: int) -> int:
+    if not (isinstance(width, int | float) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}.")
+    channels = int(base * width)
+    if channels < 1:
+        raise ValueError(f"width {width!r} gives {channels} channels for a {base}-channel group; use a larger width.")
+    return channels
+
+
+def diracnet_plan(depth: int, width: float, num_classes: int, stem: str, variant: str) -> tuple[Step, ...]:
+    """The layer plan of a DiracNet; validates the arguments.
+
+    Raises:
+      ValueError: a CIFAR depth that is not `6n + 4` with `n >= 1`, an ImageNet
+        depth other than 18 or 34, a width `<= 0`, an unknown stem or variant,
+        or `num_classes < 1`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DiracNet variant {variant!r}; expected one of {VARIANTS}.")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}.")
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    act = "ncrelu" if variant == "v1" else "relu"
+    if stem == "cifar":
+        if not (isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0):
+            raise ValueError(
+                f"depth {depth!r} is not valid for the CIFAR DiracNet: it must be 6n+4 with n >= 1 "
+                "(10, 16, 22, 28, 34, ...)."
+            )
+        counts = (2 * ((depth - 4) // 6),) * 3
+        widths = [_check_width(width, b) for b in (16, 32, 64)]
+        steps = [Step("conv", "conv", (widths[0], 3, 1, 1)), Step("bn", "bn"), Step("relu")]
+    else:
+        if depth not in IMAGENET_BLOCKS:
+            raise ValueError(
+                f"depth {depth!r} is not valid for the ImageNet DiracNet: expected one of {sorted(IMAGENET_BLOCKS)}."
+            )
+        counts = tuple(2 * b for b in IMAGENET_BLOCKS[depth])
+        widths = [_check_width(width, b) for b in (64, 128, 256, 512)]
+        steps = [Step("conv", "conv", (widths[0], 7, 2, 3)), Step("bn", "bn"), Step("max_pool", args=(3, 2, 1))]
+    ni = widths[0]
+    for g, (no, count) in enumerate(zip(widths, counts, strict=True)):
+        if g:
+            steps.append(Step("max_pool", args=(2, 2, 0)))
+        steps.append(Step("group", f"group{g}", (act, ni, no, count)))
+        ni = no
+    if variant != "v1":  # v1's reference head pools the BN output directly.
+        steps.append(Step("relu"))
+    steps += [Step("avg_pool"), Step("dense", "fc", (num_classes,))]
+    return tuple(steps)
+
+
+class _Block(nn.Module):
+    act: str
+    features: int
+    factory: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = param.ncrelu(x) if self.act == "ncrelu" else nn.relu(x)
+        x = ParamConv(self.features, (3, 3), self.factory, dtype=self.dtype, name="conv")(x)
+        return batch_norm(train, self.dtype, nn.initializers.uniform(1.0), name="bn")(x)
+
+
+class _Group(nn.Module):
+    act: str
+    features: int
+    count: int
+    factory: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i in range(self.count):
+            x = _Block(self.act, self.features, self.factory, self.dtype, name=f"block{i}")(x, train)
+        return x
+
+
+class DiracNet(nn.Module):
+    """DiracNet v2 / v1 / plain baseline for CIFAR (depth `6n+4`) or ImageNet (18, 34).
+
+    Attributes:
+      depth: `6n + 4` for the CIFAR stem, 18 or 34 for the ImageNet stem.
+      width: the width multiplier `k` (a float; channels are `int(base * k)`).
+      num_classes: classifier outputs.
+      stem: `"cifar"` (32x32 inputs) or `"imagenet"`.
+      variant: `"v2"`, `"v1"` or `"plain"` (module docstring).
+      dtype: computation dtype (params stay float32).
+    """
+
+    depth: int = 28
+    width: float = 10
+    num_classes: int = 10
+    stem: str = "cifar"
+    variant: str = "v2"
+    dtype: Any = jnp.float32
+
+    def plan(self) -> tuple[Step, ...]:
+        return diracnet_plan(self.depth, self.width, self.num_classes, self.stem, self.variant)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        block_factory = {
+            "v2": kernel_factory("dirac"),
+            "v1": kernel_factory("dirac_v1"),
+            "plain": kernel_factory("plain"),
+        }[self.variant]
+        for step in self.plan():
+            if step.kind == "conv":
+                features, k, stride, pad = step.args
+                x = ParamConv(
+                    features, (k, k), kernel_factory("plain"), (stride, stride), ((pad, pad), (pad, pad)),
+                    dtype=self.dtype, name=step.name,
+                )(x)
+            elif step.kind == "bn":
+                x = batch_norm(train, self.dtype, nn.initializers.uniform(1.0), name=step.name)(x)
+            elif step.kind == "relu":
+                x = nn.relu(x)
+            elif step.kind == "max_pool":
+                x = max_pool(x, *step.args)
+            elif step.kind == "group":
+                act, _, no, count = step.args
+                x = _Group(act, no, count, block_factory, self.dtype, name=step.name)(x, train)
+            elif step.kind == "avg_pool":
+                x = global_avg_pool(x)
+            elif step.kind == "dense":
+                x = dense(step.args[0], self.dtype, name=step.name)(x)
+            else:  # pragma: no cover - plans are built above.
+                raise AssertionError(step)
+        return x.astype(jnp.float32)

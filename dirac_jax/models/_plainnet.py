@@ -1,0 +1,74 @@
+"""PlainNet: the very deep plain net recipe of Oyedotun et al., `004_55caaf60fcbb24c8.txt`.
+
+Every layer is `conv(W) -> BN -> LeakyReLU` (their eq. 1) with `W` drawn from
+`U[-sqrt(6/n_in), sqrt(6/n_in)]` (eq. 3). The max-norm constraint
+`||w_j|| <= c` (eq. 2) is a projection after each optimizer step, so it lives in
+the trainer (`config.max_norm`), which applies `param.max_norm` to every kernel.
+
+Layout (a choice of this library; the slides give only the depth): a 3x3 stem
+of `16k` channels, then `depth - 2` conv layers split as evenly as possible
+over three groups of widths `16k, 32k, 64k` (earlier groups take the extra
+layers) with a 2x2 max-pool between groups, then global average pooling and the
+classifier. `depth` counts the conv layers plus the classifier, so any
+`depth >= 5` works, 100 and beyond included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dirac_jax.models._diracnet import _check_width
+from dirac_jax.models._layers import ParamConv, batch_norm, global_avg_pool, kernel_factory, max_pool
+
+
+def plainnet_layers(depth: int) -> tuple[int, int, int]:
+    """Conv layers per group for a PlainNet of `depth`; raises for `depth < 5`."""
+    if not (isinstance(depth, int) and depth >= 5):
+        raise ValueError(f"depth {depth!r} is not valid for PlainNet: it must be an int >= 5.")
+    q, r = divmod(depth - 2, 3)
+    return tuple(q + (g < r) for g in range(3))
+
+
+class PlainNet(nn.Module):
+    """BN + Leaky ReLU + uniform init plain net for 32x32 inputs (Oyedotun et al.).
+
+    Attributes:
+      depth: conv layers + 1 (the classifier), `>= 5`.
+      width: width multiplier `k`.
+      num_classes: classifier outputs.
+      leaky_slope: the `beta` of Leaky ReLU (eq. 1).
+      dtype: computation dtype.
+    """
+
+    depth: int = 50
+    width: float = 1
+    num_classes: int = 10
+    leaky_slope: float = 0.1
+    dtype: Any = jnp.float32
+
+    def validate(self):
+        return plainnet_layers(self.depth), [_check_width(self.width, b) for b in (16, 32, 64)]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        counts, widths = self.validate()
+        factory = kernel_factory("uniform")
+
+        def layer(x, features, name):
+            x = ParamConv(features, (3, 3), factory, dtype=self.dtype, name=name)(x)
+            x = batch_norm(train, self.dtype, name=f"{name}_bn")(x)
+            return nn.leaky_relu(x, self.leaky_slope)
+
+        x = layer(x, widths[0], "conv")
+        for g, (w, count) in enumerate(zip(widths, counts, strict=True)):
+            if g:
+                x = max_pool(x, 2, 2)
+            for i in range(count):
+                x = layer(x, w, f"group{g}_conv{i}")
+        x = global_avg_pool(x)
+        fc = nn.Dense(self.num_classes, dtype=self.dtype, name="fc",
+                      kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "uniform"))
+        return fc(x).astype(jnp.float32)
