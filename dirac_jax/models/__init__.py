@@ -9,7 +9,7 @@ Example:
   >>> model = get_model("diracnet", depth=10, width=0.5, num_classes=10)
   >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   >>> sorted(variables), count_params(variables["params"])
-  (['batch_stats', 'params'], 31754)
+  (['batch_stats', 'params'], 19442)
   >>> model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False).shape
   (2, 10)
 """

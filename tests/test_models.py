@@ -1,0 +1,192 @@
+"""Properties of `dirac_jax.models`: reference parameter counts, identities, bad arguments."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dirac_jax import param
+from dirac_jax.models import ParamConv, count_params, get_model, kernel_factory
+
+
+def abstract_variables(model, size):
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+
+
+# Counts of the reference implementation (szagoruyko/diracnets) and of the papers.
+@pytest.mark.parametrize(
+    "name,kwargs,size,expected",
+    [
+        ("diracnet", dict(depth=28, width=10, num_classes=10), 32, 36_450_090),
+        ("diracnet", dict(depth=28, width=5, num_classes=10), 32, 9_124_250),
+        ("diracnet", dict(depth=34, width=2, num_classes=10), 32, 1_854_378),
+        ("diracnet", dict(depth=18, width=1, stem="imagenet", num_classes=1000), 224, 11_523_368),
+        ("diracnet", dict(depth=34, width=1, stem="imagenet", num_classes=1000), 224, 21_638_952),
+        ("resnet", dict(depth=18), 224, 11_689_512),  # torchvision's resnet18.
+        ("resnet", dict(depth=34), 224, 21_797_672),  # torchvision's resnet34.
+    ],
+)
+def test_parameter_counts_equal_reference(name, kwargs, size, expected):
+    v = abstract_variables(get_model(name, **kwargs), size)
+    assert count_params(v["params"]) == expected
+
+
+def test_wrn_28_10_has_36_5m_params():
+    n = count_params(abstract_variables(get_model("wrn", depth=28, width=10), 32)["params"])
+    assert round(n / 1e6, 1) == 36.5
+    assert n == 36_479_194
+
+
+def test_plain_baseline_is_diracnet_without_a_b():
+    kw = dict(depth=16, width=2, num_classes=10)
+    dirac = abstract_variables(get_model("diracnet", **kw), 32)["params"]
+    plain = abstract_variables(get_model("plain", **kw), 32)["params"]
+    ab = sum(
+        leaf.size
+        for path, leaf in jax.tree_util.tree_leaves_with_path(dirac)
+        if path[-1].key in ("a", "b")
+    )
+    assert ab == 2 * 2 * (16 * 2 * 2 + 32 * 2 * 2 + 64 * 2 * 2)  # 2 scales x (2n=4 layers x width) per group
+    assert count_params(plain) == count_params(dirac) - ab
+
+
+def test_v1_doubles_input_channels_and_uses_scalar_scales():
+    v = abstract_variables(get_model("diracnet_v1", depth=10, width=1), 32)["params"]
+    block = v["group1"]["block1"]["conv"]
+    assert block["w"].shape == (3, 3, 64, 32)  # NCReLU doubles the 32 inputs.
+    assert block["a"].shape == block["b"].shape == ()
+    assert v["group1"]["block0"]["conv"]["w"].shape == (3, 3, 32, 32)  # 2 x 16 in, 32 out.
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("diracnet", dict(depth=30), "6n\\+4"),
+        ("diracnet", dict(depth=4), "6n\\+4"),
+        ("diracnet", dict(width=0), "width"),
+        ("diracnet", dict(width=-2.0), "width"),
+        ("diracnet", dict(width=0.01), "channels"),
+        ("diracnet", dict(stem="mnist"), "unknown stem"),
+        ("diracnet", dict(stem="imagenet", depth=50), "18, 34"),
+        ("diracnet", dict(num_classes=0), "num_classes"),
+        ("diracnet", dict(dropout=0.3), "no argument"),
+        ("densenet", dict(), "unknown model"),
+        ("wrn", dict(depth=27), "6n\\+4"),
+        ("wrn", dict(dirac_init_sigma=-1.0), "sigma"),
+        ("resnet", dict(depth=50), "18, 34"),
+        ("plainnet", dict(depth=3), ">= 5"),
+    ],
+)
+def test_bad_arguments_raise_valueerror_naming_the_value(name, kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        get_model(name, **kwargs)
+    message = str(e.value).lower()
+    if match == "no argument":
+        assert "dropout" in message  # The unknown argument is named.
+    else:
+        assert all(repr(v).lower() in message or str(v).lower() in message for v in kwargs.values())
+    if name == "densenet":
+        assert "densenet" in message
+
+
+def conv_apply(factory, x, features, params=None):
+    layer = ParamConv(features, (3, 3), factory)
+    variables = layer.init(jax.random.key(0), x) if params is None else {"params": params}
+    return layer, variables
+
+
+def test_dirac_conv_with_b_zero_is_identity_times_a():
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 6))
+    layer, v = conv_apply(kernel_factory("dirac"), x, 6)
+    a = jnp.linspace(0.5, 2.0, 6)
+    p = dict(v["params"], a=a, b=jnp.zeros(6))
+    y = layer.apply({"params": p}, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x * a), rtol=1e-6, atol=1e-6)
+
+
+def test_dirac_v1_conv_after_ncrelu_with_b_zero_is_a_x():
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    layer, v = conv_apply(kernel_factory("dirac_v1"), param.ncrelu(x), 4)
+    p = dict(v["params"], b=jnp.zeros(()))
+    y = layer.apply({"params": p}, param.ncrelu(x))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(5.0 * x), rtol=1e-6, atol=1e-5)
+
+
+def test_wrn_dirac_init_sigma_zero_gives_identity_branch_kernels():
+    model = get_model("wrn", depth=10, width=1, dirac_init_sigma=0.0)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    block = v["params"]["group0_block0"]
+    w = block["conv1"]["w"]
+    assert w.shape == (3, 3, 16, 16)
+    # Raw W ~ N(0, 0) and the applied kernel is the delta: the branch starts as an identity.
+    assert float(jnp.abs(w).max()) == 0.0
+    t = param.dirac_residual(w.shape, 0.0)
+    np.testing.assert_array_equal(np.asarray(t.apply({"w": w})), np.asarray(param.dirac_delta(w.shape)))
+
+
+def test_diracnet_train_mode_updates_batch_stats_and_eval_is_deterministic():
+    model = get_model("diracnet", depth=10, width=0.25)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    v = model.init(jax.random.key(1), x, train=False)
+    logits, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), v["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    e1 = model.apply(v, x, train=False)
+    e2 = model.apply(v, x, train=False)
+    np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+
+
+def test_diracnet_initial_kernels_are_eq5():
+    model = get_model("diracnet", depth=10, width=0.5)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    conv = v["params"]["group1"]["block0"]["conv"]  # 8 -> 16 channels: non-square delta.
+    assert conv["w"].shape == (3, 3, 8, 16)
+    np.testing.assert_array_equal(np.asarray(conv["a"]), 1.0)
+    np.testing.assert_allclose(np.asarray(conv["b"]), 0.1)
+
+
+def test_imagenet_stem_output_and_half_precision():
+    model = get_model("diracnet", depth=18, width=0.125, stem="imagenet", num_classes=7,
+                      dtype=jnp.bfloat16)
+    x = jnp.ones((2, 64, 64, 3))
+    v = model.init(jax.random.key(0), x, train=False)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v["params"]))
+    y = model.apply(v, x, train=False)
+    assert y.shape == (2, 7) and y.dtype == jnp.float32
+
+
+def test_plainnet_depth_100_layer_count_and_uniform_init():
+    model = get_model("plainnet", depth=100, width=0.5)
+    v = abstract_variables(model, 32)["params"]
+    convs = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(v) if path[-1].key == "w"]
+    assert len(convs) == 99  # depth counts conv layers plus the classifier.
+    small = get_model("plainnet", depth=8, width=1)
+    params = small.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    w = params["group1_conv0"]["w"]
+    limit = np.sqrt(6 / (9 * w.shape[2]))
+    assert float(jnp.abs(w).max()) <= limit
+    assert float(jnp.abs(w).max()) > 0.9 * limit
+
+
+def test_resnet_and_wrn_forward_shapes():
+    for name, kw, size in [("wrn", dict(depth=10, width=1), 32), ("resnet", dict(depth=18, width=0.125), 64)]:
+        model = get_model(name, num_classes=5, **kw)
+        x = jnp.ones((2, size, size, 3))
+        v = model.init(jax.random.key(0), x, train=False)
+        assert model.apply(v, x, train=False).shape == (2, 5)
+
+
+def test_paramconv_accepts_any_transform_factory():
+    factory = functools.partial(param.symmetric, kind="triangular", axis="channel")
+    x = jnp.ones((1, 5, 5, 4))
+    layer = ParamConv(4, (3, 3), factory)
+    v = layer.init(jax.random.key(0), x)
+    assert count_params(v["params"]) == 9 * 4 * 5 // 2
+    assert layer.apply(v, x).shape == (1, 5, 5, 4)
+    assert isinstance(layer, nn.Module)
