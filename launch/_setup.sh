@@ -1,0 +1,25 @@
+# Shared set-up, sourced by the launch scripts: Debian data package, venv, the project.
+# Usage: source launch/_setup.sh [pip extras, e.g. "[test]"]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Real Fashion-MNIST for the quickstart and the real-data tests (Debian package, no download).
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --disable-pip-version-check --upgrade pip
+echo "[setup] installing dirac_jax$EXTRAS"
+"$PY" -m pip install -q --disable-pip-version-check -e "$ROOT$EXTRAS"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the whole test suite (unit, doctests, real-data training).
+# This is the README's test command; .ci/run calls it unchanged.
+set -euo pipefail
+source "$(dirname "$0")/_setup.sh" "[test]"
+
+# PyTorch is optional (interop tests skip without it). Install the CPU build only when a
+# local wheel is at hand: PyPI's default torch pulls several GB of CUDA libraries.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  wheel=$(ls /opt/wheels/torch-*+cpu-cp3*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$wheel" ]; then
+    echo "[setup] installing PyTorch CPU from $wheel"
+    "$PY" -m pip install -q --disable-pip-version-check "$wheel"
+  else
+    echo "[setup] no local PyTorch CPU wheel: interop tests will be skipped"
+  fi
+fi
+
+cd "$ROOT"
+exec "$PY" -m pytest -n 2 --durations=15 "$@"
