@@ -14,7 +14,9 @@ from dirac_jax.models import ParamConv, count_params, get_model, kernel_factory
 
 def abstract_variables(model, size):
     return jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+        lambda: model.init(
+            jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)), train=False
+        )
     )
 
 
@@ -51,7 +53,9 @@ def test_plain_baseline_is_diracnet_without_a_b():
         for path, leaf in jax.tree_util.tree_leaves_with_path(dirac)
         if path[-1].key in ("a", "b")
     )
-    assert ab == 2 * 2 * (16 * 2 * 2 + 32 * 2 * 2 + 64 * 2 * 2)  # 2 scales x (2n=4 layers x width) per group
+    assert ab == 2 * 2 * (
+        16 * 2 * 2 + 32 * 2 * 2 + 64 * 2 * 2
+    )  # 2 scales x (2n=4 layers x width) per group
     assert count_params(plain) == count_params(dirac) - ab
 
 
@@ -96,12 +100,14 @@ def test_bad_arguments_raise_valueerror_naming_the_value(name, kwargs, match):
 
 def conv_apply(factory, x, features, params=None):
     layer = ParamConv(features, (3, 3), factory)
-    variables = layer.init(jax.random.key(0), x) if params is None else {"params": params}
+    variables = (
+        layer.init(jax.random.key(0, impl="rbg"), x) if params is None else {"params": params}
+    )
     return layer, variables
 
 
 def test_dirac_conv_with_b_zero_is_identity_times_a():
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 6))
+    x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 8, 8, 6))
     layer, v = conv_apply(kernel_factory("dirac"), x, 6)
     a = jnp.linspace(0.5, 2.0, 6)
     p = dict(v["params"], a=a, b=jnp.zeros(6))
@@ -110,7 +116,7 @@ def test_dirac_conv_with_b_zero_is_identity_times_a():
 
 
 def test_dirac_v1_conv_after_ncrelu_with_b_zero_is_a_x():
-    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    x = jax.random.normal(jax.random.key(2, impl="rbg"), (2, 8, 8, 4))
     layer, v = conv_apply(kernel_factory("dirac_v1"), param.ncrelu(x), 4)
     p = dict(v["params"], b=jnp.zeros(()))
     y = layer.apply({"params": p}, param.ncrelu(x))
@@ -119,23 +125,27 @@ def test_dirac_v1_conv_after_ncrelu_with_b_zero_is_a_x():
 
 def test_wrn_dirac_init_sigma_zero_gives_identity_branch_kernels():
     model = get_model("wrn", depth=10, width=1, dirac_init_sigma=0.0)
-    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    v = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)), train=False)
     block = v["params"]["group0_block0"]
     w = block["conv1"]["w"]
     assert w.shape == (3, 3, 16, 16)
     # Raw W ~ N(0, 0) and the applied kernel is the delta: the branch starts as an identity.
     assert float(jnp.abs(w).max()) == 0.0
     t = param.dirac_residual(w.shape, 0.0)
-    np.testing.assert_array_equal(np.asarray(t.apply({"w": w})), np.asarray(param.dirac_delta(w.shape)))
+    np.testing.assert_array_equal(
+        np.asarray(t.apply({"w": w})), np.asarray(param.dirac_delta(w.shape))
+    )
 
 
 def test_diracnet_train_mode_updates_batch_stats_and_eval_is_deterministic():
     model = get_model("diracnet", depth=10, width=0.25)
-    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    v = model.init(jax.random.key(1), x, train=False)
+    x = jax.random.normal(jax.random.key(0, impl="rbg"), (4, 32, 32, 3))
+    v = model.init(jax.random.key(1, impl="rbg"), x, train=False)
     logits, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), v["batch_stats"], updates["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), v["batch_stats"], updates["batch_stats"]
+    )
     assert all(jax.tree.leaves(changed))
     e1 = model.apply(v, x, train=False)
     e2 = model.apply(v, x, train=False)
@@ -144,7 +154,7 @@ def test_diracnet_train_mode_updates_batch_stats_and_eval_is_deterministic():
 
 def test_diracnet_initial_kernels_are_eq5():
     model = get_model("diracnet", depth=10, width=0.5)
-    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    v = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)), train=False)
     conv = v["params"]["group1"]["block0"]["conv"]  # 8 -> 16 channels: non-square delta.
     assert conv["w"].shape == (3, 3, 8, 16)
     np.testing.assert_array_equal(np.asarray(conv["a"]), 1.0)
@@ -152,10 +162,11 @@ def test_diracnet_initial_kernels_are_eq5():
 
 
 def test_imagenet_stem_output_and_half_precision():
-    model = get_model("diracnet", depth=18, width=0.125, stem="imagenet", num_classes=7,
-                      dtype=jnp.bfloat16)
+    model = get_model(
+        "diracnet", depth=18, width=0.125, stem="imagenet", num_classes=7, dtype=jnp.bfloat16
+    )
     x = jnp.ones((2, 64, 64, 3))
-    v = model.init(jax.random.key(0), x, train=False)
+    v = model.init(jax.random.key(0, impl="rbg"), x, train=False)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v["params"]))
     y = model.apply(v, x, train=False)
     assert y.shape == (2, 7) and y.dtype == jnp.float32
@@ -167,7 +178,9 @@ def test_plainnet_depth_100_layer_count_and_uniform_init():
     convs = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(v) if path[-1].key == "w"]
     assert len(convs) == 99  # depth counts conv layers plus the classifier.
     small = get_model("plainnet", depth=8, width=1)
-    params = small.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    params = small.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)), train=False)[
+        "params"
+    ]
     w = params["group1_conv0"]["w"]
     limit = np.sqrt(6 / (9 * w.shape[2]))
     assert float(jnp.abs(w).max()) <= limit
@@ -175,10 +188,13 @@ def test_plainnet_depth_100_layer_count_and_uniform_init():
 
 
 def test_resnet_and_wrn_forward_shapes():
-    for name, kw, size in [("wrn", dict(depth=10, width=1), 32), ("resnet", dict(depth=18, width=0.125), 64)]:
+    for name, kw, size in [
+        ("wrn", dict(depth=10, width=1), 32),
+        ("resnet", dict(depth=18, width=0.125), 64),
+    ]:
         model = get_model(name, num_classes=5, **kw)
         x = jnp.ones((2, size, size, 3))
-        v = model.init(jax.random.key(0), x, train=False)
+        v = model.init(jax.random.key(0, impl="rbg"), x, train=False)
         assert model.apply(v, x, train=False).shape == (2, 5)
 
 
@@ -186,7 +202,7 @@ def test_paramconv_accepts_any_transform_factory():
     factory = functools.partial(param.symmetric, kind="triangular", axis="channel")
     x = jnp.ones((1, 5, 5, 4))
     layer = ParamConv(4, (3, 3), factory)
-    v = layer.init(jax.random.key(0), x)
+    v = layer.init(jax.random.key(0, impl="rbg"), x)
     assert count_params(v["params"]) == 9 * 4 * 5 // 2
     assert layer.apply(v, x).shape == (1, 5, 5, 4)
     assert isinstance(layer, nn.Module)

@@ -18,7 +18,12 @@ def conv(x, kernel, groups=1):
         x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
     )
     return jax.lax.conv_general_dilated(
-        x, kernel, (1,) * nd, "SAME", dimension_numbers=dn, feature_group_count=groups,
+        x,
+        kernel,
+        (1,) * nd,
+        "SAME",
+        dimension_numbers=dn,
+        feature_group_count=groups,
         precision=jax.lax.Precision.HIGHEST,
     )
 
@@ -78,7 +83,9 @@ def test_truncate_matches_torch_rule(shape, groups):
 def test_truncate_matches_torch_itself(shape, groups):
     torch = pytest.importorskip("torch")
     t = torch.nn.init.dirac_(torch.empty(shape), groups=groups).numpy()
-    np.testing.assert_array_equal(np.asarray(param.dirac_delta(to_flax(t).shape, groups=groups)), to_flax(t))
+    np.testing.assert_array_equal(
+        np.asarray(param.dirac_delta(to_flax(t).shape, groups=groups)), to_flax(t)
+    )
 
 
 def test_truncate_groups_conv_is_groupwise_identity():
@@ -148,7 +155,9 @@ def test_dirac_apply_is_eq5():
     raw["b"] = jnp.arange(6.0) + 0.5
     w = np.asarray(raw["w"])
     w_norm = w / np.linalg.norm(w.reshape(-1, 6), axis=0)
-    expected = np.asarray(param.dirac_delta((3, 3, 4, 6))) * np.arange(6.0) + w_norm * (np.arange(6.0) + 0.5)
+    expected = np.asarray(param.dirac_delta((3, 3, 4, 6))) * np.arange(6.0) + w_norm * (
+        np.arange(6.0) + 0.5
+    )
     np.testing.assert_allclose(np.asarray(t.apply(raw)), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -227,7 +236,9 @@ def test_dirac_residual_init_statistics():
     raw = t.init(jax.random.key(0))
     np.testing.assert_allclose(float(raw["w"].std()), sigma, rtol=0.02)
     np.testing.assert_allclose(
-        np.asarray(t.apply(raw) - raw["w"]), np.asarray(param.dirac_delta((3, 3, 64, 64))), atol=1e-6
+        np.asarray(t.apply(raw) - raw["w"]),
+        np.asarray(param.dirac_delta((3, 3, 64, 64))),
+        atol=1e-6,
     )
     with pytest.raises(ValueError, match="sigma"):
         param.dirac_residual((3, 3, 4, 4), -1.0)
@@ -279,7 +290,9 @@ def test_symmetric_kernels_are_symmetric_with_closed_form_counts(kind, axis):
         ("triangular", "channel"): 9 * tri(6),
         ("triangular", "spatial"): 36 * tri(3),
         ("triangular", "both"): tri(3) * tri(6),
-    }.get((kind, axis), {"channel": 9 * tri(6), "spatial": 36 * tri(3), "both": tri(3) * tri(6)}[axis])
+    }.get(
+        (kind, axis), {"channel": 9 * tri(6), "spatial": 36 * tri(3), "both": tri(3) * tri(6)}[axis]
+    )
     assert t.num_params == expected
 
 
@@ -317,12 +330,21 @@ def test_ldl_matches_definition():
     [
         ("chunk4", 8, 16, lambda m: np.array_equal(m, np.tile(m[:2], (4, 1)))),
         ("block4", 8, 16, lambda m: np.array_equal(m, m[::-1]) and np.array_equal(m, m[:, ::-1])),
-        ("triangulize4", 8, 20, lambda m: np.array_equal(m, m.T) and np.array_equal(m, m[::-1, ::-1].T)),
+        (
+            "triangulize4",
+            8,
+            20,
+            lambda m: np.array_equal(m, m.T) and np.array_equal(m, m[::-1, ::-1].T),
+        ),
         (
             "triangulize8",
             8,
             10,
-            lambda m: np.array_equal(m, m.T) and np.array_equal(m, m[::-1]) and np.array_equal(m, m[:, ::-1]),
+            lambda m: (
+                np.array_equal(m, m.T)
+                and np.array_equal(m, m[::-1])
+                and np.array_equal(m, m[:, ::-1])
+            ),
         ),
     ],
 )
@@ -359,10 +381,14 @@ def test_penalty_zero_iff_symmetric_and_symmetrize_projects(axis):
     s = param.symmetrize(k, axis)
     assert is_sym(s, axis)
     assert float(param.symmetry_penalty(s, axis=axis)) == 0.0
-    np.testing.assert_array_equal(np.asarray(param.symmetrize(s, axis)), np.asarray(s))  # Idempotent.
+    np.testing.assert_array_equal(
+        np.asarray(param.symmetrize(s, axis)), np.asarray(s)
+    )  # Idempotent.
     if axis == "channel":  # The upper triangle (with the diagonal) is kept as is.
         iu = np.triu_indices(4)
-        np.testing.assert_array_equal(np.asarray(s)[:, :, iu[0], iu[1]], np.asarray(k)[:, :, iu[0], iu[1]])
+        np.testing.assert_array_equal(
+            np.asarray(s)[:, :, iu[0], iu[1]], np.asarray(k)[:, :, iu[0], iu[1]]
+        )
 
 
 def test_penalty_p_norms():
@@ -383,7 +409,9 @@ def test_max_norm_gives_exact_norms():
     assert (before > c).any() and (before < c).any()
     np.testing.assert_allclose(after, np.minimum(before, c), rtol=1e-6)
     keep = before <= c
-    np.testing.assert_array_equal(out.reshape(-1, 16)[:, keep], np.asarray(k).reshape(-1, 16)[:, keep])
+    np.testing.assert_array_equal(
+        out.reshape(-1, 16)[:, keep], np.asarray(k).reshape(-1, 16)[:, keep]
+    )
     with pytest.raises(ValueError, match="c must be"):
         param.max_norm(k, 0.0)
 
@@ -409,8 +437,12 @@ def test_tree_helpers_under_jit_grad_vmap():
     kernels = param.apply_tree(ts, raw)
     assert kernels["block"]["conv"].shape == (3, 3, 4, 4)
     jitted = jax.jit(lambda r: param.apply_tree(ts, r))(raw)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), kernels, jitted)
-    grads = jax.grad(lambda r: sum(jnp.sum(k**2) for k in jax.tree.leaves(param.apply_tree(ts, r))))(raw)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), kernels, jitted
+    )
+    grads = jax.grad(
+        lambda r: sum(jnp.sum(k**2) for k in jax.tree.leaves(param.apply_tree(ts, r)))
+    )(raw)
     assert jax.tree.structure(grads) == jax.tree.structure(raw)
     batched = jax.tree.map(lambda v: jnp.stack([v, 2 * v]), raw)
     out = jax.vmap(lambda r: param.apply_tree(ts, r))(batched)
@@ -424,8 +456,19 @@ def test_tree_helpers_under_jit_grad_vmap():
 
 def test_public_api_names():
     for name in [
-        "dirac_delta", "normalize", "dirac", "dirac_v1", "dirac_residual", "ncrelu", "symmetric",
-        "symmetry_penalty", "symmetrize", "max_norm", "uniform_init", "init_tree", "apply_tree",
+        "dirac_delta",
+        "normalize",
+        "dirac",
+        "dirac_v1",
+        "dirac_residual",
+        "ncrelu",
+        "symmetric",
+        "symmetry_penalty",
+        "symmetrize",
+        "max_norm",
+        "uniform_init",
+        "init_tree",
+        "apply_tree",
     ]:
         assert callable(getattr(param, name))
     assert set(param.__all__) == {n for n in dir(param) if not n.startswith("_")} - {"annotations"}

@@ -60,7 +60,9 @@ def get_model(name: str, **kwargs):
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"} - set(fixed)
     unknown = sorted(set(kwargs) - fields)
     if unknown:
-        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes {sorted(fields)}.")
+        raise ValueError(
+            f"model {name!r} takes no argument(s) {unknown}; it takes {sorted(fields)}."
+        )
     model = cls(**fixed, **kwargs)
     model.plan() if isinstance(model, DiracNet) else model.validate()
     return model

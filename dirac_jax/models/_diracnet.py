@@ -58,11 +58,16 @@ def _check_width(width: float, base: int) -> int:
         raise ValueError(f"width must be a positive number, got {width!r}.")
     channels = int(base * width)
     if channels < 1:
-        raise ValueError(f"width {width!r} gives {channels} channels for a {base}-channel group; use a larger width.")
+        raise ValueError(
+            f"width {width!r} gives {channels} channels for a {base}-channel group; "
+            "use a larger width."
+        )
     return channels
 
 
-def diracnet_plan(depth: int, width: float, num_classes: int, stem: str, variant: str) -> tuple[Step, ...]:
+def diracnet_plan(
+    depth: int, width: float, num_classes: int, stem: str, variant: str
+) -> tuple[Step, ...]:
     """The layer plan of a DiracNet; validates the arguments.
 
     Raises:
@@ -89,11 +94,16 @@ def diracnet_plan(depth: int, width: float, num_classes: int, stem: str, variant
     else:
         if depth not in IMAGENET_BLOCKS:
             raise ValueError(
-                f"depth {depth!r} is not valid for the ImageNet DiracNet: expected one of {sorted(IMAGENET_BLOCKS)}."
+                f"depth {depth!r} is not valid for the ImageNet DiracNet: "
+                f"expected one of {sorted(IMAGENET_BLOCKS)}."
             )
         counts = tuple(2 * b for b in IMAGENET_BLOCKS[depth])
         widths = [_check_width(width, b) for b in (64, 128, 256, 512)]
-        steps = [Step("conv", "conv", (widths[0], 7, 2, 3)), Step("bn", "bn"), Step("max_pool", args=(3, 2, 1))]
+        steps = [
+            Step("conv", "conv", (widths[0], 7, 2, 3)),
+            Step("bn", "bn"),
+            Step("max_pool", args=(3, 2, 1)),
+        ]
     ni = widths[0]
     for g, (no, count) in enumerate(zip(widths, counts, strict=True)):
         if g:
@@ -129,7 +139,9 @@ class _Group(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         for i in range(self.count):
-            x = _Block(self.act, self.features, self.factory, self.dtype, name=f"block{i}")(x, train)
+            x = _Block(self.act, self.features, self.factory, self.dtype, name=f"block{i}")(
+                x, train
+            )
         return x
 
 
@@ -166,8 +178,13 @@ class DiracNet(nn.Module):
             if step.kind == "conv":
                 features, k, stride, pad = step.args
                 x = ParamConv(
-                    features, (k, k), kernel_factory("plain"), (stride, stride), ((pad, pad), (pad, pad)),
-                    dtype=self.dtype, name=step.name,
+                    features,
+                    (k, k),
+                    kernel_factory("plain"),
+                    (stride, stride),
+                    ((pad, pad), (pad, pad)),
+                    dtype=self.dtype,
+                    name=step.name,
                 )(x)
             elif step.kind == "bn":
                 x = batch_norm(train, self.dtype, nn.initializers.uniform(1.0), name=step.name)(x)
@@ -184,4 +201,4 @@ class DiracNet(nn.Module):
                 x = dense(step.args[0], self.dtype, name=step.name)(x)
             else:  # pragma: no cover - plans are built above.
                 raise AssertionError(step)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -36,7 +36,9 @@ def kernel_factory(name: str, **kwargs) -> KernelFactory:
         "uniform": functools.partial(param.plain, init="uniform"),
     }
     if name not in factories:
-        raise ValueError(f"unknown kernel parameterization {name!r}; expected one of {sorted(factories)}.")
+        raise ValueError(
+            f"unknown kernel parameterization {name!r}; expected one of {sorted(factories)}."
+        )
     return functools.partial(factories[name], **kwargs)
 
 
@@ -72,8 +74,14 @@ class ParamConv(nn.Module):
     def __call__(self, x):
         shape = (*self.kernel_size, x.shape[-1], self.features)
         t = self.factory(shape)
-        names = jax.eval_shape(t.init, jax.random.key(0)).keys()
-        raw = {n: self.param(n, lambda key, n=n: t.init(key)[n]) for n in names}
+        # One draw of the whole raw pytree, then one Flax param per entry (w, a, b). When
+        # applying, Flax only evaluates the init function abstractly, to check shapes.
+        if self.is_initializing():
+            fresh = t.init(self.make_rng("params"))
+            raw = {n: self.param(n, lambda _, v=v: v) for n, v in fresh.items()}
+        else:
+            names = jax.eval_shape(t.init, jax.random.key(0)).keys()
+            raw = {n: self.param(n, lambda key, n=n: t.init(key)[n]) for n in names}
         kernel = t.apply(raw).astype(self.dtype)
         y = conv_nd(x.astype(self.dtype), kernel, self.strides, self.padding)
         if self.use_bias:

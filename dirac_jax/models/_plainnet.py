@@ -21,7 +21,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dirac_jax.models._diracnet import _check_width
-from dirac_jax.models._layers import ParamConv, batch_norm, global_avg_pool, kernel_factory, max_pool
+from dirac_jax.models._layers import (
+    ParamConv,
+    batch_norm,
+    global_avg_pool,
+    kernel_factory,
+    max_pool,
+)
 
 
 def plainnet_layers(depth: int) -> tuple[int, int, int]:
@@ -69,6 +75,10 @@ class PlainNet(nn.Module):
             for i in range(count):
                 x = layer(x, w, f"group{g}_conv{i}")
         x = global_avg_pool(x)
-        fc = nn.Dense(self.num_classes, dtype=self.dtype, name="fc",
-                      kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "uniform"))
-        return fc(x).astype(jnp.float32)
+        fc = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            name="fc",
+            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "uniform"),
+        )
+        return fc(x).astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -13,7 +13,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dirac_jax.models._diracnet import IMAGENET_BLOCKS, _check_width
-from dirac_jax.models._layers import ParamConv, batch_norm, dense, global_avg_pool, kernel_factory, max_pool
+from dirac_jax.models._layers import (
+    ParamConv,
+    batch_norm,
+    dense,
+    global_avg_pool,
+    kernel_factory,
+    max_pool,
+)
 
 
 def _branch_factory(sigma):
@@ -41,9 +48,18 @@ class _PreActBlock(nn.Module):
         o = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
         shortcut = x
         if x.shape[-1] != self.features or self.stride != 1:
-            shortcut = ParamConv(self.features, (1, 1), kernel_factory("plain"), s, "VALID", dtype=self.dtype,
-                                 name="shortcut")(o)
-        y = ParamConv(self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0")(o)
+            shortcut = ParamConv(
+                self.features,
+                (1, 1),
+                kernel_factory("plain"),
+                s,
+                "VALID",
+                dtype=self.dtype,
+                name="shortcut",
+            )(o)
+        y = ParamConv(
+            self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0"
+        )(o)
         y = nn.relu(batch_norm(train, self.dtype, name="bn1")(y))
         y = ParamConv(self.features, (3, 3), self.factory, dtype=self.dtype, name="conv1")(y)
         return y + shortcut
@@ -64,7 +80,9 @@ class WideResNet(nn.Module):
 
     def validate(self):
         if not (isinstance(self.depth, int) and self.depth >= 10 and (self.depth - 4) % 6 == 0):
-            raise ValueError(f"depth {self.depth!r} is not valid for WRN: it must be 6n+4 with n >= 1.")
+            raise ValueError(
+                f"depth {self.depth!r} is not valid for WRN: it must be 6n+4 with n >= 1."
+            )
         widths = [_check_width(self.width, b) for b in (16, 32, 64)]
         _branch_factory(self.dirac_init_sigma)
         return (self.depth - 4) // 6, widths
@@ -76,9 +94,13 @@ class WideResNet(nn.Module):
         x = ParamConv(16, (3, 3), kernel_factory("plain"), dtype=self.dtype, name="conv")(x)
         for g, (w, stride) in enumerate(zip(widths, (1, 2, 2), strict=True)):
             for i in range(n):
-                x = _PreActBlock(w, stride if i == 0 else 1, factory, self.dtype, name=f"group{g}_block{i}")(x, train)
+                x = _PreActBlock(
+                    w, stride if i == 0 else 1, factory, self.dtype, name=f"group{g}_block{i}"
+                )(x, train)
         x = nn.relu(batch_norm(train, self.dtype, name="bn")(x))
-        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(jnp.float32)
+        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(
+            jnp.promote_types(self.dtype, jnp.float32)
+        )
 
 
 class _BasicBlock(nn.Module):
@@ -90,13 +112,22 @@ class _BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         s = (self.stride, self.stride)
-        y = ParamConv(self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0")(x)
+        y = ParamConv(
+            self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0"
+        )(x)
         y = nn.relu(batch_norm(train, self.dtype, name="bn0")(y))
         y = ParamConv(self.features, (3, 3), self.factory, dtype=self.dtype, name="conv1")(y)
         y = batch_norm(train, self.dtype, name="bn1")(y)
         if x.shape[-1] != self.features or self.stride != 1:
-            x = ParamConv(self.features, (1, 1), kernel_factory("plain"), s, "VALID", dtype=self.dtype,
-                          name="shortcut")(x)
+            x = ParamConv(
+                self.features,
+                (1, 1),
+                kernel_factory("plain"),
+                s,
+                "VALID",
+                dtype=self.dtype,
+                name="shortcut",
+            )(x)
             x = batch_norm(train, self.dtype, name="shortcut_bn")(x)
         return nn.relu(x + y)
 
@@ -115,7 +146,10 @@ class ResNet(nn.Module):
 
     def validate(self):
         if self.depth not in IMAGENET_BLOCKS:
-            raise ValueError(f"depth {self.depth!r} is not valid for ResNet: expected one of {sorted(IMAGENET_BLOCKS)}.")
+            raise ValueError(
+                f"depth {self.depth!r} is not valid for ResNet: "
+                f"expected one of {sorted(IMAGENET_BLOCKS)}."
+            )
         widths = [_check_width(self.width, b) for b in (64, 128, 256, 512)]
         _branch_factory(self.dirac_init_sigma)
         return IMAGENET_BLOCKS[self.depth], widths
@@ -124,10 +158,20 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         blocks, widths = self.validate()
         factory = _branch_factory(self.dirac_init_sigma)
-        x = ParamConv(widths[0], (7, 7), kernel_factory("plain"), (2, 2), _same(7), dtype=self.dtype, name="conv")(x)
+        x = ParamConv(
+            widths[0],
+            (7, 7),
+            kernel_factory("plain"),
+            (2, 2),
+            _same(7),
+            dtype=self.dtype,
+            name="conv",
+        )(x)
         x = max_pool(nn.relu(batch_norm(train, self.dtype, name="bn")(x)), 3, 2, 1)
         for g, (w, count) in enumerate(zip(widths, blocks, strict=True)):
             for i in range(count):
                 stride = 2 if (g > 0 and i == 0) else 1
                 x = _BasicBlock(w, stride, factory, self.dtype, name=f"group{g}_block{i}")(x, train)
-        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(jnp.float32)
+        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(
+            jnp.promote_types(self.dtype, jnp.float32)
+        )

@@ -43,7 +43,9 @@ def check_kernel_shape(kernel_shape: Sequence[int], what: str) -> tuple[int, ...
     try:
         shape = tuple(int(s) for s in kernel_shape)
     except TypeError as e:
-        raise ValueError(f"{what}: kernel_shape must be a sequence of ints, got {kernel_shape!r}") from e
+        raise ValueError(
+            f"{what}: kernel_shape must be a sequence of ints, got {kernel_shape!r}"
+        ) from e
     if not 3 <= len(shape) <= 5:
         raise ValueError(
             f"{what}: kernel_shape {shape} must be (*spatial, in, out) with 1 to 3 spatial "

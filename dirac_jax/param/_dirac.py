@@ -217,7 +217,9 @@ def dirac_v1(kernel_shape: Sequence[int]) -> Transform:
     return dirac(kernel_shape, a_init=5.0, b_init=1e-3, per_channel=False, mode="repeat")
 
 
-def dirac_residual(kernel_shape: Sequence[int], sigma: float, *, mode: str = "truncate") -> Transform:
+def dirac_residual(
+    kernel_shape: Sequence[int], sigma: float, *, mode: str = "truncate"
+) -> Transform:
     """Dirac parameterization as ResNet initialization, `W_hat = I + W`, DiracNets sec. 3.4.
 
     `init(key)` returns `{"w"}` with `W ~ N(0, sigma^2)`, ignoring the filter

@@ -77,7 +77,9 @@ def _nway_maps(kind: str, n: int):
     anti_transpose = lambda i, j: (n - 1 - j, n - 1 - i)
     if kind == "chunk4":
         if n % 4:
-            raise ValueError(f"symmetric: kind='chunk4' needs a square side divisible by 4, got {n}.")
+            raise ValueError(
+                f"symmetric: kind='chunk4' needs a square side divisible by 4, got {n}."
+            )
         return [lambda i, j: ((i + n // 4) % n, j)]
     return {
         "block4": [flip_r, flip_c],
@@ -162,7 +164,16 @@ def _matrix(kind: str, n: int) -> _Matrix:
     return _Matrix(init, apply, count)
 
 
-KINDS = ("triangular", "average", "eigen", "ldl", "chunk4", "block4", "triangulize4", "triangulize8")
+KINDS = (
+    "triangular",
+    "average",
+    "eigen",
+    "ldl",
+    "chunk4",
+    "block4",
+    "triangulize4",
+    "triangulize8",
+)
 
 
 def _check_axis(shape: tuple[int, ...], axis: str, what: str) -> None:
@@ -277,7 +288,11 @@ def _average(kernel: Array, axis: str) -> Array:
 
 
 def _pair_shape(kernel: Array, ax: str) -> tuple[int, int]:
-    return (kernel.shape[-2], kernel.shape[-1]) if ax == "channel" else (kernel.shape[0], kernel.shape[1])
+    return (
+        (kernel.shape[-2], kernel.shape[-1])
+        if ax == "channel"
+        else (kernel.shape[0], kernel.shape[1])
+    )
 
 
 def symmetry_penalty(kernel: Array, p: float = 1, *, axis: str = "channel") -> Array:

@@ -40,9 +40,7 @@ def apply_tree(transforms, raw: Params) -> Params:
 
     Pure in `raw`, so it composes with `jit`, `grad` and `vmap` over `raw`.
     """
-    return jax.tree.map(
-        lambda t, r: t.apply(r), transforms, raw, is_leaf=_is_transform
-    )
+    return jax.tree.map(lambda t, r: t.apply(r), transforms, raw, is_leaf=_is_transform)
 
 
 def num_params_tree(transforms) -> int:

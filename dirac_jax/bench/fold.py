@@ -1,0 +1,241 @@
+"""Inference latency of a folded DiracNet: `python -m dirac_jax.bench fold [--flags]`.
+
+DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so the
+net becomes a chain of conv-ReLU pairs, with "no cost at all at inference". This
+benchmark measures that claim on synthetic data, in one process, with jit:
+
+* DiracNet unfolded (`model.apply(train=False)`: computes `a`, `b`, `W_norm`
+  and BN on every call),
+* DiracNet folded (`fold.apply_folded`),
+* the plain net of the same architecture (`get_model("plain")`, BN at eval) and
+  that plain net folded,
+* a ResNet with about the same parameter count (WRN of the same depth for the
+  CIFAR stem, ResNet-18/34 for the ImageNet stem, width chosen to match).
+
+Every candidate is a `jit`-compiled function of `(params, images)`: the
+parameters are runtime arguments, never closed-over constants, so XLA cannot
+fold the Dirac transform or BN at compile time for any of them. The candidates
+are warmed up, then timed round-robin (`_timing.interleaved_times`); the report
+is ratios of medians from this one run, plus absolute milliseconds for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dirac_jax.bench import _timing
+from dirac_jax.fold import apply_folded, fold, num_params
+from dirac_jax.models import count_params, get_model
+
+# Values of the variables that must be positive or that the Dirac transform reads.
+_DRAWS = {
+    "var": lambda rng, s: rng.uniform(0.5, 2.0, s),
+    "scale": lambda rng, s: rng.uniform(0.5, 1.5, s),
+    "a": lambda rng, s: rng.uniform(0.5, 1.5, s),
+    "b": lambda rng, s: rng.uniform(0.05, 0.5, s),
+}
+
+
+def random_variables(model, images, seed: int):
+    """Trained-looking variables without running `model.init`.
+
+    `init` would compile every random op (tens of seconds on CPU for deep
+    nets); the timings do not depend on the values, as long as they are normal
+    floats (no denormals) and BN variances are positive.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in _DRAWS:
+            value = _DRAWS[name](rng, leaf.shape)
+        else:  # kernels, biases, means: scaled so activations stay of order one.
+            fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+            value = rng.standard_normal(leaf.shape) * np.sqrt(1.0 / fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def param_count(model, images) -> int:
+    """Trainable scalars of `model`, from shapes only."""
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return count_params(shapes["params"])
+
+
+def matching_resnet(stem: str, depth: int, target: int, images, num_classes: int):
+    """The residual net of the same depth whose parameter count is nearest `target`.
+
+    CIFAR: WRN-`depth`-k with `k = m / 16` (whole channel counts); ImageNet:
+    ResNet-`depth` with `width = m / 64`. Parameters grow with `m`, so bisect.
+
+    Returns:
+      `(name, model, num_params)`.
+    """
+    name, base = ("wrn", 16) if stem == "cifar" else ("resnet", 64)
+
+    def build(m):
+        return get_model(name, depth=depth, width=m / base, num_classes=num_classes)
+
+    lo, hi = 1, base
+    while param_count(build(hi), images) < target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if param_count(build(mid), images) < target else (lo, mid)
+    m = min((lo, hi), key=lambda m: abs(param_count(build(m), images) - target))
+    model = build(m)
+    label = (
+        f"WRN-{depth}-{m / base:g}" if stem == "cifar" else f"ResNet-{depth} (width {m / base:g})"
+    )
+    return label, model, param_count(model, images)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m dirac_jax.bench fold",
+        description="Eval latency of folded vs unfolded DiracNet, plain net and ResNet (CPU, jit).",
+    )
+    p.add_argument("--depth", type=int, default=28, help="DiracNet depth (default 28).")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier k (default 1).")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar")
+    p.add_argument("--image-size", type=int, default=None, help="default 32 (cifar), 224.")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=50, help="timed rounds (default 50).")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
+    args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 32 if args.stem == "cifar" else 224
+    for flag in ("batch", "repeats", "warmup", "image_size", "num_classes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+    return args
+
+
+def _eval_fn(model):
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def run(args) -> dict:
+    """Builds the candidates, checks the folds, times them; returns the results dict."""
+    kw = dict(depth=args.depth, width=args.width, num_classes=args.num_classes, stem=args.stem)
+    rng = np.random.default_rng(args.seed)
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    dirac, plain = get_model("diracnet", **kw), get_model("plain", **kw)
+    dirac_vars = random_variables(dirac, x, args.seed)
+    plain_vars = random_variables(plain, x, args.seed + 1)
+    dirac_count = count_params(dirac_vars["params"])
+    res_label, res_model, res_count = matching_resnet(
+        args.stem, args.depth, dirac_count, x, args.num_classes
+    )
+    res_vars = random_variables(res_model, x, args.seed + 2)
+    fold_jit = jax.jit(fold, static_argnums=0)
+    dirac_folded, plain_folded = fold_jit(dirac, dirac_vars), fold_jit(plain, plain_vars)
+    folded_apply = jax.jit(apply_folded)
+
+    name = f"DiracNet-{args.depth}-{args.width:g}"
+    # (label, function, params, parameter count); params are always jit arguments.
+    table = [
+        (f"{name} unfolded", _eval_fn(dirac), dirac_vars, dirac_count),
+        (f"{name} folded", folded_apply, dirac_folded, num_params(dirac_folded)),
+        ("plain (BN at eval)", _eval_fn(plain), plain_vars, count_params(plain_vars["params"])),
+        ("plain folded", folded_apply, plain_folded, num_params(plain_folded)),
+        (res_label, _eval_fn(res_model), res_vars, res_count),
+    ]
+    candidates = {label: functools.partial(fn, p, x) for label, fn, p, _ in table}
+    # What folding saves per call at most: the Dirac kernels and the BN fold, alone.
+    fold_label = f"fold({name}) alone, no images"
+    candidates[fold_label] = functools.partial(fold_jit, dirac, dirac_vars)
+    compile_s = {label: _timing.warm_up(c, args.warmup) for label, c in candidates.items()}
+
+    unfolded, folded, plain_bn, plain_f, resnet = (row[0] for row in table)
+    # The benchmark must time the function the fold claims to equal.
+    for got, want in ((folded, unfolded), (plain_f, plain_bn)):
+        want_y = candidates[want]()
+        err = float(jnp.max(jnp.abs(candidates[got]() - want_y)))
+        scale = float(jnp.max(jnp.abs(want_y)))
+        if not err <= 1e-3 * max(1.0, scale):
+            raise AssertionError(f"{got} differs from {want} by {err:.3g} (logits ~{scale:.3g}).")
+
+    times = _timing.interleaved_times(candidates, args.repeats)
+    stats = {label: _timing.summarize(t) for label, t in times.items()}
+    pairs = {
+        "folded / unfolded DiracNet": (folded, unfolded),
+        "folded DiracNet / plain (BN at eval)": (folded, plain_bn),
+        "folded DiracNet / folded plain": (folded, plain_f),
+        f"unfolded DiracNet / {resnet}": (unfolded, resnet),
+        f"folded DiracNet / {resnet}": (folded, resnet),
+        "fold alone / unfolded DiracNet": (fold_label, unfolded),
+    }
+    ratios = {k: _timing.paired_ratio(times, *pair) for k, pair in pairs.items()}
+    return {
+        "environment": _timing.environment(),
+        "config": {**vars(args), "images": list(shape)},
+        "candidates": {
+            label: {"params": count, "compile_and_first_call_s": compile_s[label], **stats[label]}
+            for label, count in [(row[0], row[3]) for row in table] + [(fold_label, None)]
+        },
+        "ratios": ratios,
+    }
+
+
+def report(results: dict) -> str:
+    """The markdown printed by `main` (and pasted into BENCHMARKS.md)."""
+    cfg = results["config"]
+    first = next(iter(results["candidates"].values()))["median_ms"]
+    rows = [
+        [
+            label,
+            "-" if c["params"] is None else f"{c['params']:,}",
+            c["median_ms"],
+            c["min_ms"],
+            c["median_ms"] / first,
+        ]
+        for label, c in results["candidates"].items()
+    ]
+    lines = [
+        f"Machine: {_timing.describe(results['environment'])}.",
+        f"Images {tuple(cfg['images'])} (NHWC, float32), {cfg['repeats']} interleaved rounds, "
+        f"median per call, jit with params as arguments.",
+        "",
+        _timing.markdown_table(
+            ["candidate", "params", "median ms", "min ms", "time / unfolded DiracNet"], rows
+        ),
+        "",
+        _timing.markdown_table(
+            ["ratio", "of medians", "per-round quartiles"],
+            [
+                [k, r["ratio"], f"{r['round_q1']:.3g} - {r['round_q3']:.3g}"]
+                for k, r in results["ratios"].items()
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Runs the benchmark, prints a markdown report; `--json PATH` also writes the results."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    results = run(args)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

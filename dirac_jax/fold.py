@@ -1,0 +1,274 @@
+"""Folding a trained DiracNet into a plain chain of conv-ReLU pairs, DiracNets sec. 1/2.
+
+DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so the
+net becomes a chain of conv-ReLU pairs. At inference the Dirac kernel
+`diag(a) I + diag(b) W_norm` (DiracNets eq. 5) is a fixed tensor, and BatchNorm
+with running statistics is a per-channel affine map, so each `conv -> BN` pair
+is one convolution with a bias:
+
+    s = scale / sqrt(var + eps),  kernel' = kernel * s,  bias' = bias - mean * s
+
+(`s` broadcast over the output axis). The folded net costs a plain net's
+inference and nothing more.
+
+`fold` walks the model's own `plan()` and computes every effective kernel with
+the model's kernel factory (`models.kernel_factory`), so the folded kernel comes
+from the same transform code the model runs. The steps mirror the plan with the
+`bn` steps removed; in particular the CIFAR stem keeps its `relu` before the
+first block's `relu` (`relu(relu(x)) = relu(x)`), so the steps match the
+reference layer order one to one.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from dirac_jax.models import count_params, get_model
+  >>> from dirac_jax.fold import fold, apply_folded, num_params
+  >>> model = get_model("diracnet", depth=10, width=0.25)
+  >>> x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  >>> variables = model.init(jax.random.key(0), x, train=False)
+  >>> folded = fold(model, variables)
+  >>> [s.kind for s in folded.steps][:6]
+  ['conv', 'relu', 'relu', 'conv', 'relu', 'conv']
+  >>> count_params(variables["params"]), num_params(folded)  # a, b and BN are gone.
+  (5118, 4946)
+  >>> error = jnp.abs(apply_folded(folded, x) - model.apply(variables, x, train=False)).max()
+  >>> bool(error < 1e-4)
+  True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from dirac_jax import param
+from dirac_jax.models._diracnet import VARIANTS, DiracNet
+from dirac_jax.models._layers import (
+    BN_EPSILON,
+    conv_nd,
+    global_avg_pool,
+    kernel_factory,
+    max_pool,
+)
+
+KINDS = ("conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
+
+# The block conv of each variant, as in `DiracNet.__call__`; the stem is always plain.
+_BLOCK_FACTORY = {"v2": "dirac", "v1": "dirac_v1", "plain": "plain"}
+_SAME_3X3 = ((1, 1), ((1, 1), (1, 1)))
+
+
+class FoldedStep(NamedTuple):
+    """One static step of a folded net.
+
+    kind: one of `KINDS`. args: for `"conv"`, `(strides, padding)` with
+    `strides = (sh, sw)` and `padding = ((top, bottom), (left, right))`; for
+    `"max_pool"`, `(window, stride, pad)` (padding with `-inf`); otherwise `()`.
+    `"avg_pool"` is a global mean over H and W.
+    """
+
+    kind: str
+    args: tuple = ()
+
+
+@flax.struct.dataclass
+class FoldedNet:
+    """A DiracNet folded into a chain of convs with bias, activations and pools.
+
+    Attributes:
+      params: one dict per step: `{"kernel", "bias"}` for `"conv"` (HWIO kernel)
+        and `"dense"` (`(in, out)` kernel), `{}` for the other kinds. A pytree.
+      steps: the static `FoldedStep`s (not a pytree node, so `jit` treats them as
+        constants).
+    """
+
+    params: tuple[dict, ...]
+    steps: tuple[FoldedStep, ...] = flax.struct.field(pytree_node=False)
+
+
+def _bn_fold(kernel, bn_params, bn_stats, dtype):
+    """`conv -> BN(running stats)` as one `(kernel, bias)`; DiracNets sec. 1/2."""
+    scale, bias = (bn_params[k].astype(dtype) for k in ("scale", "bias"))
+    mean, var = (bn_stats[k].astype(dtype) for k in ("mean", "var"))
+    s = scale / jnp.sqrt(var + BN_EPSILON)
+    # s broadcasts over the last (output) axis of the HWIO kernel.
+    return {"kernel": kernel * s, "bias": bias - mean * s}
+
+
+def _kernel(factory_name, raw, expected_shape, where, dtype):
+    """The effective kernel of one conv, computed by the model's own transform."""
+    shape = tuple(raw["w"].shape)
+    if shape != tuple(expected_shape):
+        raise ValueError(
+            f"fold: the conv kernel at {where} has shape {shape} but the model's plan expects "
+            f"{tuple(expected_shape)}; pass the variables that belong to this model."
+        )
+    transform = kernel_factory(factory_name)(shape)
+    names = set(jax.eval_shape(transform.init, jax.random.key(0)))
+    if set(raw) != names:
+        raise ValueError(
+            f"fold: the conv at {where} has parameters {sorted(raw)} but its "
+            f"{factory_name!r} kernel needs {sorted(names)}; pass the variables that belong to "
+            "this model (same variant)."
+        )
+    raw = {k: v.astype(dtype) for k, v in raw.items()}
+    return transform.apply(raw).astype(dtype)
+
+
+def _check_inputs(model, variables, dtype):
+    if not isinstance(model, DiracNet) or model.variant not in VARIANTS:
+        raise ValueError(
+            f"fold supports DiracNet variants only ({VARIANTS}), got {type(model).__name__}: "
+            "residual nets are not a chain, so their BN and shortcuts cannot fold into one "
+            "conv per layer."
+        )
+    if not (isinstance(variables, Mapping) and "params" in variables):
+        raise ValueError(
+            "fold: variables must be the dict returned by model.init, with 'params' and "
+            f"'batch_stats'; got {type(variables).__name__} with keys "
+            f"{sorted(variables) if hasattr(variables, 'keys') else '-'}."
+        )
+    if "batch_stats" not in variables:
+        raise ValueError(
+            "fold: variables has no 'batch_stats'; BN folds with its running statistics, "
+            "so pass the full {'params', 'batch_stats'} dict."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"fold: dtype must be a floating dtype, got {dtype!r}.")
+
+
+def fold(model: DiracNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
+    """Folds Dirac parameterization and BatchNorm into plain convs with bias.
+
+    DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so
+    the net becomes a chain of conv-ReLU pairs. The stem conv uses
+    `kernel_factory("plain")`, the block convs `"dirac"` (v2), `"dirac_v1"` (v1)
+    or `"plain"`, exactly as the model; each following BN (running statistics,
+    eps `BN_EPSILON`) becomes the conv's bias and a per-output-channel scale of
+    its kernel. Pure: no state, works under `jit`.
+
+    Step order (the folded PyTorch `DiracNet` module for the ImageNet stem):
+    ImageNet `conv7x7/2, max_pool(3, 2, 1), [relu, conv] x blocks, max_pool(2, 2, 0), ...,
+    relu, avg_pool, dense`; CIFAR `conv3x3, relu, [relu, conv] x blocks, ...`;
+    v1 blocks are `[ncrelu, conv]` and its head has no `relu`.
+
+    Args:
+      model: a `DiracNet` of variant `"v2"`, `"v1"` or `"plain"` (its `dtype` is
+        ignored; the folded net is computed in `dtype`).
+      variables: `{"params", "batch_stats"}` as returned by `model.init` or training.
+      dtype: dtype of every computation and of the folded parameters; use
+        `jnp.float64` under `jax.enable_x64(True)` for a tighter fold.
+
+    Returns:
+      A `FoldedNet`; run it with `apply_folded`.
+
+    Raises:
+      ValueError: `model` is not a DiracNet (e.g. a WRN or ResNet), `variables`
+        lacks `params` or `batch_stats`, `variables` belong to another model (a
+        missing layer, a kernel shape or parameter set that does not match the
+        plan), or `dtype` is not floating.
+    """
+    _check_inputs(model, variables, dtype)
+    params, stats = variables["params"], variables["batch_stats"]
+    steps, folded = [], []
+
+    def emit(kind, args=(), p=None):
+        steps.append(FoldedStep(kind, args))
+        folded.append({} if p is None else p)
+
+    try:
+        _walk(model, params, stats, dtype, emit)
+    except KeyError as e:
+        raise ValueError(
+            f"fold: variables have no entry {e} that the model's plan needs; pass the variables "
+            "that belong to this model (same depth, stem and variant)."
+        ) from e
+    return FoldedNet(params=tuple(folded), steps=tuple(steps))
+
+
+def _walk(model, params, stats, dtype, emit):
+    """Emits the folded steps of `model.plan()`, one `bn` folded into each conv."""
+    pending = None  # (kernel, conv args) of a conv awaiting its BN.
+    for step in model.plan():
+        if step.kind == "conv":
+            features, k, stride, pad = step.args
+            raw = params[step.name]
+            shape = (k, k, raw["w"].shape[-2], features)
+            kernel = _kernel("plain", raw, shape, step.name, dtype)
+            pending = (kernel, ((stride, stride), ((pad, pad), (pad, pad))))
+        elif step.kind == "bn":
+            if pending is None:  # pragma: no cover - every plan has conv before bn.
+                raise AssertionError(f"plan has a bn step {step.name!r} with no conv before it")
+            kernel, args = pending
+            emit("conv", args, _bn_fold(kernel, params[step.name], stats[step.name], dtype))
+            pending = None
+        elif step.kind == "group":
+            act, ni, no, count = step.args
+            for i in range(count):
+                block_p, block_s = params[step.name][f"block{i}"], stats[step.name][f"block{i}"]
+                n_in = ni if i == 0 else no
+                n_in = 2 * n_in if act == "ncrelu" else n_in  # NCReLU doubles channels.
+                where = f"{step.name}.block{i}.conv"
+                kernel = _kernel(
+                    _BLOCK_FACTORY[model.variant], block_p["conv"], (3, 3, n_in, no), where, dtype
+                )
+                emit(act)
+                emit("conv", _SAME_3X3, _bn_fold(kernel, block_p["bn"], block_s["bn"], dtype))
+        elif step.kind == "dense":
+            fc = params[step.name]
+            emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
+        elif step.kind in ("relu", "ncrelu", "avg_pool"):
+            emit(step.kind)
+        elif step.kind == "max_pool":
+            emit("max_pool", tuple(step.args))
+        else:  # pragma: no cover - plans are built by diracnet_plan.
+            raise AssertionError(f"fold: unexpected plan step {step!r}")
+
+
+def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
+    """Runs a folded net on NHWC images; pure JAX, `jit`-able.
+
+    Computes in the dtype of the folded parameters (the `dtype` given to
+    `fold`), and returns logits of that dtype.
+
+    Args:
+      folded: the result of `fold`.
+      images: `(batch, height, width, channels)` floats.
+
+    Returns:
+      Logits `(batch, num_classes)`.
+
+    Raises:
+      ValueError: if `images` is not 4-D.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"apply_folded: images must be NHWC (4-D), got shape {images.shape}.")
+    dtype = next(p["kernel"].dtype for p in folded.params if p)
+    x = images.astype(dtype)
+    for step, p in zip(folded.steps, folded.params, strict=True):
+        if step.kind == "conv":
+            strides, padding = step.args
+            x = conv_nd(x, p["kernel"], strides, padding) + p["bias"]
+        elif step.kind == "relu":
+            x = jax.nn.relu(x)
+        elif step.kind == "ncrelu":
+            x = param.ncrelu(x)
+        elif step.kind == "max_pool":
+            x = max_pool(x, *step.args)
+        elif step.kind == "avg_pool":
+            x = global_avg_pool(x)
+        elif step.kind == "dense":
+            x = x @ p["kernel"] + p["bias"]
+        else:
+            raise ValueError(
+                f"apply_folded: unknown step kind {step.kind!r}; expected one of {KINDS}."
+            )
+    return x
+
+
+def num_params(folded: FoldedNet) -> int:
+    """Total number of scalars in the folded parameters (kernels and biases)."""
+    return sum(int(x.size) for x in jax.tree.leaves(folded.params))
