@@ -17,4 +17,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 cd "$ROOT"
+RUFF="$VENV/bin/ruff" bash launch/lint.sh
 exec "$PY" -m pytest -n 2 --durations=15 "$@"

@@ -8,6 +8,7 @@ ratio. Absolute times are printed for context only.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -163,3 +164,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cli(argv, parse, run, report) -> int:
+    """A benchmark's `main`: parse flags, run, print the markdown report, maybe write JSON."""
+    args = parse(sys.argv[1:] if argv is None else argv)
+    results = run(args)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 import jax
@@ -228,13 +227,7 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> int:
     """Runs the benchmark, prints a markdown report; `--json PATH` also writes the results."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    results = run(args)
-    print(report(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return _timing.cli(argv, _parse, run, report)
 
 
 if __name__ == "__main__":

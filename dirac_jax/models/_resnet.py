@@ -36,6 +36,13 @@ def _same(k):
     return ((p, p), (p, p))
 
 
+def _projection(features: int, strides: tuple[int, int], dtype) -> ParamConv:
+    """The 1x1 shortcut conv used where a residual block changes shape."""
+    return ParamConv(
+        features, (1, 1), kernel_factory("plain"), strides, "VALID", dtype=dtype, name="shortcut"
+    )
+
+
 class _PreActBlock(nn.Module):
     features: int
     stride: int
@@ -48,15 +55,7 @@ class _PreActBlock(nn.Module):
         o = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
         shortcut = x
         if x.shape[-1] != self.features or self.stride != 1:
-            shortcut = ParamConv(
-                self.features,
-                (1, 1),
-                kernel_factory("plain"),
-                s,
-                "VALID",
-                dtype=self.dtype,
-                name="shortcut",
-            )(o)
+            shortcut = _projection(self.features, s, self.dtype)(o)
         y = ParamConv(
             self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0"
         )(o)
@@ -119,15 +118,7 @@ class _BasicBlock(nn.Module):
         y = ParamConv(self.features, (3, 3), self.factory, dtype=self.dtype, name="conv1")(y)
         y = batch_norm(train, self.dtype, name="bn1")(y)
         if x.shape[-1] != self.features or self.stride != 1:
-            x = ParamConv(
-                self.features,
-                (1, 1),
-                kernel_factory("plain"),
-                s,
-                "VALID",
-                dtype=self.dtype,
-                name="shortcut",
-            )(x)
+            x = _projection(self.features, s, self.dtype)(x)
             x = batch_norm(train, self.dtype, name="shortcut_bn")(x)
         return nn.relu(x + y)
 
