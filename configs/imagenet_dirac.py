@@ -1,0 +1,36 @@
+r"""DiracNet-18 on ImageNet (DiracNets Table 3), streamed with tf.data (needs TensorFlow).
+
+  python -m dirac_jax.main --config=configs/imagenet_dirac.py \
+      --config.dataset.data_dir=TFDS_DIR [--config.model.depth=34]
+
+TFDS_DIR must hold a prepared imagenet2012 (`tfds build imagenet2012
+--manual_dir=...`). DiracNet-34: --config.model.depth=34. Recipe (reference code,
+the ResNet ImageNet setup): batch 256, SGD momentum 0.9, lr 0.1, weight decay
+1e-4 on kernels only, 100 epochs, lr x0.1 at epochs 30/60/90 (30/60/90%),
+inception-style crops and flips. bfloat16 compute; --config.half_precision=False
+for float32. Resuming restores the state exactly but restarts the input stream.
+"""
+
+from configs import cifar_dirac
+
+
+def get_config():
+    config = cifar_dirac.get_config()
+    config.model.name = "diracnet"
+    config.model.depth = 18  # 18 or 34
+    config.model.width = 1.0  # 64k .. 512k channels
+    config.model.stem = "imagenet"  # 7x7/2 conv, BN, 3x3/2 max-pool, four groups
+    config.dataset.name = "imagenet2012"
+    config.dataset.source = "tfds"
+    config.batch_size = 256
+    config.eval_batch_size = 256  # 50,000 validation images, last batch padded and masked
+    config.num_epochs = 100
+    config.learning_rate = 0.1
+    config.lr_boundaries = (0.3, 0.6, 0.9)
+    config.lr_decay = 0.1
+    config.weight_decay = 1e-4
+    config.half_precision = True
+    config.log_every_steps = 500
+    config.eval_every_steps = -1  # once per epoch
+    config.checkpoint_every_steps = 5000
+    return config

@@ -1,0 +1,17 @@
+"""ResNet-18 on ImageNet, the residual reference of DiracNets Table 3.
+
+Torchvision-equivalent ResNet-18 (11.7M params; --config.model.depth=34 for
+ResNet-34) with the recipe of imagenet_dirac.py. ResNets do not fold:
+fold_max_abs_error is null.
+"""
+
+from configs import imagenet_dirac
+
+
+def get_config():
+    config = imagenet_dirac.get_config()
+    del config.model["stem"]  # ResNet has one stem; the field is DiracNet's
+    config.model.name = "resnet"
+    config.model.depth = 18
+    config.model.width = 1.0
+    return config

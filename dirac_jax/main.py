@@ -1,0 +1,104 @@
+r"""Command line: train and evaluate one config, resuming from its workdir.
+
+  python -m dirac_jax.main --config=configs/fashion_mnist_dirac.py \
+      --config.num_train_steps=300 [--workdir=runs/fashion_mnist_dirac]
+
+Any config field can be overridden with `--config.FIELD=VALUE` (the config is
+locked, so a misspelt field is an error). Rerunning the same command resumes
+from the latest checkpoint in the workdir. A bad config, missing data, an
+unusable checkpoint or a diverged run exits with status 1 and one `error: ...`
+message on stderr; a SIGTERM saves a checkpoint and exits with status 0.
+
+Multi-host: pass `--multihost` (or set DIRAC_JAX_MULTIHOST=1) on every host;
+`jax.distributed.initialize()` then reads the cluster from the environment
+(SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config name>."
+)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    os.environ.get("DIRAC_JAX_MULTIHOST", "") == "1",
+    "Call jax.distributed.initialize() first (default from DIRAC_JAX_MULTIHOST=1).",
+)
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_path: str) -> str:
+    """`runs/<config file name without .py>`, e.g. runs/cifar_dirac.
+
+    Examples:
+      >>> default_workdir("configs/cifar_dirac.py:runlocal")
+      'runs/cifar_dirac'
+    """
+    return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
+
+
+def _own_info_only(record: std_logging.LogRecord) -> bool:
+    # Libraries log a lot at INFO (orbax: every stage of every save; jax: backends it
+    # did not find). Keep their warnings and errors, and this package's INFO lines.
+    own = f"{os.sep}dirac_jax{os.sep}" in record.pathname
+    return record.levelno >= std_logging.WARNING or own
+
+
+def _fail(error: BaseException) -> None:
+    """Exits with status 1 and the error on stderr, without a traceback."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_own_info_only)
+    import jax
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+
+    from dirac_jax import checkpoint, data, train
+
+    config = flags.FLAGS.config
+    expected = (train.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
+    try:
+        train.validate_config(config)
+    except train.ConfigError as e:
+        _fail(e)
+    workdir = _WORKDIR.value or default_workdir(
+        config_flags.get_config_filename(flags.FLAGS["config"])
+    )
+    try:
+        summary = train.train_and_evaluate(config, workdir)
+    except (*expected, checkpoint.NonFiniteLossError) as e:
+        _fail(e)
+    except ImportError as e:  # e.g. TensorFlow for the ImageNet input
+        _fail(e)
+    if summary.get("preempted"):
+        print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
+        return
+    summary_path = pathlib.Path(workdir) / train.SUMMARY_FILE
+    print(
+        f"done: step {summary['step']}, test accuracy {summary['test_accuracy']:.4f}, "
+        f"test loss {summary['test_loss']:.4f}, summary in {summary_path}",
+        flush=True,
+    )
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

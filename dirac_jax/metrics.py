@@ -1,0 +1,264 @@
+"""What a training run reports: a progress bar, metrics.jsonl, TensorBoard events and plots.
+
+`MetricWriter` writes every record twice, as one JSON object per line in
+`workdir/metrics.jsonl` (easy to read back with `read_metrics`) and as
+TensorBoard scalars in `workdir` (tensorboardX). Only process 0 of a
+multi-process run writes. At the end of a run `plot_curves` and
+`plot_dirac_scales` turn the records into `curves.png` and `dirac_scales.png`.
+
+A record is `{"step": int, "kind": "train" | "eval", ...}`; train records carry
+`train_loss`, `train_accuracy`, `learning_rate`, `images_per_s`; eval records
+carry `test_loss`, `test_accuracy` and, for Dirac-parameterized models, the
+per-layer means `dirac_a` and `dirac_b` (`{layer: mean}`, DiracNets fig. 2).
+
+Example:
+  >>> import tempfile
+  >>> workdir = tempfile.mkdtemp()
+  >>> writer = MetricWriter(workdir, tensorboard=False)
+  >>> writer.write({"step": 10, "kind": "train", "train_loss": 2.0})
+  >>> writer.close()
+  >>> read_metrics(workdir)
+  [{'step': 10, 'kind': 'train', 'train_loss': 2.0}]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+DIRAC_SCALES_FILE = "dirac_scales.png"
+
+
+def _natural_key(name: str):
+    # "group0/block10" sorts after "group0/block9": compare the numbers as numbers.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def dirac_scale_means(params: Any) -> dict[str, dict[str, float]]:
+    """Per-layer means of the Dirac scales `a` and `b`, in depth order (DiracNets fig. 2).
+
+    Every subtree of `params` holding both an `"a"` and a `"b"` leaf is a Dirac
+    parameterized conv (v2 eq. 5: per-channel vectors; v1 eq. 4: scalars).
+
+    Args:
+      params: a params pytree of nested dicts (replicated global arrays are fine).
+
+    Returns:
+      `{"a": {layer: mean}, "b": {layer: mean}}`, layers named by their path
+      (e.g. `"group0/block0/conv"`) and ordered by depth; empty dicts if the
+      model has no Dirac convs.
+
+    Examples:
+      >>> import numpy as np
+      >>> dirac_scale_means({"g": {"block10": {"a": np.ones(2), "b": np.zeros(2)},
+      ...                          "block9": {"a": np.full(2, 3.0), "b": np.ones(2)}}})
+      {'a': {'g/block9': 3.0, 'g/block10': 1.0}, 'b': {'g/block9': 1.0, 'g/block10': 0.0}}
+    """
+    found: dict[str, tuple[float, float]] = {}
+
+    def visit(tree, path):
+        if not hasattr(tree, "items"):
+            return
+        if "a" in tree and "b" in tree:
+            found["/".join(path)] = tuple(float(np.mean(_local(tree[k]))) for k in ("a", "b"))
+        for key, sub in tree.items():
+            visit(sub, (*path, str(key)))
+
+    visit(params, ())
+    names = sorted(found, key=_natural_key)
+    return {"a": {n: found[n][0] for n in names}, "b": {n: found[n][1] for n in names}}
+
+
+def _local(x):
+    """A host copy of a (replicated) array, also in multi-process runs."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+class MetricWriter:
+    """Writes records to `workdir/metrics.jsonl` and TensorBoard; a no-op when disabled.
+
+    On resume from step `start_step`, records of later steps (written before an
+    unclean stop) are dropped from metrics.jsonl and purged from TensorBoard, so
+    each step appears once.
+
+    Args:
+      workdir: the run directory.
+      start_step: the step training starts from (0, or the restored step).
+      enabled: False on all but process 0.
+      tensorboard: also write TensorBoard events.
+    """
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step drops events of steps >= start_step left by an unclean stop.
+            purge = start_step + 1 if start_step else None
+            self._tb = SummaryWriter(str(self.path.parent), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        """Appends one record (needs "step" and "kind"); nested dicts become TB scalar groups."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(record["step"])
+            for key, value in record.items():
+                if key in ("step", "kind"):
+                    continue
+                if isinstance(value, dict):
+                    for layer, v in value.items():
+                        self._tb.add_scalar(f"{key}/{layer}", v, step)
+                else:
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+    """The records of `workdir/metrics.jsonl` in order (an empty list if there is none).
+
+    A torn last line (the process was killed mid-write) is skipped.
+    """
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class ProgressBar:
+    """A tqdm bar over training steps with images/s and ETA; silent when not on a TTY.
+
+    Args:
+      total: the last step.
+      initial: the step training starts from.
+      enabled: False on all but process 0.
+    """
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        # disable=None lets tqdm turn itself off when stderr is not a terminal (logs, CI).
+        self._bar = tqdm.tqdm(
+            total=total,
+            initial=initial,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if enabled else True,
+        )
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix(self, **values) -> None:
+        self._bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _figure(ncols: int, width: float = 5.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.8), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
+    """Train and test loss and accuracy against step, saved as an image at `path`."""
+    plt, fig, (ax_loss, ax_acc) = _figure(2)
+    for kind, prefix, style in (("train", "train", "-"), ("eval", "test", "o-")):
+        rows = [r for r in records if r.get("kind") == kind]
+        steps = [r["step"] for r in rows]
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+            values = [r.get(f"{prefix}_{metric}", math.nan) for r in rows]
+            if rows:
+                ax.plot(steps, values, style, label=prefix, markersize=3)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_loss.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_dirac_scales(records: list[dict], path: str | pathlib.Path) -> bool:
+    """Per-layer mean `a` and `b` of every eval (last eval bold), like DiracNets fig. 2.
+
+    Returns:
+      False (and writes nothing) when no record has Dirac scales, e.g. for a WRN.
+    """
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("dirac_a")]
+    if not evals:
+        return False
+    plt, fig, axes = _figure(2)
+    cmap = plt.get_cmap("viridis")
+    for ax, key, label in ((axes[0], "dirac_a", "mean a"), (axes[1], "dirac_b", "mean b")):
+        for i, r in enumerate(evals):
+            last = i == len(evals) - 1
+            values = list(r[key].values())
+            color = "black" if last else cmap(i / max(len(evals) - 1, 1))
+            ax.plot(
+                range(1, len(values) + 1),
+                values,
+                "o-" if last else "-",
+                color=color,
+                alpha=1.0 if last else 0.35,
+                linewidth=2 if last else 1,
+                markersize=3,
+                label=f"step {r['step']}" if last or i == 0 else None,
+            )
+        ax.set_xlabel("layer (Dirac conv, input to output)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,989 @@
+"""Training and evaluation: SGD with momentum on a data-parallel mesh, resumable.
+
+The layout follows flax examples/imagenet: small top-level functions
+(`create_learning_rate_fn`, `create_optimizer`, `create_train_state`,
+`train_step`, `eval_step`) and one loop, `train_and_evaluate(config, workdir)`.
+
+Parallelism is `jit` over a one-axis mesh `("data",)` of all devices: the global
+batch is sharded on `"data"`, the parameters, optimizer state and BN statistics
+are replicated, and XLA inserts the cross-device reductions. BatchNorm therefore
+normalizes over the global batch with no `pmean`, and a step on 8 devices
+computes what it computes on one.
+
+Small datasets live on the devices as uint8 arrays, replicated. A step receives
+only the global batch's indices (`data.train_batches`, keyed by `(seed, epoch)`)
+and gathers, augments (key `fold_in(fold_in(key(seed), step), 0)`) and
+normalizes inside the jitted step. All randomness is a function of
+`(config.seed, step)`, so a run resumed from a checkpoint at step `k` continues
+bit for bit as if it had never stopped. ImageNet is streamed with tf.data per
+host (needs TensorFlow); its resume restarts the stream, so it is not bit-exact.
+
+Recipe defaults (DiracNets sec. 4 and the reference code): SGD momentum 0.9,
+weight decay on conv and linear kernels only (`a`, `b`, BN and biases are not
+decayed, DiracNets sec. 3; v1 decays `a` and `b` too, `decay_dirac_scales`),
+step learning-rate decay at fixed fractions of training.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state as flax_train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dirac_jax import checkpoint, data, metrics, models, param
+from dirac_jax.checkpoint import CheckpointError, NonFiniteLossError
+
+IMAGENET = "imagenet2012"
+IMAGENET_CLASSES = 1000
+IMAGENET_SIZE = 224
+FOLDABLE_MODELS = ("diracnet", "diracnet_v1", "plain")
+# The fold check compares folded and unfolded logits on the first test images:
+# a thousand images exercise every layer with real statistics at a small cost.
+FOLD_CHECK_IMAGES = 1024
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+_AUGMENT_STREAM = 0  # fold_in tag of the augmentation key, so other uses get other streams.
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "NonFiniteLossError",
+    "TrainState",
+    "compile_steps",
+    "create_learning_rate_fn",
+    "create_model",
+    "create_optimizer",
+    "create_train_state",
+    "cross_entropy_loss",
+    "eval_step",
+    "evaluate",
+    "fold_max_abs_error",
+    "make_mesh",
+    "project_kernels",
+    "put_replicated",
+    "shard_batch",
+    "total_steps",
+    "train_and_evaluate",
+    "train_step",
+    "validate_config",
+    "weight_decay_mask",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the fix."""
+
+
+class TrainState(flax_train_state.TrainState):
+    """Flax's TrainState (step, params, opt_state) plus the BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+# ---------------------------------------------------------------------------
+# Config.
+
+
+def _get(config, name: str, default):
+    """An optional config field (configs may omit the recipe knobs)."""
+    value = config.get(name, default)
+    return default if value is None else value
+
+
+def _image_shape(config, channels: int | None = None) -> tuple[int, int, int]:
+    if config.dataset.name == IMAGENET:
+        return (IMAGENET_SIZE, IMAGENET_SIZE, 3)
+    return (32, 32, channels or 3)
+
+
+def _num_classes(config) -> int:
+    return (
+        IMAGENET_CLASSES
+        if config.dataset.name == IMAGENET
+        else data.NUM_CLASSES[config.dataset.name]
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a config in plain Python, before any data loading or compilation.
+
+    Builds the model (no parameters), which validates depth, width and the
+    model's own fields.
+
+    Args:
+      config: a training config (see `configs/`).
+
+    Raises:
+      ConfigError: the first problem found, naming the field and the fix: an
+        unknown model or dataset, a bad depth or width, a batch size not
+        divisible by the number of devices, a bad schedule, and so on.
+    """
+
+    def fail(message):
+        raise ConfigError(message)
+
+    name = config.dataset.name
+    if name != IMAGENET and name not in data.DATASETS:
+        fail(
+            f"unknown dataset {name!r} (config.dataset.name); expected one of "
+            f"{(*data.DATASETS, IMAGENET)}."
+        )
+    source = _get(config.dataset, "source", "auto")
+    if name != IMAGENET and source not in data.SOURCES:
+        fail(
+            f"unknown dataset source {source!r} (config.dataset.source); expected one of "
+            f"{data.SOURCES}."
+        )
+    if config.model.name not in models.MODEL_NAMES:
+        fail(
+            f"unknown model {config.model.name!r} (config.model.name); expected one of "
+            f"{models.MODEL_NAMES}."
+        )
+    try:
+        create_model(config, _num_classes(config))
+    except ValueError as e:
+        fail(f"bad model config (config.model): {e}")
+
+    devices = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        size = _get(config, field, config.batch_size)
+        if not (isinstance(size, int) and size >= 1):
+            fail(f"config.{field} must be a positive int, got {size!r}.")
+        if size % devices:
+            fail(
+                f"config.{field}={size} is not divisible by the {devices} devices "
+                f"(jax.device_count()={devices}); use a multiple of {devices}."
+            )
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        fail("set config.num_epochs > 0, or config.num_train_steps > 0 to override it.")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        fail(f"config.learning_rate must be a finite number > 0, got {config.learning_rate!r}.")
+    if not config.weight_decay >= 0:
+        fail(f"config.weight_decay must be >= 0, got {config.weight_decay!r}.")
+    momentum = _get(config, "momentum", 0.9)
+    if not 0 <= momentum < 1:
+        fail(f"config.momentum must be in [0, 1), got {momentum!r}.")
+    boundaries = tuple(_get(config, "lr_boundaries", ()))
+    if any(not 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(boundaries):
+        fail(
+            f"config.lr_boundaries must be increasing fractions of training in (0, 1), "
+            f"got {boundaries}."
+        )
+    if not _get(config, "lr_decay", 1.0) > 0:
+        fail(f"config.lr_decay must be > 0, got {config.lr_decay!r}.")
+    if not _get(config, "max_norm", 0.0) >= 0:
+        fail(f"config.max_norm must be >= 0 (0 disables it), got {config.max_norm!r}.")
+    if not config.checkpoint_every_steps >= 0:
+        fail(
+            f"config.checkpoint_every_steps must be >= 0 (0: only at the end), got "
+            f"{config.checkpoint_every_steps!r}."
+        )
+    if not _get(config, "keep_checkpoints", 3) >= 1:
+        fail(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints!r}.")
+    if not _get(config, "log_every_steps", 100) >= 1:
+        fail(f"config.log_every_steps must be >= 1, got {config.log_every_steps!r}.")
+
+
+def create_model(config, num_classes: int):
+    """The model of `config.model`: its fields other than `name` go to `models.get_model`.
+
+    `config.half_precision` computes in bfloat16 (parameters stay float32).
+    """
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return models.get_model(config.model.name, num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    """`config.num_train_steps`, or `num_epochs * steps_per_epoch` when it is -1."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(config.num_epochs * steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+    """Step decay: `learning_rate` times `lr_decay` at each of `lr_boundaries`.
+
+    Boundaries are fractions of the total number of steps (`total_steps`), so a
+    shorter run set by `num_train_steps` decays at the same relative points. The
+    CIFAR recipe is (0.3, 0.6, 0.8) x0.2, i.e. epochs 60/120/160 of 200; ImageNet
+    (0.3, 0.6, 0.9) x0.1. The factor applies from the boundary step on.
+
+    Examples:
+      >>> import ml_collections
+      >>> c = ml_collections.ConfigDict(dict(learning_rate=0.1, lr_boundaries=(0.3, 0.6, 0.8),
+      ...     lr_decay=0.2, num_train_steps=100, num_epochs=0))
+      >>> fn = create_learning_rate_fn(c, steps_per_epoch=10)
+      >>> [round(float(fn(s)), 6) for s in (0, 29, 30, 60, 80, 99)]
+      [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008]
+    """
+    total = total_steps(config, steps_per_epoch)
+    decay = float(_get(config, "lr_decay", 1.0))
+    scales: dict[int, float] = {}
+    for fraction in _get(config, "lr_boundaries", ()):
+        # Boundaries that coincide on a very short run compound instead of overwriting.
+        boundary = max(1, int(fraction * total))
+        scales[boundary] = scales.get(boundary, 1.0) * decay
+    return optax.piecewise_constant_schedule(float(config.learning_rate), scales)
+
+
+def _leaf_name(path) -> str:
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def _is_kernel(path, leaf) -> bool:
+    """Conv kernels (`w`, raw or Dirac's) and linear kernels (`kernel`)."""
+    name = _leaf_name(path)
+    return name == "kernel" or (name == "w" and np.ndim(leaf) > 1)
+
+
+def weight_decay_mask(params, decay_dirac_scales: bool = False):
+    """True for the leaves weight decay applies to: conv and linear kernels.
+
+    DiracNets (v2) sec. 3: no weight decay on `a` and `b`; BN parameters and
+    biases are not decayed either (the reference decays tensors of >1 dim only).
+    The v1 recipe decays `a` and `b` (`decay_dirac_scales=True`).
+
+    Examples:
+      >>> import numpy as np
+      >>> p = {"conv": {"w": np.ones((3, 3, 2, 2)), "a": np.ones(2), "b": np.ones(2)},
+      ...      "bn": {"scale": np.ones(2)}, "fc": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}}
+      >>> mask = weight_decay_mask(p)
+      >>> mask["conv"], mask["bn"], mask["fc"]
+      ({'a': False, 'b': False, 'w': True}, {'scale': False}, {'bias': False, 'kernel': True})
+    """
+
+    def decayed(path, leaf):
+        return _is_kernel(path, leaf) or (decay_dirac_scales and _leaf_name(path) in ("a", "b"))
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and PyTorch-style (coupled) L2 weight decay.
+
+    `add_decayed_weights` runs before `sgd`, so `wd * w` joins the gradient and
+    goes through the momentum, as `torch.optim.SGD(weight_decay=...)` does. The
+    mask is `weight_decay_mask`.
+    """
+    mask = functools.partial(
+        weight_decay_mask, decay_dirac_scales=bool(_get(config, "decay_dirac_scales", False))
+    )
+    return optax.chain(
+        optax.add_decayed_weights(float(config.weight_decay), mask=mask),
+        optax.sgd(learning_rate_fn, momentum=float(_get(config, "momentum", 0.9))),
+    )
+
+
+def project_kernels(params, c: float):
+    """PlainNet eq. 2: every conv and linear kernel's filters projected to norm <= c."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: param.max_norm(x, c) if _is_kernel(path, x) else x, params
+    )
+
+
+# ---------------------------------------------------------------------------
+# State, steps, sharding.
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A one-axis `("data",)` mesh over `devices` (default: all devices of all processes)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _process_rows(sharding: NamedSharding, global_len: int) -> slice:
+    """The rows of a batch-sharded global array held by this process's devices."""
+    index_map = sharding.addressable_devices_indices_map((global_len,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_len if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def shard_batch(mesh: Mesh, batch, *, process_local: bool = False):
+    """A pytree of host arrays as global arrays sharded on the mesh's `"data"` axis.
+
+    Args:
+      mesh: from `make_mesh`.
+      batch: numpy arrays with the batch on axis 0.
+      process_local: False: every process passes the whole global batch (index
+        batches) and contributes its own rows. True: each process passes only its
+        rows (a per-host input stream) and the global batch is their concatenation.
+
+    Returns:
+      The same pytree of `jax.Array`s, assembled with
+      `jax.make_array_from_process_local_data`.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+
+    def one(x):
+        x = np.asarray(x)
+        if process_local:
+            global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            return jax.make_array_from_process_local_data(sharding, x, global_shape)
+        rows = _process_rows(sharding, x.shape[0])
+        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+
+    return jax.tree.map(one, batch)
+
+
+def put_replicated(mesh: Mesh, tree):
+    """Host arrays as global arrays replicated on every device (multi-process safe)."""
+    sharding = _replicated(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def create_train_state(
+    config, model, key: jax.Array, image_shape, learning_rate_fn: optax.Schedule, mesh=None
+) -> TrainState:
+    """Initializes parameters, BN statistics and optimizer state.
+
+    Args:
+      config: the training config (optimizer fields).
+      model: from `create_model`.
+      key: the init key (the trainer uses `jax.random.key(config.seed)`).
+      image_shape: `(H, W, C)` of one input image.
+      learning_rate_fn: from `create_learning_rate_fn`.
+      mesh: if given, every array is created replicated on this mesh.
+
+    Returns:
+      A `TrainState` at step 0.
+    """
+    tx = create_optimizer(config, learning_rate_fn)
+
+    def init(key):
+        variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        params = variables["params"]
+        return jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}), tx.init(params)
+
+    out_shardings = None if mesh is None else _replicated(mesh)
+    step, params, batch_stats, opt_state = jax.jit(init, out_shardings=out_shardings)(key)
+    return TrainState(
+        step=step,
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def augment_key(seed: int, step: jax.Array) -> jax.Array:
+    """The augmentation key of a step: a function of `(seed, step)` only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _AUGMENT_STREAM)
+
+
+def preprocess(images, key, *, dataset_name: str, augment: bool):
+    """uint8 images to normalized float32, with CIFAR augmentation if `augment`."""
+    if augment:
+        images = data.augment(key, images)
+    return data.normalize(images, dataset_name)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    learning_rate_fn: optax.Schedule,
+    dataset_name: str,
+    seed: int,
+    augment: bool = True,
+    max_norm: float = 0.0,
+):
+    """One SGD step on a global batch; run it under `jit` with the batch sharded.
+
+    Args:
+      state: the current state (replicated).
+      batch: `{"image", "label"}`. uint8 images (small datasets) are augmented
+        and normalized here, keyed by `(seed, state.step)`; float images
+        (ImageNet) are used as they are.
+      learning_rate_fn: only for logging the step's learning rate.
+      dataset_name: selects the normalization statistics.
+      seed: the run seed.
+      augment: reflect-pad 4, random crop, random flip (uint8 images only).
+      max_norm: > 0 projects every kernel to filter norm <= max_norm after the
+        update (PlainNet eq. 2).
+
+    Returns:
+      `(new_state, metrics)` with scalar `loss`, `accuracy` and `learning_rate`.
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        key = augment_key(seed, state.step)
+        images = preprocess(images, key, dataset_name=dataset_name, augment=augment)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
+        return cross_entropy_loss(logits, batch["label"]), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if max_norm > 0:
+        new_state = new_state.replace(params=project_kernels(new_state.params, max_norm))
+    metrics_ = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": learning_rate_fn(state.step),
+    }
+    return new_state, metrics_
+
+
+def eval_step(state: TrainState, batch: dict, *, dataset_name: str) -> dict:
+    """Sums of loss and correct predictions over the unmasked examples of a batch.
+
+    Args:
+      state: the state (BN uses the running statistics).
+      batch: `{"image", "label", "mask"}`; `mask` is False for padding examples.
+      dataset_name: normalization statistics for uint8 images.
+
+    Returns:
+      `{"loss_sum", "correct", "count"}`; sum these over batches, then divide.
+    """
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        images = data.normalize(images, dataset_name)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, images, train=False)
+    mask = batch["mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(correct.astype(jnp.int32)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+    }
+
+
+def _gather(arrays: data.ArrayDataset, idx):
+    return {"image": arrays.images[idx], "label": arrays.labels[idx]}
+
+
+def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_memory: bool = True):
+    """The jitted train and eval functions for `mesh`.
+
+    In-memory data: `train_fn(state, arrays, idx)` and `eval_fn(state, arrays,
+    idx, mask)`, with `arrays` the replicated `ArrayDataset` and `idx`, `mask`
+    sharded on `"data"`. Streamed data: `train_fn(state, batch)` and
+    `eval_fn(state, batch)`. The train function donates the state.
+    """
+    rep, batched = _replicated(mesh), NamedSharding(mesh, P("data"))
+    step = functools.partial(
+        train_step,
+        learning_rate_fn=learning_rate_fn,
+        dataset_name=dataset_name,
+        seed=int(config.seed),
+        augment=bool(_get(config, "augment", True)),
+        max_norm=float(_get(config, "max_norm", 0.0)),
+    )
+    evaluate_batch = functools.partial(eval_step, dataset_name=dataset_name)
+    if in_memory:
+        train_fn = jax.jit(
+            lambda state, arrays, idx: step(state, _gather(arrays, idx)),
+            in_shardings=(rep, rep, batched),
+            out_shardings=(rep, rep),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            lambda state, arrays, idx, mask: evaluate_batch(
+                state, {**_gather(arrays, idx), "mask": mask}
+            ),
+            in_shardings=(rep, rep, batched, batched),
+            out_shardings=rep,
+        )
+    else:
+        train_fn = jax.jit(
+            step, in_shardings=(rep, batched), out_shardings=(rep, rep), donate_argnums=0
+        )
+        eval_fn = jax.jit(evaluate_batch, in_shardings=(rep, batched), out_shardings=rep)
+    return train_fn, eval_fn
+
+
+def _fetch(tree):
+    """Host copies of replicated global arrays (also in multi-process runs)."""
+    return jax.tree.map(metrics._local, tree)
+
+
+# ---------------------------------------------------------------------------
+# Input.
+
+
+class _InMemoryInput:
+    """A small dataset on the devices; batches are index arrays."""
+
+    in_memory = True
+
+    def __init__(self, config, mesh):
+        name, source = config.dataset.name, _get(config.dataset, "source", "auto")
+        data_dir = config.dataset.get("data_dir")
+        train = data.prepare(data.load(name, source=source, data_dir=data_dir, split="train"))
+        test = data.prepare(data.load(name, source=source, data_dir=data_dir, split="test"))
+        self.mesh = mesh
+        self.name = name
+        self.seed = int(config.seed)
+        self.batch_size = int(config.batch_size)
+        self.eval_batch_size = int(_get(config, "eval_batch_size", config.batch_size))
+        self.image_shape = tuple(train.images.shape[1:])
+        self.num_train, self.num_test = len(train), len(test)
+        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size)
+        # Put on the devices once; every step then moves only a batch of indices.
+        self.train = put_replicated(mesh, train)
+        self.test = put_replicated(mesh, test)
+        self._test_host = test
+
+    def train_batches(self, start_step: int) -> Iterator[tuple]:
+        epoch, position = divmod(start_step, self.steps_per_epoch)
+        while True:
+            for idx in data.train_batches(
+                self.num_train, self.batch_size, self.seed, epoch, position
+            ):
+                yield (self.train, shard_batch(self.mesh, idx))
+            epoch, position = epoch + 1, 0
+
+    def eval_batches(self) -> Iterator[tuple]:
+        for idx, mask in data.eval_batches(self.num_test, self.eval_batch_size):
+            yield (self.test, *shard_batch(self.mesh, (idx, mask)))
+
+    def fold_check_images(self, limit: int) -> np.ndarray:
+        images = self._test_host.images[:limit]
+        return np.asarray(data.normalize(images, self.name))
+
+
+class _ImageNetInput:
+    """ImageNet streamed per host with tf.data (TensorFlow needed)."""
+
+    in_memory = False
+
+    def __init__(self, config, mesh):
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ImportError(
+                "the ImageNet input pipeline (tf.data) needs TensorFlow, which is not "
+                "installed: pip install 'dirac_jax[tf]'."
+            )
+        import tensorflow_datasets as tfds
+
+        data_dir = config.dataset.get("data_dir")
+        builder = tfds.builder(IMAGENET, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise data.DataNotFoundError(
+                f"imagenet2012 is not prepared in {builder.data_dir}: run `tfds build "
+                "imagenet2012 --manual_dir=DIR_WITH_THE_ILSVRC2012_TARS [--data_dir=DIR]` and "
+                "set --config.dataset.data_dir=DIR."
+            )
+        self.mesh = mesh
+        self.config = config
+        self.image_shape = _image_shape(config)
+        processes = jax.process_count()
+        self.batch_per_host = int(config.batch_size) // processes
+        self.eval_per_host = int(_get(config, "eval_batch_size", config.batch_size)) // processes
+        self.num_train = builder.info.splits["train"].num_examples
+        self.num_test = builder.info.splits["validation"].num_examples
+        self.steps_per_epoch = self.num_train // int(config.batch_size)
+
+    def _stream(self, split, train, batch):
+        ds = data.imagenet_tf_dataset(
+            split,
+            data_dir=self.config.dataset.get("data_dir"),
+            batch_size_per_host=batch,
+            train=train,
+            seed=int(self.config.seed),
+        )
+        return ds.as_numpy_iterator()
+
+    def train_batches(self, start_step: int) -> Iterator[tuple]:
+        del start_step  # the stream restarts; resume is exact in the state, not in the data.
+        for batch in self._stream("train", True, self.batch_per_host):
+            yield (shard_batch(self.mesh, batch, process_local=True),)
+
+    def eval_batches(self) -> Iterator[tuple]:
+        for batch in self._stream("validation", False, self.eval_per_host):
+            yield (shard_batch(self.mesh, batch, process_local=True),)
+
+    def fold_check_images(self, limit: int) -> np.ndarray:
+        images = []
+        for batch in self._stream("validation", False, self.eval_per_host):
+            images.append(batch["image"][batch["mask"]])
+            if sum(len(x) for x in images) >= limit:
+                break
+        return np.concatenate(images)[:limit]
+
+
+def _create_input(config, mesh):
+    return (
+        _ImageNetInput(config, mesh)
+        if config.dataset.name == IMAGENET
+        else _InMemoryInput(config, mesh)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and the fold check.
+
+
+def evaluate(
+    eval_fn: Callable, state: TrainState, batches, expected_count: int | None = None
+) -> dict:
+    """Loss and accuracy over every example of the eval batches exactly once.
+
+    Args:
+      eval_fn: from `compile_steps`.
+      state: the state to evaluate.
+      batches: iterable of `eval_fn`'s arguments after `state`; padding
+        examples are masked out.
+      expected_count: if given, the number of examples the batches must hold.
+
+    Returns:
+      `{"test_loss", "test_accuracy", "count"}`.
+
+    Raises:
+      AssertionError: the masks counted a different number of examples than
+        `expected_count` (a bug in the input pipeline).
+    """
+    totals = None
+    for args in batches:
+        out = eval_fn(state, *args)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = _fetch(totals)
+    count = int(totals["count"])
+    if expected_count is not None and count != expected_count:
+        raise AssertionError(
+            f"evaluation counted {count} examples, the test set has {expected_count}."
+        )
+    return {
+        "test_loss": float(totals["loss_sum"]) / count,
+        "test_accuracy": float(totals["correct"]) / count,
+        "count": count,
+    }
+
+
+def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -> float:
+    """max |folded logits - model logits| over `images`, both in float32.
+
+    The model is re-created in float32 for the comparison, so the number measures
+    the fold (DiracNets sec. 1/2), not bfloat16 rounding of a half-precision run.
+
+    Args:
+      model: a DiracNet (names in `FOLDABLE_MODELS`).
+      variables: `{"params", "batch_stats"}` on the host.
+      images: normalized float images `(N, H, W, C)`.
+      chunk: images per forward pass.
+    """
+    from dirac_jax import fold as fold_lib
+
+    model = model.clone(dtype=jnp.float32)
+    # Jitted, with the weights as arguments: one compile, and no weights baked into it.
+    folded = jax.jit(lambda v: fold_lib.fold(model, v))(variables)
+
+    @jax.jit
+    def error(variables, folded, x):
+        unfolded = model.apply(variables, x, train=False)
+        return jnp.max(jnp.abs(fold_lib.apply_folded(folded, x) - unfolded))
+
+    chunks = range(0, len(images), chunk)
+    return max(float(error(variables, folded, images[i : i + chunk])) for i in chunks)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _config_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _check_config_against_workdir(config, workdir: pathlib.Path, resuming: bool) -> None:
+    """Records the config; on resume, warns about fields that differ from the recorded one."""
+    path = workdir / CONFIG_FILE
+    current = _config_json(config)
+    if resuming and path.is_file() and path.read_text() != current:
+        old, new = json.loads(path.read_text()), json.loads(current)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        logging.warning(
+            "Resuming in %s with a config that differs from the recorded one in %s.", workdir, diff
+        )
+    path.write_text(current)
+
+
+def _format(values: dict) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains, evaluates and checkpoints a model; resumes from `workdir` if it holds a run.
+
+    Writes to `workdir`: `checkpoints/`, `metrics.jsonl`, TensorBoard events,
+    `config.json`, and at the end `summary.json`, `curves.png` and (Dirac
+    models) `dirac_scales.png`. On SIGTERM it saves a checkpoint at the current
+    step and returns early.
+
+    Args:
+      config: see `configs/`; checked by `validate_config` first.
+      workdir: the run directory; rerunning with the same one resumes.
+
+    Returns:
+      The summary: `test_accuracy`, `test_loss`, `num_params`,
+      `fold_max_abs_error` (None for models that do not fold), `step`,
+      `wall_time_s`, `preempted` (False), and a few descriptive fields. After a
+      SIGTERM: `{"preempted": True, "step": ..., "wall_time_s": ...}` and no
+      summary.json.
+
+    Raises:
+      ConfigError: a bad config (before any data loading or compilation).
+      data.DataNotFoundError: the dataset is not where the config says.
+      CheckpointError: the latest checkpoint cannot be restored.
+      NonFiniteLossError: the loss or the state became NaN/Inf.
+    """
+    start_time = time.time()
+    validate_config(config)
+    chief = jax.process_index() == 0
+    mesh = make_mesh()
+    # Data first: a missing dataset fails before anything is written.
+    inputs = _create_input(config, mesh)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = create_model(config, _num_classes(config))
+    num_steps = total_steps(config, inputs.steps_per_epoch)
+    lr_fn = create_learning_rate_fn(config, inputs.steps_per_epoch)
+    state = create_train_state(
+        config, model, jax.random.key(config.seed), inputs.image_shape, lr_fn, mesh
+    )
+    num_params = models.count_params(state.params)
+
+    mngr = checkpoint.create_manager(
+        workdir,
+        keep=int(_get(config, "keep_checkpoints", 3)),
+        async_save=bool(_get(config, "async_checkpointing", True)),
+    )
+    try:
+        state, start_step = checkpoint.restore_latest(mngr, state)
+        if chief:
+            _check_config_against_workdir(config, workdir, resuming=start_step > 0)
+        if start_step:
+            logging.info(
+                "Resumed from %s at step %d.", checkpoint.checkpoint_dir(workdir), start_step
+            )
+        logging.info(
+            "%s: %d params, %d steps (%d per epoch), batch %d on %d devices.",
+            config.model.name, num_params, num_steps, inputs.steps_per_epoch,
+            config.batch_size, jax.device_count(),
+        )  # fmt: skip
+        result = _train_loop(
+            config, workdir, mngr, inputs, state, start_step, num_steps, lr_fn, chief
+        )
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+    state, step, preempted, last_eval = result
+    if preempted:
+        return {"preempted": True, "step": step, "wall_time_s": time.time() - start_time}
+
+    fold_error = None
+    if config.model.name in FOLDABLE_MODELS:
+        variables = _fetch({"params": state.params, "batch_stats": state.batch_stats})
+        fold_error = fold_max_abs_error(
+            model, variables, inputs.fold_check_images(FOLD_CHECK_IMAGES)
+        )
+    summary = {
+        "test_accuracy": last_eval["test_accuracy"],
+        "test_loss": last_eval["test_loss"],
+        "num_params": num_params,
+        "fold_max_abs_error": fold_error,
+        "fold_check_images": min(FOLD_CHECK_IMAGES, inputs.num_test)
+        if fold_error is not None
+        else 0,
+        "step": step,
+        "wall_time_s": time.time() - start_time,
+        "preempted": False,
+        "model": config.model.name,
+        "dataset": config.dataset.name,
+        "num_test_examples": inputs.num_test,
+    }
+    if chief:
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        records = metrics.read_metrics(workdir)
+        metrics.plot_curves(records, workdir / metrics.CURVES_FILE)
+        metrics.plot_dirac_scales(records, workdir / metrics.DIRAC_SCALES_FILE)
+    logging.info("Summary: %s", _format({k: v for k, v in summary.items() if v is not None}))
+    return summary
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (all processes must call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_fn, chief):
+    """Steps from `start_step` to `num_steps`.
+
+    Returns:
+      `(state, step, preempted, last_eval)`: `last_eval` is the last eval record
+      (None after a preemption, which skips the eval).
+    """
+    train_fn, eval_fn = compile_steps(
+        config, inputs.mesh, lr_fn, inputs.name if inputs.in_memory else IMAGENET, inputs.in_memory
+    )
+    log_every = int(_get(config, "log_every_steps", 100))
+    eval_every = int(_get(config, "eval_every_steps", -1))
+    eval_every = eval_every if eval_every > 0 else inputs.steps_per_epoch
+    ckpt_every = int(config.checkpoint_every_steps)
+    images_per_step = int(config.batch_size)
+    multiprocess = jax.process_count() > 1
+
+    writer = metrics.MetricWriter(workdir, start_step=start_step, enabled=chief)
+    bar = metrics.ProgressBar(num_steps, start_step, enabled=chief)
+    pending: list[tuple[int, dict]] = []  # device metrics not yet checked
+    window: list[dict] = []  # host metrics since the last log
+    last_log_time = time.time()
+    last_eval = None
+
+    def last_good():
+        latest = mngr.latest_step()
+        where = checkpoint.checkpoint_dir(workdir)
+        if latest is None:
+            return "No checkpoint was saved before it."
+        return f"The last good checkpoint, step {latest} in {where}, is kept."
+
+    def flush_pending():
+        # Checked in order since the last flush, so the error names the first bad step.
+        for step, values in pending:
+            values = {k: float(v) for k, v in _fetch(values).items()}
+            if not math.isfinite(values["loss"]):
+                raise NonFiniteLossError(
+                    f"training diverged: the loss is {values['loss']} at step {step}. "
+                    f"{last_good()} Lower config.learning_rate (or check the data) and start "
+                    "a new --workdir, or move the later checkpoints away and rerun."
+                )
+            window.append(values)
+        pending.clear()
+
+    def save(step):
+        if mngr.latest_step() == step:
+            return
+        if not checkpoint.all_finite(state):
+            raise NonFiniteLossError(
+                f"the training state has NaN or Inf values at step {step}; not saving it. "
+                f"{last_good()} Lower config.learning_rate and start a new --workdir."
+            )
+        checkpoint.save(mngr, step, state)
+
+    def run_eval(step):
+        nonlocal last_log_time, last_eval
+        t = time.time()
+        result = evaluate(eval_fn, state, inputs.eval_batches(), expected_count=inputs.num_test)
+        scales = metrics.dirac_scale_means(state.params)
+        record = {
+            "step": step,
+            "kind": "eval",
+            "test_loss": result["test_loss"],
+            "test_accuracy": result["test_accuracy"],
+        }
+        if scales["a"]:
+            record.update(dirac_a=scales["a"], dirac_b=scales["b"])
+        writer.write(record)
+        logging.info(
+            "step %d eval: %s (%.1f s)",
+            step,
+            _format({k: record[k] for k in ("test_loss", "test_accuracy")}),
+            time.time() - t,
+        )
+        last_log_time += time.time() - t  # keep eval time out of images/s
+        last_eval = record
+
+    step = start_step
+    preempted = False
+    try:
+        with checkpoint.PreemptionSignal() as preemption:
+            batches = inputs.train_batches(start_step)
+            for step in range(start_step + 1, num_steps + 1):
+                state, step_metrics = train_fn(state, *next(batches))
+                pending.append((step, step_metrics))
+                bar.update()
+                is_last = step == num_steps
+                do_log = step % log_every == 0 or is_last
+                if multiprocess:
+                    # Agree on the stop step, so all processes save the same checkpoint.
+                    preempted = do_log and _any_process(preemption.requested)
+                else:
+                    preempted = preemption.requested
+                do_ckpt = (ckpt_every and step % ckpt_every == 0) or is_last or preempted
+                do_eval = (step % eval_every == 0 or is_last) and not preempted
+                if not (do_log or do_ckpt or do_eval or preempted):
+                    continue
+                flush_pending()
+                if (do_log or preempted) and window:
+                    now = time.time()
+                    record = {
+                        "step": step,
+                        "kind": "train",
+                        "train_loss": float(np.mean([m["loss"] for m in window])),
+                        "train_accuracy": float(np.mean([m["accuracy"] for m in window])),
+                        "learning_rate": float(window[-1]["learning_rate"]),
+                        "images_per_s": len(window)
+                        * images_per_step
+                        / max(now - last_log_time, 1e-9),
+                    }
+                    writer.write(record)
+                    bar.set_postfix(
+                        loss=f"{record['train_loss']:.3f}", img_s=f"{record['images_per_s']:.0f}"
+                    )
+                    logging.info(
+                        "step %d/%d: %s",
+                        step,
+                        num_steps,
+                        _format({k: v for k, v in record.items() if k not in ("step", "kind")}),
+                    )
+                    window.clear()
+                    last_log_time = now
+                if do_ckpt:
+                    save(step)
+                if do_eval:
+                    run_eval(step)
+                if preempted:
+                    mngr.wait_until_finished()
+                    break
+            if start_step >= num_steps:
+                # A finished run rerun (or a shorter num_train_steps): evaluate for the summary.
+                run_eval(start_step)
+    finally:
+        bar.close()
+        writer.close()
+    return state, step, preempted, last_eval

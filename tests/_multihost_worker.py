@@ -1,0 +1,74 @@
+"""One JAX process of a multi-process training run on localhost, for test_train.py.
+
+Also shared by the trainer tests: `tiny_config` and `use_compilation_cache`.
+
+  python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR LOCAL_DEVICES NUM_STEPS
+
+Each process gets LOCAL_DEVICES fake CPU devices and joins the others through
+`jax.distributed.initialize` on 127.0.0.1:PORT, with gloo for the CPU
+collectives. All processes then run `train.train_and_evaluate` on the same
+config and workdir; process 0 writes metrics.jsonl.
+"""
+
+import os
+import sys
+import tempfile
+
+import ml_collections
+
+# A JAX persistent compilation cache for the test processes (in-process and subprocess
+# runs compile the same tiny programs many times; a hit turns seconds into milliseconds).
+COMPILATION_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"dirac_jax_tests_jax_cache_{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def use_compilation_cache():
+    """Turns the cache on in this process (a no-op if it compiled anything before)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def tiny_config(num_steps: int) -> ml_collections.ConfigDict:
+    """A DiracNet-10-0.25 on synthetic CIFAR-10, logging every step (shared with the test)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from configs import cifar_dirac
+
+    config = cifar_dirac.get_config()
+    config.model.depth = 10
+    config.model.width = 0.25
+    config.dataset.source = "synthetic"
+    config.batch_size = 16
+    config.eval_batch_size = 128
+    config.num_train_steps = num_steps
+    config.log_every_steps = 1
+    config.eval_every_steps = num_steps
+    config.checkpoint_every_steps = 0
+    return config
+
+
+def main(argv):
+    process_id, num_processes, port, workdir, local_devices, num_steps = argv[1:]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(local_devices)}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{int(port)}",
+        num_processes=int(num_processes),
+        process_id=int(process_id),
+        initialization_timeout=120,
+    )
+    from dirac_jax import train
+
+    summary = train.train_and_evaluate(tiny_config(int(num_steps)), workdir)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,220 @@
+"""Tests for dirac_jax.checkpoint and the trainer's resume, preemption and failure paths.
+
+The resume test interrupts a real `python -m dirac_jax.main` run with SIGTERM and
+checks the resumed run ends bit-identical to an uninterrupted one.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import _multihost_worker
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dirac_jax import checkpoint, metrics, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_multihost_worker.use_compilation_cache()
+
+
+def _tiny(num_steps, **overrides):
+    config = _multihost_worker.tiny_config(num_steps)
+    # A constant rate: the compiled step is then the same for every num_steps (cache hits).
+    config.lr_boundaries = ()
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _saved_tree(workdir, step):
+    """A checkpoint as saved on disk: a nested dict of arrays."""
+    mngr = checkpoint.create_manager(workdir)
+    try:
+        return mngr.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        mngr.close()
+
+
+def _digest(directory: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------------------
+# Unit level.
+
+
+def test_all_finite():
+    assert checkpoint.all_finite({"a": jnp.ones(3), "step": jnp.array(2)})
+    assert not checkpoint.all_finite({"a": jnp.array([1.0, jnp.nan])})
+    assert not checkpoint.all_finite({"a": jnp.ones(2), "b": {"c": jnp.array([jnp.inf])}})
+
+
+def test_manager_keeps_the_last_checkpoints(tmp_path):
+    mngr = checkpoint.create_manager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        checkpoint.save(mngr, step, {"w": jnp.full(2, float(step))})
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 3]
+    restored, step = checkpoint.restore_latest(mngr, {"w": jnp.zeros(2)})
+    assert step == 3 and restored["w"].tolist() == [3.0, 3.0]
+    mngr.close()
+
+
+def test_no_checkpoint_returns_the_template(tmp_path):
+    mngr = checkpoint.create_manager(tmp_path)
+    template = {"w": jnp.zeros(2)}
+    state, step = checkpoint.restore_latest(mngr, template)
+    assert step == 0 and state is template
+    mngr.close()
+
+
+# ---------------------------------------------------------------------------
+# Corrupt and partial checkpoints.
+
+
+def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
+    train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
+    ckpt_dir = checkpoint.checkpoint_dir(tmp_path)
+    assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 4]
+    manifest = ckpt_dir / "4" / "default" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])  # a torn write
+    before = _digest(ckpt_dir)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2), tmp_path)
+    message = str(info.value)
+    assert str(ckpt_dir / "4") in message
+    assert "move or delete that step directory" in message and "new --workdir" in message
+    assert "\n" not in message
+    assert _digest(ckpt_dir) == before  # nothing overwritten, nothing added
+    # The command line says the same in one line on stderr, with no traceback.
+    cli = subprocess.run(
+        [*_main(tmp_path, 8), "--config.lr_boundaries=()", "--config.checkpoint_every_steps=2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr[-3000:]
+    assert cli.stderr.startswith("error: the checkpoint ") and cli.stderr.count("\n") == 1
+    assert _digest(ckpt_dir) == before
+
+
+def test_partial_save_directory_raises_and_is_left_alone(tmp_path):
+    train.train_and_evaluate(_tiny(2, checkpoint_every_steps=2), tmp_path)
+    partial = checkpoint.checkpoint_dir(tmp_path) / "4.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "half_written").write_bytes(b"\0" * 10)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(partial))):
+        train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
+    assert (partial / "half_written").read_bytes() == b"\0" * 10
+    assert not (checkpoint.checkpoint_dir(tmp_path) / "4").exists()
+
+
+# ---------------------------------------------------------------------------
+# Divergence.
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
+    good = _saved_tree(tmp_path, 4)
+    # Poison the loss from now on: the resumed run's first step (step 5) diverges.
+    loss = train.cross_entropy_loss
+    monkeypatch.setattr(
+        train, "cross_entropy_loss", lambda logits, labels: loss(logits, labels) * jnp.nan
+    )
+    with pytest.raises(checkpoint.NonFiniteLossError) as info:
+        train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2, log_every_steps=3), tmp_path)
+    message = str(info.value)
+    assert "loss is nan at step 5" in message
+    assert f"step 4 in {checkpoint.checkpoint_dir(tmp_path)}" in message
+    mngr = checkpoint.create_manager(tmp_path)
+    assert mngr.all_steps() == [2, 4]  # step 6 was due but never written
+    mngr.close()
+    after = _saved_tree(tmp_path, 4)
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint.all_finite(after)
+    # And the kept checkpoint resumes: an unpoisoned rerun finishes from it.
+    monkeypatch.setattr(train, "cross_entropy_loss", loss)
+    summary = train.train_and_evaluate(_tiny(6, checkpoint_every_steps=2), tmp_path)
+    assert summary["step"] == 6 and np.isfinite(summary["test_loss"])
+
+
+# ---------------------------------------------------------------------------
+# Preemption and exact resume, through the command line.
+
+
+def _main(workdir, num_steps):
+    return [
+        sys.executable, "-m", "dirac_jax.main", "--config=configs/cifar_dirac.py",
+        f"--workdir={workdir}", "--config.dataset.source=synthetic", "--config.model.depth=10",
+        "--config.model.width=0.25", "--config.batch_size=16", "--config.eval_batch_size=256",
+        f"--config.num_train_steps={num_steps}", "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=7", f"--config.eval_every_steps={num_steps}",
+    ]  # fmt: skip
+
+
+def test_sigterm_then_rerun_resumes_bit_exactly(tmp_path):
+    num_steps, interrupt_after = 50, 8
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full = subprocess.Popen(_main(tmp_path / "full", num_steps), **run)
+    broken = subprocess.Popen(_main(tmp_path / "broken", num_steps), **run)
+    deadline = time.time() + 180
+    while True:
+        steps = [
+            r["step"] for r in metrics.read_metrics(tmp_path / "broken") if r["kind"] == "train"
+        ]
+        if steps and steps[-1] >= interrupt_after:
+            break
+        assert broken.poll() is None, broken.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run did not reach the interrupt step"
+        time.sleep(0.02)
+    broken.send_signal(signal.SIGTERM)
+    out, err = broken.communicate(timeout=120)
+    assert broken.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"preempted at step (\d+); rerun the same command to resume", out)[1])
+    assert interrupt_after <= stopped < num_steps
+    assert not (tmp_path / "broken" / train.SUMMARY_FILE).exists()
+    mngr = checkpoint.create_manager(tmp_path / "broken")
+    assert mngr.latest_step() == stopped  # saved at the preemption step, off the 7-step grid
+    mngr.close()
+
+    resumed = subprocess.run(_main(tmp_path / "broken", num_steps), **run, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+
+    a, b = (json.loads((tmp_path / d / train.SUMMARY_FILE).read_text()) for d in ("full", "broken"))
+    assert a["step"] == b["step"] == num_steps
+    assert a["test_loss"] == b["test_loss"] and a["test_accuracy"] == b["test_accuracy"]
+    full_state, resumed_state = (
+        _saved_tree(tmp_path / "full", num_steps),
+        _saved_tree(tmp_path / "broken", num_steps),
+    )
+    assert jax.tree.structure(full_state) == jax.tree.structure(resumed_state)
+    for x, y in zip(jax.tree.leaves(full_state), jax.tree.leaves(resumed_state), strict=True):
+        assert np.array_equal(x, y)
+    # The logged losses agree step for step, each step logged exactly once.
+    losses = {
+        d: [
+            (r["step"], r["train_loss"])
+            for r in metrics.read_metrics(tmp_path / d)
+            if r["kind"] == "train"
+        ]
+        for d in ("full", "broken")
+    }
+    assert losses["full"] == losses["broken"]
+    assert [s for s, _ in losses["broken"]] == list(range(1, num_steps + 1))

@@ -1,0 +1,112 @@
+"""Tests for the command line (dirac_jax.main) and the configs in configs/."""
+
+import importlib
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dirac_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
+# Fields every config keeps, with these exact names (the issue's contract).
+REQUIRED = (
+    "model.name", "model.depth", "model.width", "dataset.name", "dataset.source",
+    "dataset.data_dir", "batch_size", "num_epochs", "num_train_steps", "learning_rate",
+    "weight_decay", "seed", "checkpoint_every_steps", "half_precision",
+)  # fmt: skip
+
+
+def test_the_configs_are_all_there():
+    assert set(CONFIGS) >= {
+        "cifar_dirac", "cifar_plain", "cifar_wrn", "cifar100_dirac", "cifar_dirac_v1",
+        "imagenet_dirac", "imagenet_resnet", "resnet_dirac_init", "plainnet",
+        "fashion_mnist_dirac",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_validates_and_builds(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for field in REQUIRED:
+        section, _, leaf = field.rpartition(".")
+        assert leaf in (config[section] if section else config), field
+    train.validate_config(config)  # 8 devices: every batch size divides
+    imagenet = config.dataset.name == train.IMAGENET
+    channels = 1 if "mnist" in config.dataset.name else 3
+    model = train.create_model(config, 1000 if imagenet else 10)
+    shape = (1, 224, 224, 3) if imagenet else (1, 32, 32, channels)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+    logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), variables)
+    assert logits.shape == (1, 1000 if imagenet else 10)
+
+
+def test_recipes_match_the_papers():
+    from configs import cifar_dirac, cifar_dirac_v1, imagenet_dirac, plainnet
+
+    c = cifar_dirac.get_config()
+    assert (c.model.name, c.model.depth, c.model.width) == ("diracnet", 28, 10)
+    assert (c.batch_size, c.learning_rate, c.weight_decay, c.num_epochs) == (128, 0.1, 5e-4, 200)
+    assert (tuple(c.lr_boundaries), c.lr_decay) == ((0.3, 0.6, 0.8), 0.2)
+    assert not c.decay_dirac_scales and cifar_dirac_v1.get_config().decay_dirac_scales
+    i = imagenet_dirac.get_config()
+    assert (i.model.depth, i.batch_size, i.weight_decay, i.num_epochs) == (18, 256, 1e-4, 100)
+    assert (tuple(i.lr_boundaries), i.lr_decay, i.model.stem) == ((0.3, 0.6, 0.9), 0.1, "imagenet")
+    assert plainnet.get_config().max_norm > 0
+
+
+def _run_main(*flags, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "dirac_jax.main", "--config=configs/cifar_dirac.py", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--config.model.depth=30"], "depth 30 is not valid for the CIFAR DiracNet"),
+        (["--config.dataset.name=svhn"], "unknown dataset 'svhn'"),
+        (["--config.batch_size=12"], "batch_size=12 is not divisible by the 8 devices"),
+        (["--config.model.name=vgg"], "unknown model 'vgg'"),
+        (
+            ["--config.dataset.source=cifar_archive", "--config.dataset.data_dir=/nonexistent"],
+            "Could not load cifar10",
+        ),
+    ],
+)
+def test_bad_config_exits_with_one_clear_error(tmp_path, flags, message):
+    result = _run_main(f"--workdir={tmp_path / 'run'}", *flags)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: "), result.stderr[-2000:]
+    assert message in result.stderr
+    if "Could not load" not in message:  # the missing-data message lists the ways to fix it
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_default_workdir():
+    from dirac_jax.main import default_workdir
+
+    assert default_workdir("configs/fashion_mnist_dirac.py") == "runs/fashion_mnist_dirac"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed"
+)
+def test_imagenet_without_tensorflow_says_how_to_get_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "dirac_jax.main", "--config=configs/imagenet_dirac.py",
+        f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "needs TensorFlow" in result.stderr and "pip install 'dirac_jax[tf]'" in result.stderr
