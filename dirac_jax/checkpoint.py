@@ -140,6 +140,8 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
         return template, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     failure = None
+    # Before the attempt: a failing restore's background reports can come at any time.
+    _ignore_closed_loop_reports()
     try:
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
@@ -149,7 +151,6 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         failure = f"{type(e).__name__}: {reason}"
     if failure is not None:
-        _ignore_closed_loop_reports()
         raise CheckpointError(
             f"the checkpoint {directory / str(step)} cannot be restored: it is corrupt, "
             f"partial, or from a different model or config ({failure}). It is left "
@@ -159,29 +160,41 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
     return state, int(step)
 
 
+def _is_closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_record(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_is_closed_loop(exc) or "exception was never retrieved" in str(record.msg))
+
+
 def _ignore_closed_loop_reports() -> None:
     """Silences the echoes of a failed restore, for the rest of the process.
 
-    The failed restore leaves orbax futures behind. When they are collected (now or at
-    exit) asyncio logs "Future exception was never retrieved" with the same error, and
-    their callbacks, hitting orbax's closed loop, print `RuntimeError('Event loop is
-    closed')` tracebacks; both would bury the one `CheckpointError` message. Only these
-    two reports are dropped: other unraisable exceptions and asyncio logs still show.
+    A failed restore leaves orbax futures behind. Their callbacks, hitting orbax's
+    closed event loop, report `RuntimeError('Event loop is closed')` through
+    whichever channel runs them (an unraisable-exception hook, a thread's
+    excepthook, or the `concurrent.futures` / `asyncio` loggers), and asyncio logs
+    "Future exception was never retrieved" with the same error; all of them would
+    bury the one `CheckpointError` message. Only these reports are dropped.
     """
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop", False):
+    if getattr(sys.unraisablehook, "_drops_closed_loop", False):
         return
+    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
 
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            previous(unraisable)
+    def unraisable_hook(unraisable):
+        if not _is_closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
 
-    hook._drops_closed_loop = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in str(record.msg)
-    )
+    def thread_hook(args):
+        if not _is_closed_loop(args.exc_value):
+            previous_thread(args)
+
+    unraisable_hook._drops_closed_loop = True
+    sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+    for name in ("asyncio", "concurrent.futures"):
+        logging.getLogger(name).addFilter(_drop_closed_loop_record)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
