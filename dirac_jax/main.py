@@ -96,7 +96,37 @@ def main(argv) -> None:
     )
 
 
+def config_root(argv: list[str]) -> str | None:
+    """The folder that holds the `configs/` package of a `--config` path, if any.
+
+    Config variants import their base as `from configs import cifar_dirac` (as the
+    flax examples do), which needs that folder on `sys.path`: it is the working
+    directory in the usual `python -m dirac_jax.main --config=configs/...` call,
+    and this makes an absolute or relative path from anywhere work too.
+
+    Examples:
+      >>> config_root(["main", "--config=/src/dirac_jax/configs/cifar_dirac.py:runlocal"])
+      '/src/dirac_jax'
+      >>> config_root(["main", "--config", "elsewhere/my_config.py"]) is None
+      True
+    """
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        else:
+            continue
+        parent = pathlib.Path(path.split(":")[0]).absolute().parent
+        if parent.name == "configs":
+            return str(parent.parent)
+    return None
+
+
 def run() -> None:
+    root = config_root(sys.argv)
+    if root is not None and root not in sys.path:
+        sys.path.insert(0, root)
     app.run(main)
 
 
