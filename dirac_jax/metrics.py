@@ -175,14 +175,20 @@ class ProgressBar:
       total: the last step.
       initial: the step training starts from.
       enabled: False on all but process 0.
+      images_per_step: the global batch size.
     """
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        # disable=None lets tqdm turn itself off when stderr is not a terminal (logs, CI).
+    def __init__(
+        self, total: int, initial: int = 0, enabled: bool = True, images_per_step: int = 1
+    ):
+        # Counted in steps but shown in images (unit_scale), so tqdm's own rate is images/s
+        # and its ETA is live between log steps. disable=None turns it off when stderr is
+        # not a terminal (logs, CI).
         self._bar = tqdm.tqdm(
             total=total,
             initial=initial,
-            unit="step",
+            unit="img",
+            unit_scale=images_per_step,
             dynamic_ncols=True,
             disable=None if enabled else True,
         )

@@ -869,7 +869,7 @@ def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_
     multiprocess = jax.process_count() > 1
 
     writer = metrics.MetricWriter(workdir, start_step=start_step, enabled=chief)
-    bar = metrics.ProgressBar(num_steps, start_step, enabled=chief)
+    bar = metrics.ProgressBar(num_steps, start_step, enabled=chief, images_per_step=images_per_step)
     pending: list[tuple[int, dict]] = []  # device metrics not yet checked
     window: list[dict] = []  # host metrics since the last log
     last_log_time = time.time()
@@ -962,9 +962,7 @@ def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_
                         / max(now - last_log_time, 1e-9),
                     }
                     writer.write(record)
-                    bar.set_postfix(
-                        loss=f"{record['train_loss']:.3f}", img_s=f"{record['images_per_s']:.0f}"
-                    )
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
                     logging.info(
                         "step %d/%d: %s",
                         step,
