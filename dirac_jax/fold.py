@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from dirac_jax import param
-from dirac_jax.models._diracnet import VARIANTS, DiracNet
+from dirac_jax.models._diracnet import BLOCK_KERNELS, VARIANTS, DiracNet
 from dirac_jax.models._layers import (
     BN_EPSILON,
     conv_nd,
@@ -56,9 +56,8 @@ from dirac_jax.models._layers import (
 
 KINDS = ("conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
 
-# The block conv of each variant, as in `DiracNet.__call__`; the stem is always plain.
-_BLOCK_FACTORY = {"v2": "dirac", "v1": "dirac_v1", "plain": "plain"}
-_SAME_3X3 = ((1, 1), ((1, 1), (1, 1)))
+# Conv args `(strides, padding)` of every folded 3x3 block conv: stride 1, SAME.
+BLOCK_CONV_ARGS = ((1, 1), ((1, 1), (1, 1)))
 
 
 class FoldedStep(NamedTuple):
@@ -213,10 +212,10 @@ def _walk(model, params, stats, dtype, emit):
                 n_in = 2 * n_in if act == "ncrelu" else n_in  # NCReLU doubles channels.
                 where = f"{step.name}.block{i}.conv"
                 kernel = _kernel(
-                    _BLOCK_FACTORY[model.variant], block_p["conv"], (3, 3, n_in, no), where, dtype
+                    BLOCK_KERNELS[model.variant], block_p["conv"], (3, 3, n_in, no), where, dtype
                 )
                 emit(act)
-                emit("conv", _SAME_3X3, _bn_fold(kernel, block_p["bn"], block_s["bn"], dtype))
+                emit("conv", BLOCK_CONV_ARGS, _bn_fold(kernel, block_p["bn"], block_s["bn"], dtype))
         elif step.kind == "dense":
             fc = params[step.name]
             emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})

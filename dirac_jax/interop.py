@@ -57,12 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirac_jax import models, param
-from dirac_jax.fold import FoldedNet, FoldedStep, apply_folded
-from dirac_jax.models._diracnet import IMAGENET_BLOCKS
+from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep, apply_folded
+from dirac_jax.models._diracnet import GROUP_BASES, IMAGENET_BLOCKS
 
 _TORCH_HINT = "install PyTorch with `pip install 'dirac_jax[torch]'`"
-_STEM_BASE = {"cifar": 16, "imagenet": 64}
-_GROUP_BASES = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 _STEM_KERNEL = {3: "cifar", 7: "imagenet"}
 # Any entry of a block counts it, so a block missing only its conv is reported as such.
 _BLOCK_KEY = re.compile(r"group(\d+)\.block(\d+)\..+")
@@ -77,7 +75,6 @@ _BN_ENTRIES = (
 
 # Folded-chain steps of the published module (the fold.py contract).
 _STEM_CONV_ARGS = ((2, 2), ((3, 3), (3, 3)))
-_BLOCK_CONV_ARGS = ((1, 1), ((1, 1), (1, 1)))
 _STEM_POOL = (3, 2, 1)
 _GROUP_POOL = (2, 2, 0)
 
@@ -165,7 +162,7 @@ def _infer_width(stem: str, channels: Sequence[int]) -> float:
     `int(base * k) >= c` needs `k >= c / base`, so the largest ratio is the only
     candidate; the bases are powers of two, so the ratios are exact floats.
     """
-    bases = _GROUP_BASES[stem]
+    bases = GROUP_BASES[stem]
     width = max(c / b for c, b in zip(channels, bases, strict=True))
     if [int(b * width) for b in bases] != list(channels):
         raise ValueError(
@@ -202,7 +199,7 @@ def _infer_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
         )
     stem = _STEM_KERNEL[stem_w.shape[2]]
     counts = _block_counts(flat, _BLOCK_KEY, "reference checkpoint")
-    num_groups = len(_GROUP_BASES[stem])
+    num_groups = len(GROUP_BASES[stem])
     if len(counts) != num_groups:
         raise ValueError(
             f"reference checkpoint: a {stem} stem ('conv' {stem_w.shape}) needs {num_groups} "
@@ -220,7 +217,7 @@ def _infer_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     c0 = stem_w.shape[0]
     first = [_first_block_conv(flat, g, n) for g, n in enumerate(counts)]
     width = _infer_width(stem, [w.shape[0] for w in first])
-    if int(_STEM_BASE[stem] * width) != c0:
+    if int(GROUP_BASES[stem][0] * width) != c0:
         raise ValueError(
             f"reference checkpoint: the stem has {c0} channels but group0 has "
             f"{first[0].shape[0]}; they must be equal."
@@ -482,7 +479,7 @@ def load_reference_folded(state_dict) -> FoldedNet:
             steps.append(FoldedStep("max_pool", _GROUP_POOL))
             params.append({})
         for i in range(count):
-            steps += [FoldedStep("relu"), FoldedStep("conv", _BLOCK_CONV_ARGS)]
+            steps += [FoldedStep("relu"), FoldedStep("conv", BLOCK_CONV_ARGS)]
             params += [{}, conv(f"features.group{g}.block{i}.conv")]
     steps += [FoldedStep("relu"), FoldedStep("avg_pool"), FoldedStep("dense")]
     dense = {
@@ -537,7 +534,7 @@ def _parse_published_chain(folded: FoldedNet) -> tuple[int, list[list[int]], int
         blocks = []
         while pos + 1 < len(steps) and steps[pos].kind == "relu" and steps[pos + 1].kind == "conv":
             expect("relu")
-            blocks.append(expect("conv", _BLOCK_CONV_ARGS))
+            blocks.append(expect("conv", BLOCK_CONV_ARGS))
         if not blocks:
             raise fail(f"group {g} has no [relu, conv] blocks")
         groups.append(blocks)

@@ -37,8 +37,13 @@ from dirac_jax.models._layers import (
 )
 
 VARIANTS = ("v2", "v1", "plain")
+# The kernel parameterization (a `kernel_factory` name) of each variant's block convs;
+# `fold` recomputes the kernels with the same names.
+BLOCK_KERNELS = {"v2": "dirac", "v1": "dirac_v1", "plain": "plain"}
 STEMS = ("cifar", "imagenet")
 IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+# Channels of each group at width 1; the stem outputs the first group's width.
+GROUP_BASES = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 
 
 class Step(NamedTuple):
@@ -89,7 +94,7 @@ def diracnet_plan(
                 "(10, 16, 22, 28, 34, ...)."
             )
         counts = (2 * ((depth - 4) // 6),) * 3
-        widths = [_check_width(width, b) for b in (16, 32, 64)]
+        widths = [_check_width(width, b) for b in GROUP_BASES["cifar"]]
         steps = [Step("conv", "conv", (widths[0], 3, 1, 1)), Step("bn", "bn"), Step("relu")]
     else:
         if depth not in IMAGENET_BLOCKS:
@@ -98,7 +103,7 @@ def diracnet_plan(
                 f"expected one of {sorted(IMAGENET_BLOCKS)}."
             )
         counts = tuple(2 * b for b in IMAGENET_BLOCKS[depth])
-        widths = [_check_width(width, b) for b in (64, 128, 256, 512)]
+        widths = [_check_width(width, b) for b in GROUP_BASES["imagenet"]]
         steps = [
             Step("conv", "conv", (widths[0], 7, 2, 3)),
             Step("bn", "bn"),
@@ -169,11 +174,7 @@ class DiracNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        block_factory = {
-            "v2": kernel_factory("dirac"),
-            "v1": kernel_factory("dirac_v1"),
-            "plain": kernel_factory("plain"),
-        }[self.variant]
+        block_factory = kernel_factory(BLOCK_KERNELS[self.variant])
         for step in self.plan():
             if step.kind == "conv":
                 features, k, stride, pad = step.args

@@ -20,7 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax.models._diracnet import _check_width
+from dirac_jax.models._diracnet import GROUP_BASES, _check_width
 from dirac_jax.models._layers import (
     ParamConv,
     batch_norm,
@@ -56,7 +56,8 @@ class PlainNet(nn.Module):
     dtype: Any = jnp.float32
 
     def validate(self):
-        return plainnet_layers(self.depth), [_check_width(self.width, b) for b in (16, 32, 64)]
+        widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
+        return plainnet_layers(self.depth), widths
 
     @nn.compact
     def __call__(self, x, train: bool = False):

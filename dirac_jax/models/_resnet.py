@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax.models._diracnet import IMAGENET_BLOCKS, _check_width
+from dirac_jax.models._diracnet import GROUP_BASES, IMAGENET_BLOCKS, _check_width
 from dirac_jax.models._layers import (
     ParamConv,
     batch_norm,
@@ -82,7 +82,7 @@ class WideResNet(nn.Module):
             raise ValueError(
                 f"depth {self.depth!r} is not valid for WRN: it must be 6n+4 with n >= 1."
             )
-        widths = [_check_width(self.width, b) for b in (16, 32, 64)]
+        widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
         _branch_factory(self.dirac_init_sigma)
         return (self.depth - 4) // 6, widths
 
@@ -141,7 +141,7 @@ class ResNet(nn.Module):
                 f"depth {self.depth!r} is not valid for ResNet: "
                 f"expected one of {sorted(IMAGENET_BLOCKS)}."
             )
-        widths = [_check_width(self.width, b) for b in (64, 128, 256, 512)]
+        widths = [_check_width(self.width, b) for b in GROUP_BASES["imagenet"]]
         _branch_factory(self.dirac_init_sigma)
         return IMAGENET_BLOCKS[self.depth], widths
 
