@@ -168,7 +168,34 @@ def test_dirac_init_and_counts():
     assert np.all(np.asarray(raw["a"]) == 1.0) and np.allclose(np.asarray(raw["b"]), 0.1)
     assert t.num_params == sum(v.size for v in raw.values()) == 9 * 16 * 32 + 64
     w = np.asarray(raw["w"])
-    assert abs(w.mean()) < 0.05 and abs(w.std() - 1) < 0.05  # w ~ N(0, 1).
+    # The reference v2 code's kaiming_normal_: std sqrt(2 / fan_in), fan_in = 3 * 3 * 16.
+    std = (2 / 144) ** 0.5
+    assert abs(w.mean()) < 0.05 * std and abs(w.std() / std - 1) < 0.05
+
+
+@pytest.mark.parametrize(
+    "w_init, std", [("he_normal", (2 / 576) ** 0.5), ("unit_normal", 1.0), (0.1, 0.1)]
+)
+def test_dirac_w_init_scales(w_init, std):
+    w = np.asarray(param.dirac((3, 3, 64, 64), w_init=w_init).init(jax.random.key(1))["w"])
+    assert abs(w.std() / std - 1) < 0.02
+    assert param.dirac_v1((3, 3, 64, 32)).init(jax.random.key(0))["w"].std() == pytest.approx(
+        0.1, rel=0.02
+    )
+
+
+def test_dirac_default_w_init_matches_torch_kaiming_normal():
+    torch = pytest.importorskip("torch")
+    # The reference draws conv weights with kaiming_normal_ on an OIHW tensor.
+    ref = torch.nn.init.kaiming_normal_(torch.empty(64, 32, 3, 3)).numpy()
+    ours = np.asarray(param.dirac((3, 3, 32, 64)).init(jax.random.key(2))["w"])
+    assert ours.std() == pytest.approx(float(ref.std()), rel=0.03)
+
+
+@pytest.mark.parametrize("w_init", ["xavier", -1.0, 0])
+def test_dirac_bad_w_init(w_init):
+    with pytest.raises(ValueError, match="w_init"):
+        param.dirac((3, 3, 4, 4), w_init=w_init)
     scalar = param.dirac((3, 3, 16, 16), per_channel=False)
     assert scalar.init(jax.random.key(0))["a"].shape == ()
     assert scalar.num_params == 9 * 256 + 2
