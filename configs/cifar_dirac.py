@@ -3,10 +3,11 @@ r"""DiracNet-28-10 on CIFAR-10, the DiracNets Table 2 recipe (reference code def
   python -m dirac_jax.main --config=configs/cifar_dirac.py \
       --config.dataset.data_dir=DIR   # DIR holds cifar-10-python.tar.gz
 
-Recipe (DiracNets sec. 4 and the reference code): batch 128, SGD momentum 0.9,
+Recipe (DiracNets v2 sec. 3 and the reference code): batch 128, SGD momentum 0.9,
 lr 0.1, weight decay 5e-4 on conv/linear kernels only (not on a, b, BN), 200
-epochs, lr x0.2 at epochs 60/120/160 (30/60/80% of training), standard flip +
-reflect-pad-4 crop augmentation. Variants import this file and override fields.
+epochs, lr x0.2 at the start of epochs 60/120/160 with the momentum restarted
+there (the reference re-creates its optimizer), standard flip + reflect-pad-4
+crop augmentation. Variants import this file and override fields.
 """
 
 import ml_collections
@@ -31,11 +32,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 200
     config.num_train_steps = -1  # > 0 overrides num_epochs; the lr schedule scales with it
     config.learning_rate = 0.1
-    config.lr_boundaries = (0.3, 0.6, 0.8)  # fractions of all steps: epochs 60/120/160 of 200
+    config.lr_boundaries = (0.3, 0.6, 0.8)  # fractions of training: epochs 60/120/160 of 200
     config.lr_decay = 0.2
+    # reference: decay at the start of epoch 60/120/160 (after 59/119/159 epochs) and restart
+    # the momentum, as the reference trainer does; fractions: after 60/120/160, momentum kept.
+    config.lr_schedule = "reference"
     config.momentum = 0.9
-    config.weight_decay = 5e-4  # conv and linear kernels only
-    config.decay_dirac_scales = False  # v1 recipe decays a and b too
+    config.weight_decay = 5e-4  # coupled (PyTorch SGD) L2, on weight_decay_on's leaves
+    config.weight_decay_on = "kernels"  # kernels: conv/linear kernels only (v2); all: v1 recipe
     config.max_norm = 0.0  # > 0: PlainNet max-norm projection of every kernel after each step
     config.augment = True  # reflect-pad 4, random 32x32 crop, random horizontal flip
     config.half_precision = False  # True: bfloat16 compute, float32 params

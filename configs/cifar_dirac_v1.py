@@ -2,8 +2,10 @@
 
 v1 blocks are `NCReLU -> conv(a delta + b W_norm) -> BN` with scalar `a` (init 5)
 and `b` (init 1e-3) per layer (DiracNets v1 eqs. 4, 9); NCReLU doubles the
-input channels. Unlike v2, the v1 recipe weight-decays `a` and `b` too
-(`decay_dirac_scales`). DiracNet-34-2 (3.7M params) is a cheaper v1 point:
+input channels. Unlike v2, the v1 recipe (the v1 paper and the reference v1
+code) weight-decays every parameter, `a`, `b`, BN and biases included
+(`weight_decay_on="all"`), and draws the raw conv weights from N(0, 0.1^2)
+(`param.dirac_v1`). DiracNet-34-2 (3.7M params) is a cheaper v1 point:
 --config.model.width=2.
 """
 
@@ -15,5 +17,5 @@ def get_config():
     config.model.name = "diracnet_v1"
     config.model.depth = 34
     config.model.width = 8.0
-    config.decay_dirac_scales = True
+    config.weight_decay_on = "all"
     return config

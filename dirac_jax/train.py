@@ -18,10 +18,12 @@ normalizes inside the jitted step. All randomness is a function of
 bit for bit as if it had never stopped. ImageNet is streamed with tf.data per
 host (needs TensorFlow); its resume restarts the stream, so it is not bit-exact.
 
-Recipe defaults (DiracNets sec. 4 and the reference code): SGD momentum 0.9,
-weight decay on conv and linear kernels only (`a`, `b`, BN and biases are not
-decayed, DiracNets sec. 3; v1 decays `a` and `b` too, `decay_dirac_scales`),
-step learning-rate decay at fixed fractions of training.
+Recipe defaults follow the reference training code (where it differs from the
+papers' prose, the prose's choice is a config option): SGD momentum 0.9 with
+coupled weight decay on conv and linear kernels only (v2; the v1 recipe decays
+every parameter, `weight_decay_on="all"`), step learning-rate decay placed as the
+reference places it, with the momentum restarted at each decay
+(`lr_schedule="reference"`; `"fractions"` keeps it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,8 @@ __all__ = [
     "create_model",
     "create_optimizer",
     "create_train_state",
+    "lr_boundary_steps",
+    "reset_at_steps",
     "cross_entropy_loss",
     "eval_step",
     "evaluate",
@@ -78,6 +82,7 @@ __all__ = [
     "put_replicated",
     "shard_batch",
     "total_steps",
+    "top_k_correct",
     "train_and_evaluate",
     "train_step",
     "validate_config",
@@ -184,6 +189,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.lr_boundaries must be increasing fractions of training in (0, 1), "
             f"got {boundaries}."
         )
+    if _get(config, "lr_schedule", "reference") not in LR_SCHEDULES:
+        fail(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}.")
+    if _get(config, "weight_decay_on", "kernels") not in WEIGHT_DECAY_SCOPES:
+        fail(
+            f"config.weight_decay_on must be one of {WEIGHT_DECAY_SCOPES}, got "
+            f"{config.weight_decay_on!r}."
+        )
     if not _get(config, "lr_decay", 1.0) > 0:
         fail(f"config.lr_decay must be > 0, got {config.lr_decay!r}.")
     if not _get(config, "max_norm", 0.0) >= 0:
@@ -220,8 +232,49 @@ def total_steps(config, steps_per_epoch: int) -> int:
 # Optimizer.
 
 
+LR_SCHEDULES = ("reference", "fractions")
+WEIGHT_DECAY_SCOPES = ("kernels", "all")
+
+
+def lr_boundary_steps(config, steps_per_epoch: int) -> tuple[int, ...]:
+    """The steps at which the learning rate is multiplied by `lr_decay`.
+
+    `lr_boundaries` are fractions of training. With `lr_schedule="reference"`
+    (the default) an epoch-counted run (`num_train_steps <= 0`) decays where the
+    reference code does: its `epoch_step` list `[60, 120, 160]` is checked
+    against the 1-based number of the epoch about to start, so the rate drops
+    at the start of epoch 60, after 59 full epochs, i.e. at step
+    `(round(f * num_epochs) - 1) * steps_per_epoch`. A run counted in steps
+    (`num_train_steps > 0`, e.g. the quickstart) has no epochs to shift by and
+    decays at `int(f * total_steps)`, which is also where
+    `lr_schedule="fractions"` always decays (the paper's prose, "at epochs 60,
+    120 and 160", read as after that many epochs).
+
+    Examples:
+      >>> import ml_collections
+      >>> c = ml_collections.ConfigDict(dict(lr_boundaries=(0.3, 0.6, 0.8), num_epochs=200,
+      ...     num_train_steps=-1, lr_schedule="reference"))
+      >>> lr_boundary_steps(c, steps_per_epoch=10)
+      (590, 1190, 1590)
+      >>> c.lr_schedule = "fractions"
+      >>> lr_boundary_steps(c, steps_per_epoch=10)
+      (600, 1200, 1600)
+    """
+    total = total_steps(config, steps_per_epoch)
+    reference = _get(config, "lr_schedule", "reference") == "reference"
+    by_epochs = reference and not config.num_train_steps > 0
+    steps = []
+    for fraction in _get(config, "lr_boundaries", ()):
+        if by_epochs:
+            epoch = max(1, round(fraction * config.num_epochs))
+            steps.append(max(1, (epoch - 1) * steps_per_epoch))
+        else:
+            steps.append(max(1, int(fraction * total)))
+    return tuple(steps)
+
+
 def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
-    """Step decay: `learning_rate` times `lr_decay` at each of `lr_boundaries`.
+    """Step decay: `learning_rate` times `lr_decay` at each of `lr_boundary_steps`.
 
     Boundaries are fractions of the total number of steps (`total_steps`), so a
     shorter run set by `num_train_steps` decays at the same relative points. The
@@ -236,12 +289,10 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
       >>> [round(float(fn(s)), 6) for s in (0, 29, 30, 60, 80, 99)]
       [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008]
     """
-    total = total_steps(config, steps_per_epoch)
     decay = float(_get(config, "lr_decay", 1.0))
     scales: dict[int, float] = {}
-    for fraction in _get(config, "lr_boundaries", ()):
+    for boundary in lr_boundary_steps(config, steps_per_epoch):
         # Boundaries that coincide on a very short run compound instead of overwriting.
-        boundary = max(1, int(fraction * total))
         scales[boundary] = scales.get(boundary, 1.0) * decay
     return optax.piecewise_constant_schedule(float(config.learning_rate), scales)
 
@@ -257,12 +308,14 @@ def _is_kernel(path, leaf) -> bool:
     return name == "kernel" or (name == "w" and np.ndim(leaf) > 1)
 
 
-def weight_decay_mask(params, decay_dirac_scales: bool = False):
-    """True for the leaves weight decay applies to: conv and linear kernels.
+def weight_decay_mask(params, scope: str = "kernels"):
+    """True for the leaves weight decay applies to.
 
-    DiracNets (v2) sec. 3: no weight decay on `a` and `b`; BN parameters and
-    biases are not decayed either (the reference decays tensors of >1 dim only).
-    The v1 recipe decays `a` and `b` (`decay_dirac_scales=True`).
+    `scope="kernels"`: conv and linear kernels only, as the reference v2 code
+    (it decays tensors of more than one dimension) and DiracNets v2 sec. 2 (no
+    weight decay on `a` and `b`); BN parameters and biases are not decayed.
+    `scope="all"`: every parameter, as the reference v1 code (one SGD group
+    with weight decay) and DiracNets v1, which decays the scalar `a` and `b`.
 
     Examples:
       >>> import numpy as np
@@ -271,27 +324,68 @@ def weight_decay_mask(params, decay_dirac_scales: bool = False):
       >>> mask = weight_decay_mask(p)
       >>> mask["conv"], mask["bn"], mask["fc"]
       ({'a': False, 'b': False, 'w': True}, {'scale': False}, {'bias': False, 'kernel': True})
+      >>> all(jax.tree.leaves(weight_decay_mask(p, "all")))
+      True
     """
+    if scope not in WEIGHT_DECAY_SCOPES:
+        raise ValueError(f"unknown weight decay scope {scope!r}; expected {WEIGHT_DECAY_SCOPES}.")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: scope == "all" or _is_kernel(path, leaf), params
+    )
 
-    def decayed(path, leaf):
-        return _is_kernel(path, leaf) or (decay_dirac_scales and _leaf_name(path) in ("a", "b"))
 
-    return jax.tree_util.tree_map_with_path(decayed, params)
+class ResetState(NamedTuple):
+    count: jax.Array
+    inner: optax.OptState
 
 
-def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with momentum and PyTorch-style (coupled) L2 weight decay.
+def reset_at_steps(
+    inner: optax.GradientTransformation, steps
+) -> optax.GradientTransformation:
+    """`inner` whose state is zeroed before the update of each step in `steps`.
 
-    `add_decayed_weights` runs before `sgd`, so `wd * w` joins the gradient and
-    goes through the momentum, as `torch.optim.SGD(weight_decay=...)` does. The
-    mask is `weight_decay_mask`.
+    Around `optax.trace` this is the reference trainer's re-creation of
+    `torch.optim.SGD` at every learning-rate boundary: the momentum buffer
+    starts again from the first gradient after it.
+    """
+    steps = tuple(int(s) for s in steps)
+
+    def init(params):
+        return ResetState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        reset = jnp.isin(state.count, jnp.asarray(steps, jnp.int32)) if steps else False
+        inner_state = jax.tree.map(
+            lambda x: jnp.where(reset, jnp.zeros_like(x), x), state.inner
+        )
+        updates, inner_state = inner.update(updates, inner_state, params)
+        return updates, ResetState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def create_optimizer(
+    config, learning_rate_fn: optax.Schedule, steps_per_epoch: int | None = None
+) -> optax.GradientTransformation:
+    """SGD with momentum and PyTorch-style (coupled) L2 weight decay, as the reference.
+
+    `wd * w` joins the gradient before the momentum, as in
+    `torch.optim.SGD(weight_decay=...)`; the buffer is `m <- momentum * m + g`
+    and the step `-lr * m`. The decayed leaves are `weight_decay_mask` with
+    `config.weight_decay_on`. With `lr_schedule="reference"` (and
+    `steps_per_epoch` given) the momentum restarts at each learning-rate
+    boundary, since the reference creates a new optimizer there.
     """
     mask = functools.partial(
-        weight_decay_mask, decay_dirac_scales=bool(_get(config, "decay_dirac_scales", False))
+        weight_decay_mask, scope=str(_get(config, "weight_decay_on", "kernels"))
     )
+    momentum = optax.trace(decay=float(_get(config, "momentum", 0.9)))
+    if _get(config, "lr_schedule", "reference") == "reference" and steps_per_epoch:
+        momentum = reset_at_steps(momentum, lr_boundary_steps(config, steps_per_epoch))
     return optax.chain(
         optax.add_decayed_weights(float(config.weight_decay), mask=mask),
-        optax.sgd(learning_rate_fn, momentum=float(_get(config, "momentum", 0.9))),
+        momentum,
+        optax.scale_by_learning_rate(learning_rate_fn),
     )
 
 
@@ -362,7 +456,13 @@ def put_replicated(mesh: Mesh, tree):
 
 
 def create_train_state(
-    config, model, key: jax.Array, image_shape, learning_rate_fn: optax.Schedule, mesh=None
+    config,
+    model,
+    key: jax.Array,
+    image_shape,
+    learning_rate_fn: optax.Schedule,
+    mesh=None,
+    steps_per_epoch: int | None = None,
 ) -> TrainState:
     """Initializes parameters, BN statistics and optimizer state.
 
@@ -373,11 +473,13 @@ def create_train_state(
       image_shape: `(H, W, C)` of one input image.
       learning_rate_fn: from `create_learning_rate_fn`.
       mesh: if given, every array is created replicated on this mesh.
+      steps_per_epoch: places the momentum restarts of `lr_schedule="reference"`
+        (`create_optimizer`); None: no restarts.
 
     Returns:
       A `TrainState` at step 0.
     """
-    tx = create_optimizer(config, learning_rate_fn)
+    tx = create_optimizer(config, learning_rate_fn, steps_per_epoch)
 
     def init(key):
         variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -471,7 +573,8 @@ def eval_step(state: TrainState, batch: dict, *, dataset_name: str) -> dict:
       dataset_name: normalization statistics for uint8 images.
 
     Returns:
-      `{"loss_sum", "correct", "count"}`; sum these over batches, then divide.
+      `{"loss_sum", "correct", "correct5", "count"}` (`correct5`: top-5); sum
+      these over batches, then divide.
     """
     images = batch["image"]
     if images.dtype == jnp.uint8:
@@ -481,11 +584,33 @@ def eval_step(state: TrainState, batch: dict, *, dataset_name: str) -> dict:
     mask = batch["mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+    correct5 = top_k_correct(logits, batch["label"], 5) & mask
     return {
         "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
         "correct": jnp.sum(correct.astype(jnp.int32)),
+        "correct5": jnp.sum(correct5.astype(jnp.int32)),
         "count": jnp.sum(mask.astype(jnp.int32)),
     }
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Whether each label is among the `k` largest logits (all true when `k >= classes`).
+
+    Ties at the k-th logit count as correct, so the result does not depend on
+    how `top_k` orders equal values.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[0.1, 0.5, 0.2, 0.9], [1.0, 0.0, 0.0, 0.0]])
+      >>> top_k_correct(logits, jnp.array([2, 3]), 2).tolist()
+      [False, False]
+      >>> top_k_correct(logits, jnp.array([1, 3]), 2).tolist()
+      [True, True]
+    """
+    k = min(k, logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1]
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return label_logit >= kth
 
 
 def _gather(arrays: data.ArrayDataset, idx):
@@ -666,7 +791,7 @@ def evaluate(
       expected_count: if given, the number of examples the batches must hold.
 
     Returns:
-      `{"test_loss", "test_accuracy", "count"}`.
+      `{"test_loss", "test_accuracy", "test_top5_accuracy", "count"}`.
 
     Raises:
       AssertionError: the masks counted a different number of examples than
@@ -685,6 +810,7 @@ def evaluate(
     return {
         "test_loss": float(totals["loss_sum"]) / count,
         "test_accuracy": float(totals["correct"]) / count,
+        "test_top5_accuracy": float(totals["correct5"]) / count,
         "count": count,
     }
 
@@ -780,7 +906,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     num_steps = total_steps(config, inputs.steps_per_epoch)
     lr_fn = create_learning_rate_fn(config, inputs.steps_per_epoch)
     state = create_train_state(
-        config, model, jax.random.key(config.seed), inputs.image_shape, lr_fn, mesh
+        config,
+        model,
+        jax.random.key(config.seed),
+        inputs.image_shape,
+        lr_fn,
+        mesh,
+        steps_per_epoch=inputs.steps_per_epoch,
     )
     num_params = models.count_params(state.params)
 
@@ -820,6 +952,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         )
     summary = {
         "test_accuracy": last_eval["test_accuracy"],
+        "test_top5_accuracy": last_eval["test_top5_accuracy"],
         "test_loss": last_eval["test_loss"],
         "num_params": num_params,
         "fold_max_abs_error": fold_error,
@@ -915,6 +1048,7 @@ def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_
             "kind": "eval",
             "test_loss": result["test_loss"],
             "test_accuracy": result["test_accuracy"],
+            "test_top5_accuracy": result["test_top5_accuracy"],
         }
         if scales["a"]:
             record.update(dirac_a=scales["a"], dirac_b=scales["b"])

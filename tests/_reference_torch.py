@@ -1,6 +1,6 @@
 """A PyTorch transcription of the reference DiracNets (szagoruyko/diracnets), for tests only.
 
-Written from the facts in `../shared/seeds/README.md` and the interop brief, in
+Written from the published facts about the reference code, in
 the reference's own layout (NCHW activations, OIHW kernels, a flat dict of
 tensors keyed like `group0.block0.conv`). Tests `pytest.importorskip("torch")`
 before importing this module.
@@ -109,14 +109,14 @@ def split_params_stats(flat):
     }
 
 
-def _batch_norm(o, params, base):
+def _batch_norm(o, params, base, training=False):
     return F.batch_norm(
         o,
         params[base + ".running_mean"],
         params[base + ".running_var"],
         params[base + ".weight"],
         params[base + ".bias"],
-        training=False,
+        training=training,
         eps=BN_EPS,
     )
 
@@ -125,11 +125,13 @@ def _ncrelu(x):
     return torch.cat([F.relu(x), -F.relu(-x)], 1)
 
 
-def reference_forward(inputs: torch.Tensor, params: dict) -> torch.Tensor:
-    """The reference functional forward `f(inputs, params, mode=False)`, NCHW inputs.
+def reference_forward(inputs: torch.Tensor, params: dict, train: bool = False) -> torch.Tensor:
+    """The reference functional forward `f(inputs, params, mode)`, NCHW inputs.
 
     The stem (CIFAR or ImageNet) is read from the stem kernel size and the variant
-    from the first block's input channels (doubled by NCReLU in v1).
+    from the first block's input channels (doubled by NCReLU in v1). `train=True`
+    is the reference's training mode: BN normalizes with batch statistics (and
+    updates the running ones in place), and autograd records the graph.
     """
     v1 = params["group0.block0.conv"].shape[1] == 2 * params["conv"].shape[0]
     imagenet = params["conv"].shape[-1] == 7
@@ -143,16 +145,16 @@ def reference_forward(inputs: torch.Tensor, params: dict) -> torch.Tensor:
         d = params[eye_key(w.shape)]
         w = beta * F.normalize(w.view(no, -1)).view_as(w) + alpha * d
         o = F.conv2d(_ncrelu(o) if v1 else F.relu(o), w, padding=1)
-        return _batch_norm(o, params, base + ".bn")
+        return _batch_norm(o, params, base + ".bn", train)
 
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         if imagenet:
             o = F.conv2d(inputs, params["conv"], padding=3, stride=2)
-            o = _batch_norm(o, params, "bn")
+            o = _batch_norm(o, params, "bn", train)
             o = F.max_pool2d(o, 3, 2, 1)
         else:
             o = F.conv2d(inputs, params["conv"], padding=1)
-            o = F.relu(_batch_norm(o, params, "bn"))
+            o = F.relu(_batch_norm(o, params, "bn", train))
         for gi in range(num_groups):
             if gi:
                 o = F.max_pool2d(o, 2)
@@ -217,3 +219,17 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
     return module
+
+
+def reference_optimizer(params: dict, lr: float, weight_decay: float, variant: str = "v2"):
+    """The reference trainer's `create_optimizer`.
+
+    v2 (master): two groups, weight decay on the tensors with `dim() != 1`, none on
+    the rest; v1 (branch v1): one group, every parameter decayed. SGD momentum 0.9.
+    """
+    if variant == "v1":
+        return torch.optim.SGD(list(params.values()), lr, 0.9, weight_decay=weight_decay)
+    wd = [v for v in params.values() if v.dim() != 1]
+    rest = [v for v in params.values() if v.dim() == 1]
+    groups = [{"params": wd, "weight_decay": weight_decay}, {"params": rest}]
+    return torch.optim.SGD(groups, lr, momentum=0.9)

@@ -54,7 +54,8 @@ def test_recipes_match_the_papers():
     assert (c.model.name, c.model.depth, c.model.width) == ("diracnet", 28, 10)
     assert (c.batch_size, c.learning_rate, c.weight_decay, c.num_epochs) == (128, 0.1, 5e-4, 200)
     assert (tuple(c.lr_boundaries), c.lr_decay) == ((0.3, 0.6, 0.8), 0.2)
-    assert not c.decay_dirac_scales and cifar_dirac_v1.get_config().decay_dirac_scales
+    assert c.weight_decay_on == "kernels" and cifar_dirac_v1.get_config().weight_decay_on == "all"
+    assert c.lr_schedule == "reference"
     i = imagenet_dirac.get_config()
     assert (i.model.depth, i.batch_size, i.weight_decay, i.num_epochs) == (18, 256, 1e-4, 100)
     assert (tuple(i.lr_boundaries), i.lr_decay, i.model.stem) == ((0.3, 0.6, 0.9), 0.1, "imagenet")

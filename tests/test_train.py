@@ -57,13 +57,29 @@ def test_lr_boundaries_scale_with_num_train_steps(num_train_steps):
     np.testing.assert_allclose(float(fn(num_train_steps - 1)), 0.1 * 0.2**3, rtol=1e-6)
 
 
-def test_lr_boundaries_from_epochs_match_reference_epochs():
+@pytest.mark.parametrize("schedule", ["reference", "fractions"])
+def test_lr_boundaries_from_epochs_match_reference_epochs(schedule):
     config = cifar_dirac.get_config()  # 200 epochs, x0.2 at epochs 60, 120, 160
+    config.lr_schedule = schedule
     spe = 390
     fn = train.create_learning_rate_fn(config, spe)
     assert train.total_steps(config, spe) == 200 * spe
-    for epoch, factor in ((59, 1.0), (60, 0.2), (119, 0.2), (120, 0.04), (160, 0.008)):
-        np.testing.assert_allclose(float(fn(epoch * spe)), 0.1 * factor, rtol=1e-6)
+
+    def reference_lr(epoch0):
+        # The reference trainer: at the start of each epoch, `epoch = state['epoch'] + 1`
+        # (1-based) is looked up in epoch_step=[60, 120, 160], and the lr multiplied by 0.2.
+        lr = 0.1
+        for e in range(epoch0 + 1):
+            if e + 1 in (60, 120, 160):
+                lr *= 0.2
+        return lr
+
+    shift = 0 if schedule == "reference" else 1
+    for epoch in (0, 58, 59, 60, 61, 118, 119, 120, 159, 160, 199):
+        for step in (epoch * spe, epoch * spe + spe - 1):
+            np.testing.assert_allclose(
+                float(fn(step)), reference_lr(max(epoch - shift, 0)), rtol=1e-6
+            )
 
 
 def _flat(tree):
@@ -71,42 +87,39 @@ def _flat(tree):
 
 
 @pytest.mark.parametrize(
-    ("name", "decay_scales"),
-    [("diracnet", False), ("diracnet_v1", False), ("diracnet_v1", True), ("plainnet", False)],
-)
-def test_weight_decay_mask_selects_exactly_the_kernels(name, decay_scales):
+    ("name", "scope"),
+    [("diracnet", "kernels"), ("diracnet_v1", "kernels"), ("diracnet_v1", "all"),
+     ("plainnet", "kernels")],
+)  # fmt: skip
+def test_weight_decay_mask_selects_exactly_the_kernels(name, scope):
     model = models.get_model(name, depth=10, width=0.25, num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    mask = _flat(train.weight_decay_mask(shapes, decay_dirac_scales=decay_scales))
+    mask = _flat(train.weight_decay_mask(shapes, scope))
     for path, x in _flat(shapes).items():
         leaf = path.rsplit("['", 1)[1].rstrip("']")
-        expected = (leaf == "w" and x.ndim == 4) or leaf == "kernel"
-        expected = expected or (decay_scales and leaf in ("a", "b"))
+        # The reference v2 code decays exactly the tensors of more than one dimension.
+        expected = scope == "all" or x.ndim > 1
         assert mask[path] == expected, (path, x.shape)
     kinds = {p.rsplit("['", 1)[1].rstrip("']") for p, m in mask.items() if m}
-    assert kinds == ({"w", "kernel", "a", "b"} if decay_scales else {"w", "kernel"})
+    assert kinds >= {"w", "kernel"} and (scope == "all") == ("scale" in kinds)
 
 
-def test_optimizer_decays_only_masked_leaves_pytorch_style():
-    config = tiny_config(weight_decay=0.5, learning_rate=0.1)
-    params = {
-        "conv": {"w": jnp.full((3, 3, 2, 2), 2.0), "a": jnp.ones(2), "b": jnp.ones(2)},
-        "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
-        "fc": {"kernel": jnp.full((2, 3), 4.0), "bias": jnp.ones(3)},
-    }
-    tx = train.create_optimizer(config, lambda step: 0.1)
-    zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
-    # Zero gradient: the update is -lr * wd * w on kernels, nothing elsewhere.
-    np.testing.assert_allclose(updates["conv"]["w"], -0.1 * 0.5 * 2.0)
-    np.testing.assert_allclose(updates["fc"]["kernel"], -0.1 * 0.5 * 4.0)
-    for leaf in (
-        updates["conv"]["a"],
-        updates["conv"]["b"],
-        updates["bn"]["scale"],
-        updates["fc"]["bias"],
-    ):
-        np.testing.assert_array_equal(leaf, 0.0)
+def test_momentum_restarts_at_reference_boundaries_only():
+    config = tiny_config(learning_rate=1.0, weight_decay=0.0, momentum=0.5)
+    config.lr_boundaries, config.lr_decay, config.num_train_steps = (0.5,), 1.0, 6
+    params = {"w": jnp.zeros((2, 2))}
+    for schedule, restarted in (("reference", True), ("fractions", False)):
+        config.lr_schedule = schedule
+        tx = train.create_optimizer(config, lambda step: 1.0, steps_per_epoch=3)
+        state = tx.init(params)
+        ones = jax.tree.map(jnp.ones_like, params)
+        moves = []
+        for _ in range(6):
+            updates, state = tx.update(ones, state, params)
+            moves.append(float(-updates["w"][0, 0]))
+        # m <- 0.5 m + 1: 1, 1.5, 1.75; at step 3 the reference starts again from 1.
+        expected = [1, 1.5, 1.75, 1, 1.5, 1.75] if restarted else [1, 1.5, 1.75, 1.875]
+        np.testing.assert_allclose(moves[: len(expected)], expected)
 
 
 # ---------------------------------------------------------------------------
