@@ -339,9 +339,7 @@ class ResetState(NamedTuple):
     inner: optax.OptState
 
 
-def reset_at_steps(
-    inner: optax.GradientTransformation, steps
-) -> optax.GradientTransformation:
+def reset_at_steps(inner: optax.GradientTransformation, steps) -> optax.GradientTransformation:
     """`inner` whose state is zeroed before the update of each step in `steps`.
 
     Around `optax.trace` this is the reference trainer's re-creation of
@@ -355,9 +353,7 @@ def reset_at_steps(
 
     def update(updates, state, params=None):
         reset = jnp.isin(state.count, jnp.asarray(steps, jnp.int32)) if steps else False
-        inner_state = jax.tree.map(
-            lambda x: jnp.where(reset, jnp.zeros_like(x), x), state.inner
-        )
+        inner_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), state.inner)
         updates, inner_state = inner.update(updates, inner_state, params)
         return updates, ResetState(optax.safe_increment(state.count), inner_state)
 

@@ -79,9 +79,7 @@ def _jax_run(model, variables, tx, lr_fn):
         batch_stats=variables["batch_stats"],
     )  # fmt: skip
     step = jax.jit(
-        functools.partial(
-            train.train_step, learning_rate_fn=lr_fn, dataset_name="cifar10", seed=0
-        )
+        functools.partial(train.train_step, learning_rate_fn=lr_fn, dataset_name="cifar10", seed=0)
     )
     history = []
     for x, y in _batches():

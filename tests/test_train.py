@@ -96,7 +96,6 @@ def test_weight_decay_mask_selects_exactly_the_kernels(name, scope):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     mask = _flat(train.weight_decay_mask(shapes, scope))
     for path, x in _flat(shapes).items():
-        leaf = path.rsplit("['", 1)[1].rstrip("']")
         # The reference v2 code decays exactly the tensors of more than one dimension.
         expected = scope == "all" or x.ndim > 1
         assert mask[path] == expected, (path, x.shape)
