@@ -1,7 +1,8 @@
 """Dirac parameterization as ResNet initialization, DiracNets sec. 3.4, on CIFAR-10.
 
-The 3x3 convs of every residual branch of a WRN-28-10 are `W_hat = I + W` with
-`W ~ N(0, sigma^2)` for all weights, ignoring filter shapes (sec. 3.4 eq. 8). The
+Every conv of a WRN-28-10 (stem, residual branches, 1x1 projections) is
+`W_hat = I + W` (sec. 3.4 eq. 8), and all weights, the classifier's included,
+are drawn from `N(0, sigma^2)`, ignoring filter shapes, as the paper says. The
 paper finds the same accuracy for sigma from 1e-8 up to about 0.1 and slightly
 worse near 1; vary --config.model.dirac_init_sigma to reproduce that. For
 ResNet-18 on ImageNet use imagenet_resnet.py with a model.dirac_init_sigma field.

@@ -137,6 +137,21 @@ def test_wrn_dirac_init_sigma_zero_gives_identity_branch_kernels():
     )
 
 
+@pytest.mark.parametrize(("name", "size"), [("wrn", 32), ("resnet", 64)])
+def test_dirac_init_sigma_draws_every_weight_from_n0_sigma(name, size):
+    # DiracNets v2 sec. 3.4: W_hat = I + W with all weights from N(0, sigma^2).
+    sigma = 0.01
+    kwargs = dict(depth=10, width=1) if name == "wrn" else dict(depth=18, width=0.25)
+    model = get_model(name, num_classes=10, dirac_init_sigma=sigma, **kwargs)
+    v = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)), train=False)
+    leaves = jax.tree_util.tree_flatten_with_path(v["params"])[0]
+    weights = {jax.tree_util.keystr(p): x for p, x in leaves if p[-1].key in ("w", "kernel")}
+    convs = [k for k in weights if k.endswith("['w']")]
+    assert any("['conv']" in k for k in convs) and any("shortcut" in k for k in convs)
+    for key, w in weights.items():
+        assert abs(float(jnp.std(w)) / sigma - 1) < 0.3, key
+
+
 def test_diracnet_train_mode_updates_batch_stats_and_eval_is_deterministic():
     model = get_model("diracnet", depth=10, width=0.25)
     x = jax.random.normal(jax.random.key(0, impl="rbg"), (4, 32, 32, 3))

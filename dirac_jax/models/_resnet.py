@@ -1,8 +1,12 @@
 """Residual baselines: pre-activation WRN-d-k (CIFAR) and ResNet-18/34 (ImageNet).
 
-Both accept the Dirac parameterization as initialization, `W_hat = I + W` with
-`W ~ N(0, sigma^2)` (DiracNets sec. 3.4), on the 3x3 convs of the residual
-branches via `dirac_init_sigma`; `None` keeps He-normal kernels.
+Both accept the Dirac parameterization as initialization, DiracNets v2 sec. 3.4
+eq. 8, via `dirac_init_sigma`: the paper parameterizes the weights as
+`W_hat = I + W` "and initializes all weights from N(0, sigma^2), ignoring filter
+shapes". So with a `sigma`, every conv (the stem, both convs of each residual
+branch and the 1x1 projections) is `I + W` with `W ~ N(0, sigma^2)` (the delta
+of a non-square conv is `torch.nn.init.dirac_`'s), and the classifier's kernel is
+drawn from `N(0, sigma^2)` (it has no identity). `None` keeps He-normal kernels.
 """
 
 from __future__ import annotations
@@ -23,12 +27,21 @@ from dirac_jax.models._layers import (
 )
 
 
-def _branch_factory(sigma):
+def _conv_factory(sigma):
+    """Every conv's kernel: He normal, or `I + W` with `W ~ N(0, sigma^2)` (sec. 3.4)."""
     if sigma is None:
         return kernel_factory("plain")
-    if not sigma >= 0:
-        raise ValueError(f"dirac_init_sigma must be >= 0 or None, got {sigma!r}.")
+    if not (isinstance(sigma, int | float) and sigma >= 0):
+        raise ValueError(f"dirac_init_sigma must be a number >= 0 or None, got {sigma!r}.")
     return kernel_factory("dirac_residual", sigma=float(sigma))
+
+
+def _classifier(num_classes: int, sigma, dtype) -> nn.Dense:
+    if sigma is None:
+        return dense(num_classes, dtype, name="fc")
+    return nn.Dense(
+        num_classes, dtype=dtype, kernel_init=nn.initializers.normal(float(sigma)), name="fc"
+    )
 
 
 def _same(k):
@@ -36,11 +49,9 @@ def _same(k):
     return ((p, p), (p, p))
 
 
-def _projection(features: int, strides: tuple[int, int], dtype) -> ParamConv:
+def _projection(features: int, strides: tuple[int, int], factory, dtype) -> ParamConv:
     """The 1x1 shortcut conv used where a residual block changes shape."""
-    return ParamConv(
-        features, (1, 1), kernel_factory("plain"), strides, "VALID", dtype=dtype, name="shortcut"
-    )
+    return ParamConv(features, (1, 1), factory, strides, "VALID", dtype=dtype, name="shortcut")
 
 
 class _PreActBlock(nn.Module):
@@ -55,7 +66,7 @@ class _PreActBlock(nn.Module):
         o = nn.relu(batch_norm(train, self.dtype, name="bn0")(x))
         shortcut = x
         if x.shape[-1] != self.features or self.stride != 1:
-            shortcut = _projection(self.features, s, self.dtype)(o)
+            shortcut = _projection(self.features, s, self.factory, self.dtype)(o)
         y = ParamConv(
             self.features, (3, 3), self.factory, s, _same(3), dtype=self.dtype, name="conv0"
         )(o)
@@ -83,23 +94,22 @@ class WideResNet(nn.Module):
                 f"depth {self.depth!r} is not valid for WRN: it must be 6n+4 with n >= 1."
             )
         widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
-        _branch_factory(self.dirac_init_sigma)
+        _conv_factory(self.dirac_init_sigma)
         return (self.depth - 4) // 6, widths
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         n, widths = self.validate()
-        factory = _branch_factory(self.dirac_init_sigma)
-        x = ParamConv(16, (3, 3), kernel_factory("plain"), dtype=self.dtype, name="conv")(x)
+        factory = _conv_factory(self.dirac_init_sigma)
+        x = ParamConv(16, (3, 3), factory, dtype=self.dtype, name="conv")(x)
         for g, (w, stride) in enumerate(zip(widths, (1, 2, 2), strict=True)):
             for i in range(n):
                 x = _PreActBlock(
                     w, stride if i == 0 else 1, factory, self.dtype, name=f"group{g}_block{i}"
                 )(x, train)
         x = nn.relu(batch_norm(train, self.dtype, name="bn")(x))
-        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(
-            jnp.promote_types(self.dtype, jnp.float32)
-        )
+        fc = _classifier(self.num_classes, self.dirac_init_sigma, self.dtype)
+        return fc(global_avg_pool(x)).astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 class _BasicBlock(nn.Module):
@@ -118,7 +128,7 @@ class _BasicBlock(nn.Module):
         y = ParamConv(self.features, (3, 3), self.factory, dtype=self.dtype, name="conv1")(y)
         y = batch_norm(train, self.dtype, name="bn1")(y)
         if x.shape[-1] != self.features or self.stride != 1:
-            x = _projection(self.features, s, self.dtype)(x)
+            x = _projection(self.features, s, self.factory, self.dtype)(x)
             x = batch_norm(train, self.dtype, name="shortcut_bn")(x)
         return nn.relu(x + y)
 
@@ -142,17 +152,17 @@ class ResNet(nn.Module):
                 f"expected one of {sorted(IMAGENET_BLOCKS)}."
             )
         widths = [_check_width(self.width, b) for b in GROUP_BASES["imagenet"]]
-        _branch_factory(self.dirac_init_sigma)
+        _conv_factory(self.dirac_init_sigma)
         return IMAGENET_BLOCKS[self.depth], widths
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         blocks, widths = self.validate()
-        factory = _branch_factory(self.dirac_init_sigma)
+        factory = _conv_factory(self.dirac_init_sigma)
         x = ParamConv(
             widths[0],
             (7, 7),
-            kernel_factory("plain"),
+            factory,
             (2, 2),
             _same(7),
             dtype=self.dtype,
@@ -163,6 +173,5 @@ class ResNet(nn.Module):
             for i in range(count):
                 stride = 2 if (g > 0 and i == 0) else 1
                 x = _BasicBlock(w, stride, factory, self.dtype, name=f"group{g}_block{i}")(x, train)
-        return dense(self.num_classes, self.dtype, name="fc")(global_avg_pool(x)).astype(
-            jnp.promote_types(self.dtype, jnp.float32)
-        )
+        fc = _classifier(self.num_classes, self.dirac_init_sigma, self.dtype)
+        return fc(global_avg_pool(x)).astype(jnp.promote_types(self.dtype, jnp.float32))
