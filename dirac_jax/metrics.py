@@ -203,12 +203,18 @@ class ProgressBar:
         self._bar.close()
 
 
-def _figure(ncols: int, width: float = 5.0):
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def _figure(ncols: int, width: float = 5.0):
+    plt = pyplot()
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.8), squeeze=False)
     return plt, fig, axes[0]
 
@@ -234,8 +240,21 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
     plt.close(fig)
 
 
-def plot_dirac_scales(records: list[dict], path: str | pathlib.Path) -> bool:
-    """Per-layer mean `a` and `b` of every eval (last eval bold), like DiracNets fig. 2.
+def layer_group(layer: str) -> str:
+    """`"group1/block3/conv"` -> `"group1"`; layers outside a group form one group."""
+    head = layer.split("/", 1)[0]
+    return head if head.startswith("group") else "other"
+
+
+def plot_dirac_scales(
+    records: list[dict], path: str | pathlib.Path, steps_per_epoch: int | None = None
+) -> bool:
+    """Per-layer mean `a` and `b` against training time, as DiracNets v2 fig. 2.
+
+    One column per group of blocks, `a` on top and `b` below; one line per
+    layer, its colour the darker the deeper the layer sits in its group (the
+    figure's convention). The x axis is the epoch when `steps_per_epoch` is
+    given, else the step.
 
     Returns:
       False (and writes nothing) when no record has Dirac scales, e.g. for a WRN.
@@ -243,27 +262,29 @@ def plot_dirac_scales(records: list[dict], path: str | pathlib.Path) -> bool:
     evals = [r for r in records if r.get("kind") == "eval" and r.get("dirac_a")]
     if not evals:
         return False
-    plt, fig, axes = _figure(2)
-    cmap = plt.get_cmap("viridis")
-    for ax, key, label in ((axes[0], "dirac_a", "mean a"), (axes[1], "dirac_b", "mean b")):
-        for i, r in enumerate(evals):
-            last = i == len(evals) - 1
-            values = list(r[key].values())
-            color = "black" if last else cmap(i / max(len(evals) - 1, 1))
-            ax.plot(
-                range(1, len(values) + 1),
-                values,
-                "o-" if last else "-",
-                color=color,
-                alpha=1.0 if last else 0.35,
-                linewidth=2 if last else 1,
-                markersize=3,
-                label=f"step {r['step']}" if last or i == 0 else None,
-            )
-        ax.set_xlabel("layer (Dirac conv, input to output)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    layers = list(evals[-1]["dirac_a"])
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        groups.setdefault(layer_group(layer), []).append(layer)
+    x = [r["step"] / steps_per_epoch if steps_per_epoch else r["step"] for r in evals]
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        2, len(groups), figsize=(3.6 * len(groups), 5.6), squeeze=False, sharex=True
+    )
+    for col, (group, members) in enumerate(groups.items()):
+        cmap = plt.get_cmap(("Blues", "Oranges", "Greens", "Purples", "Greys")[col % 5])
+        for row, (key, label) in enumerate((("dirac_a", "mean a"), ("dirac_b", "mean b"))):
+            ax = axes[row][col]
+            for i, layer in enumerate(members):
+                values = [r[key].get(layer, math.nan) for r in evals]
+                shade = 0.35 + 0.65 * (i + 1) / len(members)
+                ax.plot(x, values, color=cmap(shade), linewidth=1.2)
+            ax.set_title(f"{group}: {label}" if row == 0 else "", fontsize=9)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("epoch" if steps_per_epoch else "step")
+    fig.suptitle("per-layer mean a and b (darker: deeper in the group)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -878,7 +878,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       workdir: the run directory; rerunning with the same one resumes.
 
     Returns:
-      The summary: `test_accuracy`, `test_loss`, `num_params`,
+      The summary: `test_accuracy`, `test_top5_accuracy`, `test_loss`,
+      `train_accuracy` and `train_loss` (the last log window's running means;
+      process 0 only), `num_params`,
       `fold_max_abs_error` (None for models that do not fold), `step`,
       `wall_time_s`, `preempted` (False), and a few descriptive fields. After a
       SIGTERM: `{"preempted": True, "step": ..., "wall_time_s": ...}` and no
@@ -941,32 +943,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return {"preempted": True, "step": step, "wall_time_s": time.time() - start_time}
 
     fold_error = None
-    if config.model.name in FOLDABLE_MODELS:
+    fold_images = int(_get(config, "fold_check_images", FOLD_CHECK_IMAGES))
+    if config.model.name in FOLDABLE_MODELS and fold_images > 0:
         variables = _fetch({"params": state.params, "batch_stats": state.batch_stats})
-        fold_error = fold_max_abs_error(
-            model, variables, inputs.fold_check_images(FOLD_CHECK_IMAGES)
-        )
+        fold_error = fold_max_abs_error(model, variables, inputs.fold_check_images(fold_images))
     summary = {
         "test_accuracy": last_eval["test_accuracy"],
         "test_top5_accuracy": last_eval["test_top5_accuracy"],
         "test_loss": last_eval["test_loss"],
         "num_params": num_params,
         "fold_max_abs_error": fold_error,
-        "fold_check_images": min(FOLD_CHECK_IMAGES, inputs.num_test)
-        if fold_error is not None
-        else 0,
+        "fold_check_images": min(fold_images, inputs.num_test) if fold_error is not None else 0,
         "step": step,
         "wall_time_s": time.time() - start_time,
         "preempted": False,
         "model": config.model.name,
         "dataset": config.dataset.name,
         "num_test_examples": inputs.num_test,
+        "steps_per_epoch": inputs.steps_per_epoch,
     }
     if chief:
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         records = metrics.read_metrics(workdir)
+        trains = [r for r in records if r.get("kind") == "train"]
+        # The running means of the last log window (augmented batches, BN in train mode).
+        summary["train_accuracy"] = trains[-1]["train_accuracy"] if trains else None
+        summary["train_loss"] = trains[-1]["train_loss"] if trains else None
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         metrics.plot_curves(records, workdir / metrics.CURVES_FILE)
-        metrics.plot_dirac_scales(records, workdir / metrics.DIRAC_SCALES_FILE)
+        metrics.plot_dirac_scales(
+            records, workdir / metrics.DIRAC_SCALES_FILE, inputs.steps_per_epoch
+        )
     logging.info("Summary: %s", _format({k: v for k, v in summary.items() if v is not None}))
     return summary
 

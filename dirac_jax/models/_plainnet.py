@@ -1,9 +1,13 @@
-"""PlainNet: the very deep plain net recipe of Oyedotun et al., `004_55caaf60fcbb24c8.txt`.
+"""PlainNet: the very deep plain net recipe of Oyedotun et al.
 
 Every layer is `conv(W) -> BN -> LeakyReLU` (their eq. 1) with `W` drawn from
 `U[-sqrt(6/n_in), sqrt(6/n_in)]` (eq. 3). The max-norm constraint
 `||w_j|| <= c` (eq. 2) is a projection after each optimizer step, so it lives in
 the trainer (`config.max_norm`), which applies `param.max_norm` to every kernel.
+
+Their ablation (Table 1) removes components: `batch_norm=False` drops BN (the
+convs then get a bias), `leaky_slope=0.0` is plain ReLU, and `kernel_init`
+swaps the uniform draw for He-normal.
 
 Layout (a choice of this library; the slides give only the depth): a 3x3 stem
 of `16k` channels, then `depth - 2` conv layers split as evenly as possible
@@ -45,7 +49,9 @@ class PlainNet(nn.Module):
       depth: conv layers + 1 (the classifier), `>= 5`.
       width: width multiplier `k`.
       num_classes: classifier outputs.
-      leaky_slope: the `beta` of Leaky ReLU (eq. 1).
+      leaky_slope: the `beta` of Leaky ReLU (eq. 1); 0 is ReLU.
+      batch_norm: BN after every conv; without it the convs have a bias.
+      kernel_init: `"uniform"` (eq. 3) or `"he_normal"`.
       dtype: computation dtype.
     """
 
@@ -53,20 +59,36 @@ class PlainNet(nn.Module):
     width: float = 1
     num_classes: int = 10
     leaky_slope: float = 0.1
+    batch_norm: bool = True
+    kernel_init: str = "uniform"
     dtype: Any = jnp.float32
 
     def validate(self):
         widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
+        if self.kernel_init not in ("uniform", "he_normal"):
+            raise ValueError(
+                f"kernel_init must be 'uniform' or 'he_normal', got {self.kernel_init!r}."
+            )
+        if not 0 <= self.leaky_slope < 1:
+            raise ValueError(f"leaky_slope must be in [0, 1), got {self.leaky_slope!r}.")
         return plainnet_layers(self.depth), widths
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         counts, widths = self.validate()
-        factory = kernel_factory("uniform")
+        factory = kernel_factory("uniform" if self.kernel_init == "uniform" else "plain")
 
         def layer(x, features, name):
-            x = ParamConv(features, (3, 3), factory, dtype=self.dtype, name=name)(x)
-            x = batch_norm(train, self.dtype, name=f"{name}_bn")(x)
+            x = ParamConv(
+                features,
+                (3, 3),
+                factory,
+                use_bias=not self.batch_norm,
+                dtype=self.dtype,
+                name=name,
+            )(x)
+            if self.batch_norm:
+                x = batch_norm(train, self.dtype, name=f"{name}_bn")(x)
             return nn.leaky_relu(x, self.leaky_slope)
 
         x = layer(x, widths[0], "conv")

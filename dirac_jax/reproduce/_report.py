@@ -1,0 +1,147 @@
+"""Writes an experiment's results: `NAME.md` (table beside the paper), `NAME.json`, `NAME.png`."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from dirac_jax import metrics
+from dirac_jax.reproduce._experiments import Experiment
+from dirac_jax.reproduce._grid import Plan, workdir
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _err(x: float | None) -> str:
+    return "-" if x is None else f"{100 * (1 - x):.1f}"
+
+
+def _spread(row: dict, error: bool) -> str:
+    lo, hi = row["test_accuracy_min"], row["test_accuracy_max"]
+    if lo is None or len(row["seeds"]) < 2:
+        return ""
+    if error:
+        lo, hi = 1 - hi, 1 - lo
+    return f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def table(experiment: Experiment, rows: list[dict]) -> str:
+    """A markdown table: the cell's labels, params, our medians and the paper's figure."""
+    error = experiment.metric == "test_error"
+    labels = [k for k in rows[0] if k not in _NOT_LABELS]
+    ours = "test error %" if error else "test acc. %"
+    train = "train error %" if error else "train acc. %"
+    paper = "paper train / test error %" if error else "paper test acc. %"
+    head = [*labels, "params", f"ours: {ours} (median [min, max])", train, paper, "diverged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    fmt = _err if error else _pct
+    for r in rows:
+        cells = [str(r[k]) for k in labels]
+        cells += [
+            "-" if r["num_params"] is None else f"{r['num_params']:,}",
+            fmt(r["test_accuracy"]) + _spread(r, error),
+            fmt(r["train_accuracy"]),
+            r["paper"] or "-",
+            f"{r['diverged']}/{len(r['seeds'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_NOT_LABELS = {
+    "key", "paper", "seeds", "test_accuracy", "test_accuracy_min", "test_accuracy_max",
+    "test_accuracies", "train_accuracy", "test_top5_accuracy", "num_params", "diverged",
+    "wall_time_s",
+}  # fmt: skip
+
+
+def _plot_depth(rows, path):
+    plt = metrics.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        x = [r["depth"] for r in rs]
+        y = [100 * r["test_accuracy"] for r in rs]
+        lo = [100 * (r["test_accuracy"] - r["test_accuracy_min"]) for r in rs]
+        hi = [100 * (r["test_accuracy_max"] - r["test_accuracy"]) for r in rs]
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=model)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["depth"] for r in rows}))
+    ax.set_xticklabels([str(d) for d in sorted({r["depth"] for r in rows})])
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("test accuracy % (median, min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _plot_bars(rows, path, error: bool, label_key):
+    plt = metrics.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    names = [label_key(r) for r in rows]
+    tf = (lambda a: 100 * (1 - a)) if error else (lambda a: 100 * a)
+    test = [tf(r["test_accuracy"]) for r in rows]
+    trn = [math.nan if r["train_accuracy"] is None else tf(r["train_accuracy"]) for r in rows]
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], test, height=0.4, label="test")
+    ax.barh([i - 0.2 for i in y], trn, height=0.4, label="train")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(("error" if error else "accuracy") + " % (median over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend()
+    return fig
+
+
+def plot(experiment: Experiment, plan: Plan, rows: list[dict], out: pathlib.Path, path):
+    """The experiment's figure at `path`."""
+    if experiment.name == "scales":
+        wd = workdir(out, plan, plan.cells[0], plan.seeds[0])
+        records = metrics.read_metrics(wd)
+        steps_per_epoch = json.loads((wd / "summary.json").read_text()).get("steps_per_epoch")
+        return metrics.plot_dirac_scales(records, path, steps_per_epoch)
+    if experiment.name == "depth":
+        fig = _plot_depth(rows, path)
+    elif experiment.name == "init":
+        fig = _plot_bars(rows, path, False, lambda r: r["init"])
+    else:
+        fig = _plot_bars(rows, path, True, lambda r: r["key"])
+    fig.suptitle(f"{experiment.name} ({plan.preset} preset): {experiment.source}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    metrics.pyplot().close(fig)
+    return True
+
+
+def scales_table(plan: Plan, out: pathlib.Path) -> str:
+    """Final per-group means of a and b and the smallest a/b ratio, from the first run."""
+    wd = workdir(out, plan, plan.cells[0], plan.seeds[0])
+    evals = [r for r in metrics.read_metrics(wd) if r.get("kind") == "eval" and r.get("dirac_a")]
+    first, last = evals[0], evals[-1]
+    lines = [
+        "| group | layers | mean a (first eval -> last) | mean b (first eval -> last) "
+        "| min a/b (last) | layers with a or b < 1% of its group's largest |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    groups: dict[str, list[str]] = {}
+    for layer in last["dirac_a"]:
+        groups.setdefault(metrics.layer_group(layer), []).append(layer)
+    for group, layers in groups.items():
+        a0 = sum(first["dirac_a"][k] for k in layers) / len(layers)
+        b0 = sum(first["dirac_b"][k] for k in layers) / len(layers)
+        a = [last["dirac_a"][k] for k in layers]
+        b = [last["dirac_b"][k] for k in layers]
+        ratio = min(x / y if y else math.inf for x, y in zip(a, b, strict=True))
+        degraded = sum(
+            abs(x) < 0.01 * max(map(abs, a)) or abs(y) < 0.01 * max(map(abs, b))
+            for x, y in zip(a, b, strict=True)
+        )
+        lines.append(
+            f"| {group} | {len(layers)} | {a0:.3f} -> {sum(a) / len(a):.3f} "
+            f"| {b0:.3f} -> {sum(b) / len(b):.3f} | {ratio:.2f} | {degraded} |"
+        )
+    return "\n".join(lines)
