@@ -17,7 +17,7 @@ Example:
 """
 
 from dirac_jax.reproduce._experiments import EXPERIMENTS, PRESETS, Experiment
-from dirac_jax.reproduce._grid import Cell, Plan, load_config, run_plan, summarize
+from dirac_jax.reproduce._grid import Cell, Plan, cell_config, load_config, run_plan, summarize
 from dirac_jax.reproduce._run import run
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Cell",
     "Experiment",
     "Plan",
+    "cell_config",
     "load_config",
     "run",
     "run_plan",

@@ -97,6 +97,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 
 def cell_config(cell: Cell, seed: int, configs: pathlib.Path | None = None):
+    """The training config of one run: the cell's config file, its overrides, the seed."""
     config = load_config((configs or configs_dir()) / cell.config)
     return apply_overrides(config, {**cell.overrides, "seed": seed})
 

@@ -1,0 +1,115 @@
+"""`dirac_jax.reproduce`: every experiment end to end at the smoke preset, on real data.
+
+Each smoke plan trains a few tiny cells for two steps on Fashion-MNIST through
+`train.train_and_evaluate`; the tests check the grid's folders, the report files
+and their table structure, the medians, and that a rerun trains nothing again.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dirac_jax import metrics, reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not FASHION_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist"
+)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    for name in reproduce.EXPERIMENTS:
+        assert reproduce.run(name, "smoke", out) is not None
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(reproduce.EXPERIMENTS))
+def test_smoke_writes_table_json_plot_and_one_workdir_per_run(out, name):
+    plan = reproduce.EXPERIMENTS[name].plan("smoke")
+    report = json.loads((out / f"{name}.json").read_text())
+    assert [r["key"] for r in report["rows"]] == [c.key for c in plan.cells]
+    for cell, row in zip(plan.cells, report["rows"], strict=True):
+        seeds = plan.cell_seeds(cell)
+        assert row["seeds"] == list(seeds)
+        for seed in seeds:
+            summary = json.loads(
+                (out / name / cell.key / f"seed{seed}" / "summary.json").read_text()
+            )
+            assert summary["step"] == 2
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["num_params"] > 0
+    # The markdown table: a header, a separator, one line per cell, equal column counts.
+    text = (out / f"{name}.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) >= len(plan.cells) + 1
+    widths = {line.count(" | ") for line in table[: len(plan.cells) + 1]}
+    assert len(widths) == 1, table
+    assert "paper" in table[0] and f"![{name}]({name}.png)" in text
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_depth_medians_are_over_the_seeds(out):
+    report = json.loads((out / "depth.json").read_text())
+    for row in report["rows"]:
+        accs = [
+            json.loads((out / "depth" / row["key"] / f"seed{s}" / "summary.json").read_text())[
+                "test_accuracy"
+            ]
+            for s in row["seeds"]
+        ]
+        assert len(accs) == 2 and row["test_accuracy"] == pytest.approx(sum(accs) / 2)
+        assert row["test_accuracy_min"] == min(accs) and row["test_accuracy_max"] == max(accs)
+
+
+def test_rerun_skips_finished_runs_and_finishes_interrupted_ones(out):
+    plan = reproduce.EXPERIMENTS["init"].plan("smoke")
+    done = out / "init" / plan.cells[0].key / "seed0"
+    unfinished = out / "init" / plan.cells[1].key / "seed0"
+    # An interrupted run: its checkpoint is there, its summary is not.
+    (unfinished / "summary.json").unlink()
+    before = {p: (p / metrics.METRICS_FILE).stat().st_mtime_ns for p in (done, unfinished)}
+    trains_before = len([r for r in metrics.read_metrics(unfinished) if r["kind"] == "train"])
+    reproduce.run("init", "smoke", out)
+    assert (done / metrics.METRICS_FILE).stat().st_mtime_ns == before[done]  # not rerun
+    summary = json.loads((unfinished / "summary.json").read_text())
+    assert summary["step"] == 2
+    # Resumed from its last checkpoint: no step was trained twice.
+    trains = [r for r in metrics.read_metrics(unfinished) if r["kind"] == "train"]
+    assert len(trains) == trains_before
+
+
+def test_diverged_runs_count_at_chance():
+    cell = reproduce.Cell("c", "fashion_mnist_dirac.py", {}, {"model": "m"})
+    plan = reproduce.Plan("x", "smoke", [cell], (0, 1, 2))
+    ok = {"diverged": False, "test_accuracy": 0.8, "train_accuracy": 0.9, "num_params": 5}
+    results = {"c": {0: ok, 1: {"diverged": True}, 2: {**ok, "test_accuracy": 0.6}}}
+    (row,) = reproduce.summarize(plan, results, chance=0.1)
+    assert row["diverged"] == 1 and row["test_accuracies"] == [0.8, 0.1, 0.6]
+    assert row["test_accuracy"] == 0.6 and row["test_accuracy_min"] == 0.1
+
+
+def test_cli_rejects_unknown_experiment_and_preset(tmp_path):
+    for args, word in ((["nope"], "experiment"), (["depth", "--preset=huge"], "preset")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dirac_jax.reproduce", *args, f"--out={tmp_path}"],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown " + word)
+
+
+def test_every_plan_builds_valid_configs():
+    from dirac_jax import train
+
+    for name, experiment in reproduce.EXPERIMENTS.items():
+        for preset in reproduce.PRESETS:
+            plan = experiment.plan(preset)
+            assert plan.cells and plan.seeds, (name, preset)
+            for cell in plan.cells:
+                config = reproduce.cell_config(cell, seed=0)
+                train.validate_config(config)
