@@ -112,7 +112,7 @@ def _scales_plan(preset: str) -> Plan:
     tiny = preset == "smoke"
     overrides = _small(
         preset,
-        1000,
+        600,
         **{
             "model.depth": 10 if tiny else 34,
             "model.width": 0.25 if tiny else 0.5,
@@ -144,11 +144,11 @@ def _init_plan(preset: str) -> Plan:
             continue
         overrides = _small(
             preset,
-            400,
+            300,
             **{
                 "model.name": "wrn",
-                "model.depth": 10 if preset == "smoke" else 28,
-                "model.width": 0.25 if preset == "smoke" else 0.5,
+                "model.depth": 10 if preset == "smoke" else 16,
+                "model.width": 0.25,
                 "model.dirac_init_sigma": sigma,
             },
         )
@@ -180,7 +180,7 @@ def _plainnet_plan(preset: str) -> Plan:
         model = {
             "model.name": "plainnet",
             "model.depth": 5 if preset == "smoke" else 100,
-            "model.width": 0.25 if preset == "smoke" else 0.5,
+            "model.width": 0.25,
             "model.batch_norm": bn,
             "model.leaky_slope": 0.1 if lrelu else 0.0,
             "model.kernel_init": init,
@@ -197,7 +197,7 @@ def _plainnet_plan(preset: str) -> Plan:
             overrides = {k: v for k, v in model.items() if k != "model.width"}
             cells.append(Cell(name, "plainnet.py", overrides, labels, paper))
         else:
-            overrides = _small(preset, 400, **model)
+            overrides = _small(preset, 300, **model)
             cells.append(Cell(name, "fashion_mnist_dirac.py", overrides, labels, paper))
     seeds = {"smoke": (0,), "cpu": (0,), "paper": (0, 1, 2, 3, 4)}[preset]
     return Plan("plainnet", preset, cells, seeds)
