@@ -172,8 +172,8 @@ def normalize(w: Array, eps: float = 1e-12) -> Array:
     norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(w.ndim - 1)), keepdims=True))
     # `select`, not `maximum`: the same values, but a gradient of a few ops (maximum
     # splits ties) in every layer of every compiled train step.
-    norm = jax.lax.select(norm > eps, norm, jnp.full_like(norm, eps))
-    return (v / norm).astype(w.dtype)
+    floor = jnp.full_like(norm, eps)
+    return (v / jax.lax.select(norm > floor, norm, floor)).astype(w.dtype)
 
 
 def dirac(
