@@ -218,7 +218,9 @@ def report(results: dict) -> str:
                 rows,
             ),
             "",
-            _timing.markdown_table(["model", "DiracNet / plain", "ratio", "goal", "met"], ratio_rows),
+            _timing.markdown_table(
+                ["model", "DiracNet / plain", "ratio", "goal", "met"], ratio_rows
+            ),
         ]
     )
 
