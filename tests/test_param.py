@@ -148,6 +148,14 @@ def test_repeat_is_the_tiled_square_delta(shape):
     np.testing.assert_array_equal(np.asarray(jitted, np.float32), host_delta(shape, "repeat"))
 
 
+def test_deltas_under_x64():
+    with jax.enable_x64(True):
+        for shape, kwargs in [((3, 3, 12, 4), {"mode": "repeat"}), ((3, 3, 2, 6), {"groups": 3})]:
+            got = jax.jit(lambda s=shape, k=kwargs: param.dirac_delta(s, dtype=jnp.float64, **k))()
+            assert got.dtype == jnp.float64
+            np.testing.assert_array_equal(np.asarray(got), host_delta(shape, **kwargs))
+
+
 def host_dirac_apply(raw, delta, weight_norm=True):
     """DiracNets eq. 5 as computed with a host delta and `maximum` in the norm."""
     w = raw["w"]

@@ -67,13 +67,16 @@ def _channel_delta(n_in: int, n_out: int, mode: str, groups: int) -> Array:
     """
     i = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
     o = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
+
+    def rem(x, n):  # An int32 divisor, so the op is well typed with jax_enable_x64 too.
+        return jax.lax.rem(x, jnp.asarray(n, jnp.int32))
+
     if mode == "truncate":
         # torch.nn.init.dirac_: output d of group g reads input d, for d < min(out/groups, in).
-        per_group = n_out // groups
-        return i == (o if groups == 1 else jax.lax.rem(o, per_group))
+        return i == (o if groups == 1 else rem(o, n_out // groups))
     # A square delta of side min(in, out), tiled along the longer channel axis.
     n = min(n_in, n_out)
-    return (i if n_in == n else jax.lax.rem(i, n)) == (o if n_out == n else jax.lax.rem(o, n))
+    return (i if n_in == n else rem(i, n)) == (o if n_out == n else rem(o, n))
 
 
 def _at_centre(centre: Array, spatial: Sequence[int]) -> Array:
