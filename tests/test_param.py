@@ -1,6 +1,7 @@
 """Properties of `dirac_jax.param`: identities, equivalences, exact counts."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,94 @@ def test_ncrelu_repeat_zero_w_is_a_times_x():
     raw["w"] = jnp.zeros_like(raw["w"])
     y = conv(param.ncrelu(x), t.apply(raw))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(a * x))
+
+
+def host_delta(shape, mode="truncate", groups=1):
+    """The delta as built on the host before it was traced (numpy; truncate and repeat)."""
+    *spatial, n_in, n_out = shape
+    if mode == "repeat":
+        n = min(n_in, n_out)
+        square = host_delta((*spatial, n, n))
+        return np.tile(square, (1,) * len(spatial) + (n_in // n, n_out // n))
+    delta = np.zeros(shape, np.float32)
+    per = n_out // groups
+    for g in range(groups):
+        for d in range(min(per, n_in)):
+            delta[(*[k // 2 for k in spatial], d, g * per + d)] = 1.0
+    return delta
+
+
+REPEAT_SHAPES = [(3, 3, 12, 4), (3, 3, 4, 12), (3, 3, 5, 5), (1, 8, 2), (5, 6, 3), (3, 1, 3, 2, 4)]
+
+
+@pytest.mark.parametrize("shape", REPEAT_SHAPES)
+def test_repeat_is_the_tiled_square_delta(shape):
+    got = param.dirac_delta(shape, mode="repeat")
+    np.testing.assert_array_equal(np.asarray(got), host_delta(shape, "repeat"))
+    jitted = jax.jit(lambda: param.dirac_delta(shape, mode="repeat", dtype=jnp.bfloat16))()
+    assert jitted.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(jitted, np.float32), host_delta(shape, "repeat"))
+
+
+def test_deltas_under_x64():
+    with jax.enable_x64(True):
+        for shape, kwargs in [((3, 3, 12, 4), {"mode": "repeat"}), ((3, 3, 2, 6), {"groups": 3})]:
+            got = jax.jit(lambda s=shape, k=kwargs: param.dirac_delta(s, dtype=jnp.float64, **k))()
+            assert got.dtype == jnp.float64
+            np.testing.assert_array_equal(np.asarray(got), host_delta(shape, **kwargs))
+
+
+def host_dirac_apply(raw, delta, weight_norm=True):
+    """DiracNets eq. 5 as computed with a host delta and `maximum` in the norm."""
+    w = raw["w"]
+    if weight_norm:
+        norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(w.ndim - 1)), keepdims=True))
+        w = w / jnp.maximum(norm, 1e-12)
+    return raw["a"] * jnp.asarray(delta) + raw["b"] * w
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((3, 3, 8, 8), {}),
+        ((3, 3, 4, 12), {"groups": 3}),
+        ((3, 3, 6, 4), {}),
+        ((3, 3, 16, 8), {"mode": "repeat", "per_channel": False}),
+        ((1, 3, 4, 12), {"mode": "repeat", "weight_norm": False}),
+    ],
+)
+def test_dirac_apply_and_grads_bit_equal_host_delta(shape, kwargs):
+    # The traced delta changes how the kernel is built, not one bit of it or its gradient.
+    t = param.dirac(shape, **kwargs)
+    raw = t.init(jax.random.key(1))
+    scale = jnp.linspace(-2.0, 3.0, shape[-1]) if raw["a"].ndim else jnp.float32(-1.5)
+    raw = {"w": raw["w"], "a": scale, "b": 0.3 * scale + 0.1}
+    mode, groups = kwargs.get("mode", "truncate"), kwargs.get("groups", 1)
+    delta = host_delta(shape, mode, groups)
+
+    def host(r):
+        return host_dirac_apply(r, delta, kwargs.get("weight_norm", True))
+
+    probe = jax.random.normal(jax.random.key(2), shape)
+    for f, g in [(t.apply, host), (jax.jit(t.apply), jax.jit(host))]:
+        np.testing.assert_array_equal(np.asarray(f(raw)), np.asarray(g(raw)))
+        ga = jax.grad(lambda r, f=f: jnp.sum(probe * f(r)))(raw)
+        gb = jax.grad(lambda r, g=g: jnp.sum(probe * g(r)))(raw)
+        for name in raw:
+            np.testing.assert_array_equal(np.asarray(ga[name]), np.asarray(gb[name]), name)
+
+
+def test_dirac_kernels_compile_without_constants():
+    # The delta is computed in the program: no literal larger than a scalar in the HLO.
+    for t in [
+        param.dirac((3, 3, 32, 64), groups=2),
+        param.dirac_v1((3, 3, 64, 32)),
+        param.dirac_residual((3, 3, 32, 32), 0.1),
+    ]:
+        raw = jax.eval_shape(t.init, jax.random.key(0))
+        text = jax.jit(jax.grad(lambda r, t=t: jnp.sum(t.apply(r) ** 2))).lower(raw).as_text()
+        shapes = re.findall(r"stablehlo\.constant .*: tensor<([^>]*)>", text)
+        assert shapes and all("x" not in s for s in shapes), shapes
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ class _Block(nn.Module):
 
     def forward(self, x):
         w = self.weight
-        w_norm = F.normalize(w.view(w.shape[0], -1)).view_as(w)
+        # reshape, not view: a channels_last weight is not contiguous in OIHW order.
+        w_norm = F.normalize(w.reshape(w.shape[0], -1)).reshape(w.shape)
         w_hat = self.beta.view(-1, 1, 1, 1) * w_norm + self.alpha.view(-1, 1, 1, 1) * self.delta
         return self.bn(F.conv2d(F.relu(x), w_hat, padding=1))
 
@@ -68,8 +69,14 @@ class _PlainBlock(nn.Module):
         return self.bn(self.conv(F.relu(x)))
 
 
-def make_train_step(model: nn.Module, lr: float = 0.1, weight_decay: float = 5e-4):
-    """SGD with momentum 0.9 and decay on tensors of more than one dimension, as the reference."""
+def make_train_step(
+    model: nn.Module, lr: float = 0.1, weight_decay: float = 5e-4, *, amp_bf16: bool = False
+):
+    """SGD with momentum 0.9 and decay on tensors of more than one dimension, as the reference.
+
+    With `amp_bf16`, the forward pass and loss run under `torch.autocast` in
+    bfloat16 (weights and optimizer stay float32), PyTorch's mixed precision.
+    """
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -77,12 +84,56 @@ def make_train_step(model: nn.Module, lr: float = 0.1, weight_decay: float = 5e-
         lr=lr,
         momentum=0.9,
     )
+    device_type = next(model.parameters()).device.type
 
     def step(images, labels):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp_bf16):
+            loss = F.cross_entropy(model(images), labels)
         loss.backward()
         opt.step()
         return loss
 
     return step
+
+
+def make_candidate(
+    depth: int,
+    width: float,
+    batch: int,
+    *,
+    channels_last: bool = False,
+    amp_bf16: bool = False,
+    compile: bool = False,
+    device: str | None = None,
+):
+    """A closure running one training step of the reference model on synthetic data.
+
+    Args:
+      depth, width: the DiracNet-depth-width of `ReferenceDiracNet`.
+      batch: images per step (32x32x3, 10 classes).
+      channels_last: NHWC memory format for the model and the images, the
+        layout cuDNN's tensor-core convolutions prefer.
+      amp_bf16: `torch.autocast` bfloat16 (see `make_train_step`).
+      compile: `torch.compile` the model (forward and, through AOTAutograd,
+        backward); the compilation happens on the first call.
+      device: `"cuda"` when available, else `"cpu"`, unless given.
+
+    Returns:
+      `(step, num_params)`; `step()` runs one step and returns the loss as a float,
+      which waits for the device.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = ReferenceDiracNet(depth, width).to(device=device, memory_format=fmt)
+    num_params = sum(p.numel() for p in model.parameters())
+    runner = torch.compile(model) if compile else model
+    step_fn = make_train_step(runner, amp_bf16=amp_bf16)
+    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        return step_fn(images, labels).item()
+
+    return step, num_params

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dirac_jax.param._core import Array, Transform, check_kernel_shape, fan_in, size
 
@@ -35,37 +34,61 @@ def _w_std(w_init: str | float, shape: tuple[int, ...], what: str) -> float:
     return float(w_init)
 
 
-def _truncate_delta(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    """`torch.nn.init.dirac_` in Flax layout (see `dirac_delta`)."""
-    *spatial, n_in, n_out = shape
-    if groups < 1 or n_out % groups:
-        raise ValueError(
-            f"dirac_delta: kernel_shape {shape} has out_features={n_out}, which must be "
-            f"divisible by groups={groups} in mode='truncate'."
-        )
-    out_per_group = n_out // groups
-    delta = np.zeros(shape, np.float32)
-    centre = tuple(k // 2 for k in spatial)
-    for g in range(groups):
-        for d in range(min(out_per_group, n_in)):
-            delta[(*centre, d, g * out_per_group + d)] = 1.0
-    return delta
+def _check_delta(shape: tuple[int, ...], mode: str, groups: int) -> None:
+    """Raises if the delta of `mode` cannot serve `shape` (see `dirac_delta`)."""
+    *_, n_in, n_out = shape
+    if mode == "truncate":
+        if groups < 1 or n_out % groups:
+            raise ValueError(
+                f"dirac_delta: kernel_shape {shape} has out_features={n_out}, which must be "
+                f"divisible by groups={groups} in mode='truncate'."
+            )
+    elif mode == "repeat":
+        if groups != 1:
+            raise ValueError(
+                f"dirac_delta: mode='repeat' supports groups=1 only, got groups={groups}."
+            )
+        if n_in % n_out and n_out % n_in:
+            raise ValueError(
+                f"dirac_delta: kernel_shape {shape} has in={n_in}, out={n_out}; mode='repeat' "
+                "needs in = m*out or out = m*in for a natural m (DiracNets v1 sec. 2.1). "
+                "Use mode='truncate' for other shapes."
+            )
+    else:
+        raise ValueError(f"dirac_delta: unknown mode {mode!r}; expected one of {_MODES}.")
 
 
-def _repeat_delta(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    """DiracNets v1 sec. 2.1: a square delta repeated along the larger channel axis."""
-    *spatial, n_in, n_out = shape
-    if groups != 1:
-        raise ValueError(f"dirac_delta: mode='repeat' supports groups=1 only, got groups={groups}.")
-    if n_in % n_out and n_out % n_in:
-        raise ValueError(
-            f"dirac_delta: kernel_shape {shape} has in={n_in}, out={n_out}; mode='repeat' "
-            "needs in = m*out or out = m*in for a natural m (DiracNets v1 sec. 2.1). "
-            "Use mode='truncate' for other shapes."
-        )
+def _channel_delta(n_in: int, n_out: int, mode: str, groups: int) -> Array:
+    """The `(in, out)` boolean matrix of the delta's centre tap (see `dirac_delta`).
+
+    Built from iotas, not from a host array: under `jit` the delta is then a few
+    ops that XLA fuses into the kernel computation, instead of a literal the size
+    of the kernel in every compiled program.
+    """
+    i = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 0)
+    o = jax.lax.broadcasted_iota(jnp.int32, (n_in, n_out), 1)
+
+    def rem(x, n):  # An int32 divisor, so the op is well typed with jax_enable_x64 too.
+        return jax.lax.rem(x, jnp.asarray(n, jnp.int32))
+
+    if mode == "truncate":
+        # torch.nn.init.dirac_: output d of group g reads input d, for d < min(out/groups, in).
+        return i == (o if groups == 1 else rem(o, n_out // groups))
+    # A square delta of side min(in, out), tiled along the longer channel axis.
     n = min(n_in, n_out)
-    square = _truncate_delta((*spatial, n, n), 1)
-    return np.tile(square, (1,) * len(spatial) + (n_in // n, n_out // n))
+    return (i if n_in == n else rem(i, n)) == (o if n_out == n else rem(o, n))
+
+
+def _at_centre(centre: Array, spatial: Sequence[int]) -> Array:
+    """A kernel of `spatial` taps that is `centre` (`(in, out)`) at the centre tap, else 0."""
+    x = centre.reshape((1,) * len(spatial) + centre.shape)
+    pads = [(k // 2, k - 1 - k // 2, 0) for k in spatial] + [(0, 0, 0)] * 2
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+
+
+def _delta(shape: tuple[int, ...], mode: str, groups: int, dtype) -> Array:
+    *spatial, n_in, n_out = shape
+    return _at_centre(_channel_delta(n_in, n_out, mode, groups).astype(dtype), spatial)
 
 
 def dirac_delta(
@@ -97,7 +120,9 @@ def dirac_delta(
       dtype: dtype of the result.
 
     Returns:
-      An array of shape `kernel_shape`, zero except for ones at the centres.
+      An array of shape `kernel_shape`, zero except for ones at the centres. It
+      is computed with JAX ops (no host array), so under `jit` it is part of
+      the computation rather than a constant of the compiled program.
 
     Raises:
       ValueError: if the shape is not a kernel shape, `mode` is unknown, `out` is
@@ -116,13 +141,13 @@ def dirac_delta(
       [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
     """
     shape = check_kernel_shape(kernel_shape, "dirac_delta")
-    if mode == "truncate":
-        delta = _truncate_delta(shape, groups)
-    elif mode == "repeat":
-        delta = _repeat_delta(shape, groups)
-    else:
-        raise ValueError(f"dirac_delta: unknown mode {mode!r}; expected one of {_MODES}.")
-    return jnp.asarray(delta, dtype)
+    _check_delta(shape, mode, groups)
+    return _delta(shape, mode, groups, dtype)
+
+
+def _per_filter(scale: Array, shape: tuple[int, ...]) -> Array:
+    """`scale` (`(out,)` or a scalar) broadcast along the last (output) axis of `shape`."""
+    return jax.lax.broadcast_in_dim(scale, shape, tuple(range(len(shape) - scale.ndim, len(shape))))
 
 
 def normalize(w: Array, eps: float = 1e-12) -> Array:
@@ -146,10 +171,12 @@ def normalize(w: Array, eps: float = 1e-12) -> Array:
       >>> normalize(jnp.array([[3.0, 0.0], [4.0, 0.0]])).tolist()
       [[0.6000000238418579, 0.0], [0.800000011920929, 0.0]]
     """
-    acc = jnp.promote_types(w.dtype, jnp.float32)
-    axes = tuple(range(w.ndim - 1))
-    norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(acc)), axis=axes, keepdims=True))
-    return (w.astype(acc) / jnp.maximum(norm, eps)).astype(w.dtype)
+    v = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(w.ndim - 1)), keepdims=True))
+    # `select`, not `maximum`: the same values, but a gradient of a few ops (maximum
+    # splits ties) in every layer of every compiled train step.
+    floor = jnp.full_like(norm, eps)
+    return (v / jax.lax.select(norm > floor, norm, floor)).astype(w.dtype)
 
 
 def dirac(
@@ -215,7 +242,7 @@ def dirac(
     """
     shape = check_kernel_shape(kernel_shape, "dirac")
     std = _w_std(w_init, shape, "dirac")
-    delta = dirac_delta(shape, mode=mode, groups=groups)
+    _check_delta(shape, mode, groups)
     scale_shape = (shape[-1],) if per_channel else ()
 
     def init(key):
@@ -229,10 +256,12 @@ def dirac(
         w, a, b = raw["w"], raw["a"], raw["b"]
         dtype = jnp.result_type(w, a, b)
         w = normalize(w) if weight_norm else w
-        # a and b broadcast over the last (output) axis: diag(a) and diag(b).
-        return (a.astype(dtype) * delta.astype(dtype) + b.astype(dtype) * w.astype(dtype)).astype(
-            dtype
-        )
+        # The delta is built here, not in the factory, so it is traced into the
+        # computation (`_channel_delta`). The full-size product `a * delta` keeps the
+        # fused arithmetic, hence every bit of the kernel, as with a host delta.
+        delta = _delta(shape, mode, groups, dtype)
+        scaled = _per_filter(b.astype(dtype), shape) * w.astype(dtype)
+        return (_per_filter(a.astype(dtype), shape) * delta + scaled).astype(dtype)
 
     return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape))
 
@@ -277,13 +306,13 @@ def dirac_residual(
     shape = check_kernel_shape(kernel_shape, "dirac_residual")
     if not sigma >= 0:
         raise ValueError(f"dirac_residual: sigma must be >= 0, got {sigma!r}.")
-    delta = dirac_delta(shape, mode=mode)
+    _check_delta(shape, mode, 1)
 
     def init(key):
         return {"w": sigma * jax.random.normal(key, shape, jnp.float32)}
 
     def apply(raw):
-        return delta.astype(raw["w"].dtype) + raw["w"]
+        return _delta(shape, mode, 1, raw["w"].dtype) + raw["w"]
 
     return Transform(init, apply, shape, size(shape))
 
