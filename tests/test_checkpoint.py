@@ -40,7 +40,7 @@ def _saved_tree(workdir, step):
     """A checkpoint as saved on disk: a nested dict of arrays."""
     mngr = checkpoint.create_manager(workdir)
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore())
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     finally:
         mngr.close()
 
@@ -90,7 +90,7 @@ def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
     train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
     ckpt_dir = checkpoint.checkpoint_dir(tmp_path)
     assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 4]
-    manifest = ckpt_dir / "4" / "default" / "manifest.ocdbt"
+    manifest = ckpt_dir / "4" / checkpoint.STATE_ITEM / "manifest.ocdbt"
     manifest.write_bytes(manifest.read_bytes()[:10])  # a torn write
     before = _digest(ckpt_dir)
     with pytest.raises(checkpoint.CheckpointError) as info:
