@@ -405,21 +405,27 @@ class _TrainBatchMaker:
     image_size: int
 
     def __post_init__(self):
-        self._epoch, self._order = None, None
+        self._cache = None  # (epoch, its permutation)
 
     def __getstate__(self):
-        return {**self.__dict__, "_epoch": None, "_order": None}
+        return {**self.__dict__, "_cache": None}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        # Grain's threads call this concurrently: read and replace the pair in one step each.
+        cache = self._cache
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, data.epoch_permutation(self.seed, epoch, len(self.source)))
+            self._cache = cache
+        return cache[1]
 
     def __call__(self, step: int) -> dict:
-        n = len(self.source)
-        epoch, offset = divmod(step, n // self.batch_size)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, data.epoch_permutation(self.seed, epoch, n)
+        epoch, offset = divmod(step, len(self.source) // self.batch_size)
+        order = self._order(epoch)
         size = self.image_size
         images = np.empty((len(self.rows), size, size, 3), np.uint8)
         labels = np.empty(len(self.rows), np.int32)
         for i, row in enumerate(self.rows):
-            record = self.source[int(self._order[offset * self.batch_size + row])]
+            record = self.source[int(order[offset * self.batch_size + row])]
             images[i] = train_image(record["image"], example_rng(self.seed, step, int(row)), size)
             labels[i] = record["label"]
         return {"image": images, "label": labels, "step": np.int64(step)}
@@ -455,8 +461,23 @@ def _grain_iter(maker, length: int, num_workers: int):
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
     )
     if num_workers > 0:
+        _default_grain_worker_flag()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
+
+
+def _default_grain_worker_flag() -> None:
+    """Gives Grain's worker-profiling flag its default value outside an `absl.app` program.
+
+    Grain's `mp_prefetch` reads that absl flag directly, which fails before absl
+    has parsed the command line (notebooks, pytest, other launchers).
+    """
+    from absl import flags
+
+    name = "grain_enable_multiprocess_worker_profiling"
+    if not flags.FLAGS.is_parsed() and name in flags.FLAGS and not flags.FLAGS[name].present:
+        flags.FLAGS[name].value = flags.FLAGS[name].default
+        flags.FLAGS[name].present = 1
 
 
 class StreamedInput:

@@ -40,7 +40,9 @@ def _saved_tree(workdir, step):
     """A checkpoint as saved on disk: a nested dict of arrays."""
     mngr = checkpoint.create_manager(workdir)
     try:
-        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+            "state"
+        ]
     finally:
         mngr.close()
 
