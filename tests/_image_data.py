@@ -8,6 +8,7 @@ download.
 
 import io
 import pathlib
+import sys
 
 import numpy as np
 
@@ -71,3 +72,38 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def imagenet_cli(tree, workdir, num_steps, *extra):
+    """`python -m dirac_jax.main` on configs/imagenet_dirac.py, tiny: width 0.125 at 32 px.
+
+    lr 0.01: at the recipe's 0.1 a batch-8 step amplifies float rounding about tenfold per
+    step, which would hide the comparison of runs reduced in different orders.
+    """
+    return [
+        sys.executable, "-m", "dirac_jax.main", "--config=configs/imagenet_dirac.py",
+        f"--workdir={workdir}", "--config.dataset.source=folder",
+        f"--config.dataset.data_dir={tree}", "--config.dataset.image_size=32",
+        "--config.dataset.num_workers=0", "--config.model.width=0.125",
+        "--config.half_precision=False", "--config.batch_size=8", "--config.eval_batch_size=16",
+        f"--config.num_train_steps={num_steps}", "--config.lr_boundaries=()",
+        "--config.learning_rate=0.01",
+        "--config.log_every_steps=1", "--config.checkpoint_every_steps=0",
+        f"--config.eval_every_steps={num_steps}", *extra,
+    ]  # fmt: skip
+
+
+def tiny_imagenet_config(tree, num_steps):
+    """The config `_imagenet_cli` builds, for in-process runs."""
+    from configs import imagenet_dirac
+
+    config = imagenet_dirac.get_config()
+    config.dataset.source, config.dataset.data_dir = "folder", str(tree)
+    config.dataset.image_size, config.dataset.num_workers = 32, 0
+    config.model.width, config.half_precision = 0.125, False
+    config.batch_size, config.eval_batch_size = 8, 16
+    config.num_train_steps, config.lr_boundaries = num_steps, ()
+    config.learning_rate = 0.01
+    config.log_every_steps, config.checkpoint_every_steps = 1, 0
+    config.eval_every_steps = num_steps
+    return config

@@ -1,9 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench {fold,train} [--flags]`."""
+"""Entry point: `python -m dirac_jax.bench {fold,input,train} [--flags]`."""
 
 import importlib
 import sys
 
-_SUITES = ("fold", "train")
+_SUITES = ("fold", "input", "train")
 
 
 def main(argv=None):
