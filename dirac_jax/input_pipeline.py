@@ -147,11 +147,11 @@ def process_rows(sharding: NamedSharding, global_len: int, devices=None) -> np.n
       a mesh may interleave the hosts' devices.
 
     Examples:
-      >>> import jax
-      >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
-      >>> sharding = NamedSharding(mesh, P("data"))
-      >>> process_rows(sharding, 4, devices=[jax.devices()[1]]).tolist()
-      [2, 3]
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+      >>> process_rows(NamedSharding(mesh, P("data")), 4).tolist()
+      [0, 1, 2, 3]
+      >>> process_rows(NamedSharding(mesh, P("data")), 4, devices=[]).tolist()
+      []
     """
     devices = set(sharding.addressable_devices if devices is None else devices)
     rows = [
@@ -302,7 +302,7 @@ def random_resized_crop_box(
       >>> 0 <= left <= 500 - w and 0 <= top <= 375 - h
       True
       >>> random_resized_crop_box(np.random.default_rng(0), 1000, 10)  # nothing fits
-      (487, 0, 13, 10)
+      (493, 0, 13, 10)
     """
     total = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
