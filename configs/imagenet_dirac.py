@@ -27,7 +27,7 @@ def get_config():
     config.dataset.name = "imagenet2012"
     config.dataset.source = "tfds"  # tfds (ArrayRecord) | folder
     config.dataset.image_size = 224  # train crop; eval resizes to 256 and crops the centre
-    config.dataset.num_workers = 16  # Grain decode processes per host (BENCHMARKS.md, input)
+    config.dataset.num_workers = 32  # Grain decode processes per host (BENCHMARKS.md, input)
     config.batch_size = 256
     config.eval_batch_size = 256  # 50,000 validation images, last batch padded and masked
     config.num_epochs = 100

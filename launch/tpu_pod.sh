@@ -6,7 +6,7 @@
 #
 # Usage: TPU_NAME=my-pod ZONE=us-central2-b REPO=https://.../dirac_jax.git \
 #          launch/tpu_pod.sh configs/imagenet_dirac.py gs://BUCKET/runs/diracnet18 \
-#          --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets --config.dataset.num_workers=32
+#          --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets --config.dataset.num_workers=96
 # data_dir holds imagenet2012 built once as ArrayRecord (README, "ImageNet"); the workdir and
 # data_dir must be on storage every worker can reach (a GCS bucket).
 set -euo pipefail

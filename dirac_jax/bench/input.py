@@ -11,8 +11,10 @@ size (500x375 JPEGs at quality 90, about ImageNet's mean file size):
   of this host's rows) with 0 (threads in the training process), 1, 2, ...
   worker processes, and its speed-up over one worker.
 
-Candidates run in one process, after a warm-up (worker start-up excluded), and
-are timed round-robin, so the ratios hold on a shared machine.
+The per-core transforms are timed in one loop each. Grain candidates run one at
+a time (their workers decode in the background, so they cannot be interleaved
+call by call), each after a warm-up that starts its workers, in alternating
+order over the rounds; the ratios are of per-round throughputs.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ def _parse(argv):
     p.add_argument("--size", type=int, default=224, help="crop size (dataset.image_size).")
     p.add_argument("--images", type=int, default=64, help="distinct synthetic JPEGs.")
     p.add_argument("--batch", type=int, default=32, help="host batch of the Grain pipeline.")
-    p.add_argument("--batches", type=int, default=6, help="batches per timed Grain call.")
+    p.add_argument("--batches", type=int, default=24, help="batches per timed Grain run.")
     p.add_argument("--workers", default="0,1,2", help="Grain worker counts to compare.")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds.")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds.")
     p.add_argument("--json", help="also write the results to this JSON file.")
     return p.parse_args(argv)
 
@@ -78,28 +80,32 @@ def run(args) -> dict:
     maker = input_pipeline._TrainBatchMaker(
         records, np.arange(args.batch), seed=0, batch_size=args.batch, image_size=size
     )
-    iterators = {
-        f"{w} workers": input_pipeline._grain_iter(maker, 1 << 30, num_workers=w) for w in workers
-    }
-    candidates = {
-        name: (lambda it=it: [next(it) for _ in range(args.batches)])
-        for name, it in iterators.items()
-    }
-    for fn in candidates.values():
-        _timing.warm_up(fn, times=2)  # starts the worker processes and fills their buffers
-    times = _timing.interleaved_times(candidates, args.repeats)
+    # Worker processes decode in the background, so candidates cannot be interleaved call by
+    # call (one would eat the batches another's workers prefetched). Each runs alone, for
+    # `batches` batches after a warm-up that starts its workers; rounds alternate the order.
+    times = {f"{w} workers": [] for w in workers}
+    for r in range(args.repeats):
+        for w in workers if r % 2 == 0 else workers[::-1]:
+            iterator = input_pipeline._grain_iter(maker, 1 << 30, num_workers=w)
+            for _ in range(2 + 2 * max(w, 1)):
+                next(iterator)
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                next(iterator)
+            times[f"{w} workers"].append(time.perf_counter() - start)
+            del iterator
     images = args.batch * args.batches
     stats = {}
     for name, t in times.items():
         stats[name] = _timing.summarize(t)
         stats[name]["images_per_s"] = images / (stats[name]["median_ms"] / 1e3)
-    base = f"{workers[1]} workers" if len(workers) > 1 and workers[0] == 0 else None
+    base = f"{workers[0]} workers"
     ratios = {
         f"{name} / {base}": _timing.paired_ratio(
             {k: [1 / x for x in v] for k, v in times.items()}, name, base
         )
         for name in times
-        if base and name != base
+        if name != base
     }
     return {
         "environment": _timing.environment(),
@@ -129,11 +135,11 @@ def report(results: dict) -> str:
             "",
             _timing.markdown_table(["transform", "images/s", "ms/image"], core_rows),
             "",
-            f"Grain pipeline, host batch {args['batch']}, {args['batches']} batches per call, "
-            f"{args['repeats']} interleaved rounds (0 workers: "
+            f"Grain pipeline, host batch {args['batch']}, {args['batches']} batches per run, "
+            f"{args['repeats']} rounds (0 workers: "
             f"{input_pipeline._READ_THREADS} threads in the training process):",
             "",
-            _timing.markdown_table(["candidate", "images/s", "median ms/call"], rows),
+            _timing.markdown_table(["candidate", "images/s", "median ms/run"], rows),
             "",
             _timing.markdown_table(
                 ["throughput ratio", "of medians", "per-round quartiles"], ratio_rows
