@@ -787,12 +787,16 @@ class TfdsImages:
 
     def __init__(self, name: str, split: str, data_dir=None):
         import tensorflow_datasets as tfds
+        from etils import epath
 
         split = "validation" if split == "val" else split
-        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
-        if not builder.is_prepared():
+        # Checked first: TFDS logs a warning for every missing folder it looks into.
+        missing = data_dir is not None and not (epath.Path(data_dir) / name).is_dir()
+        builder = None if missing else tfds.builder(name, data_dir=data_dir and str(data_dir))
+        if builder is None or not builder.is_prepared():
+            where = f"{data_dir}/{name}" if builder is None else builder.data_dir
             raise DataNotFoundError(
-                f"TFDS dataset {name} is not prepared in {builder.data_dir}. Build it once in "
+                f"TFDS dataset {name} is not prepared in {where}. Build it once in "
                 f"ArrayRecord format: `tfds build {name} --file_format=array_record "
                 "--data_dir=DIR` (imagenet2012 also needs --manual_dir with the ILSVRC2012 "
                 "tars; see the README), then set --config.dataset.data_dir=DIR."
