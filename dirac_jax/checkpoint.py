@@ -4,8 +4,10 @@ An orbax `CheckpointManager` keeps the last `keep` checkpoints under
 `workdir/checkpoints/<step>`. A checkpoint is the whole `TrainState` pytree:
 `step`, `params`, `opt_state` (the momentum buffers and the schedule count) and
 `batch_stats`. There is no RNG state to save: the trainer derives every random
-number from `(config.seed, step)` and the data order from `(config.seed, epoch)`,
-so the step alone fixes where a resumed run continues.
+number from `(config.seed, step)` and the data order from `(config.seed, epoch)`.
+For device-resident data the step alone fixes where a resumed run continues; a
+streamed input also saves its Grain iterator's position (below), and the trainer
+checks that it agrees with the step.
 
 Failure modes, each one exception with one message that says what to do:
 
