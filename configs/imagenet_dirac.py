@@ -1,14 +1,18 @@
-r"""DiracNet-18 on ImageNet (DiracNets Table 3), streamed with tf.data (needs TensorFlow).
+r"""DiracNet-18 on ImageNet (DiracNets Table 3), streamed through Grain (no TensorFlow).
 
   python -m dirac_jax.main --config=configs/imagenet_dirac.py \
       --config.dataset.data_dir=TFDS_DIR [--config.model.depth=34]
+  python -m dirac_jax.main --config=configs/imagenet_dirac.py \
+      --config.dataset.source=folder --config.dataset.data_dir=IMAGENET_DIR
 
-TFDS_DIR must hold a prepared imagenet2012 (`tfds build imagenet2012
---manual_dir=...`). DiracNet-34: --config.model.depth=34. Recipe (reference code,
-the ResNet ImageNet setup): batch 256, SGD momentum 0.9, lr 0.1, weight decay
-1e-4 on kernels only, 100 epochs, lr x0.1 at epochs 30/60/90 (30/60/90%),
-inception-style crops and flips. bfloat16 compute; --config.half_precision=False
-for float32. Resuming restores the state exactly but restarts the input stream.
+TFDS_DIR holds imagenet2012 built once in ArrayRecord format (README, "ImageNet");
+IMAGENET_DIR holds train/<class>/*.JPEG and val/<class>/*.JPEG. DiracNet-34:
+--config.model.depth=34. Recipe (reference code, the ResNet ImageNet setup):
+batch 256, SGD momentum 0.9, lr 0.1, weight decay 1e-4 on kernels only, 100
+epochs, lr x0.1 at epochs 30/60/90 (30/60/90%), inception-style crops and flips
+at 224 px, eval on the centre 224 crop of the 256-px resize. bfloat16 compute;
+--config.half_precision=False for float32. A resumed run continues bit for bit,
+input position included.
 """
 
 from configs import cifar_dirac
@@ -21,7 +25,9 @@ def get_config():
     config.model.width = 1.0  # 64k .. 512k channels
     config.model.stem = "imagenet"  # 7x7/2 conv, BN, 3x3/2 max-pool, four groups
     config.dataset.name = "imagenet2012"
-    config.dataset.source = "tfds"
+    config.dataset.source = "tfds"  # tfds (ArrayRecord) | folder
+    config.dataset.image_size = 224  # train crop; eval resizes to 256 and crops the centre
+    config.dataset.num_workers = 32  # Grain decode processes per host (BENCHMARKS.md, input)
     config.batch_size = 256
     config.eval_batch_size = 256  # 50,000 validation images, last batch padded and masked
     config.num_epochs = 100

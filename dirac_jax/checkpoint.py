@@ -4,8 +4,10 @@ An orbax `CheckpointManager` keeps the last `keep` checkpoints under
 `workdir/checkpoints/<step>`. A checkpoint is the whole `TrainState` pytree:
 `step`, `params`, `opt_state` (the momentum buffers and the schedule count) and
 `batch_stats`. There is no RNG state to save: the trainer derives every random
-number from `(config.seed, step)` and the data order from `(config.seed, epoch)`,
-so the step alone fixes where a resumed run continues.
+number from `(config.seed, step)` and the data order from `(config.seed, epoch)`.
+For device-resident data the step alone fixes where a resumed run continues; a
+streamed input also saves its Grain iterator's position (below), and the trainer
+checks that it agrees with the step.
 
 Failure modes, each one exception with one message that says what to do:
 
@@ -16,8 +18,16 @@ Failure modes, each one exception with one message that says what to do:
 * `NonFiniteLossError`: training produced a NaN or Inf. The trainer checks the
   state is finite before every save, so the last checkpoint stays a good one.
 
-Preemption: `PreemptionSignal` turns SIGTERM into a flag that the training loop
-polls; the loop then saves at the current step and returns.
+A checkpoint step directory holds two items: `state` (the `TrainState`) and,
+for streamed input, `data` (the Grain iterator's position, one JSON file per
+process, saved by Grain's own orbax handler `grain.checkpoint.CheckpointSave`).
+
+Preemption: `Preemption.reached(step)`, polled at every step, says when to
+save and stop. With several processes it is JAX's preemption sync point (via
+orbax's `CheckpointManager.reached_preemption`): a SIGTERM to any process makes
+all of them agree on the same step, without a collective of our own that a
+dying host could hang. A single process has no coordination service, so there
+`PreemptionSignal` turns SIGTERM into a flag.
 
 Example:
   >>> import jax.numpy as jnp, tempfile
@@ -32,11 +42,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import pathlib
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import jax
@@ -45,6 +58,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+# The items of a checkpoint step directory: the TrainState, and the input position.
+STATE_ITEM = "state"
+DATA_ITEM = "data"
 # orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp..." and renames it when done.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -140,10 +156,12 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
         return template, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     failure = None
-    # Before the attempt: a failing restore's background reports can come at any time.
-    _ignore_closed_loop_reports()
     try:
-        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        with _closed_loop_echoes_dropped():
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+            )
+        state = restored[STATE_ITEM]
     except Exception as e:
         # orbax and tensorstore raise many types here (ValueError, FileNotFoundError, ...),
         # tensorstore with its whole JSON spec attached: keep the first part.
@@ -164,46 +182,118 @@ def _is_closed_loop(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
-def _drop_closed_loop_record(record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (_is_closed_loop(exc) or "exception was never retrieved" in str(record.msg))
+class _DropClosedLoopRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_is_closed_loop(exc) or "exception was never retrieved" in str(record.msg))
 
 
-def _ignore_closed_loop_reports() -> None:
-    """Silences the echoes of a failed restore, for the rest of the process.
+@contextlib.contextmanager
+def _closed_loop_echoes_dropped(settle_s: float = 0.2, limit_s: float = 5.0):
+    """Drops the echoes of a failed orbax restore, while the restore runs and settles.
 
-    A failed restore leaves orbax futures behind. Their callbacks, hitting orbax's
-    closed event loop, report `RuntimeError('Event loop is closed')` through
-    whichever channel runs them (an unraisable-exception hook, a thread's
-    excepthook, or the `concurrent.futures` / `asyncio` loggers), and asyncio logs
-    "Future exception was never retrieved" with the same error; all of them would
-    bury the one `CheckpointError` message. Only these reports are dropped.
+    The cause is in orbax: it runs a restore's reads on a fresh asyncio loop and
+    closes that loop as soon as the first read fails, while the other reads
+    (tensorstore futures) are still in flight. Each of them then reports
+    `RuntimeError('Event loop is closed')` from a tensorstore thread (an
+    unraisable exception or a thread's exception) and asyncio logs "Future
+    exception was never retrieved"; all of it would bury the one
+    `CheckpointError`. This drops exactly those reports, and only until the
+    abandoned reads have settled (no echo for `settle_s`, at most `limit_s`
+    after a failure); then the previous hooks are back.
     """
-    if getattr(sys.unraisablehook, "_drops_closed_loop", False):
-        return
     previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+    last_echo = [time.monotonic()]
 
     def unraisable_hook(unraisable):
-        if not _is_closed_loop(unraisable.exc_value):
+        if _is_closed_loop(unraisable.exc_value):
+            last_echo[0] = time.monotonic()
+        else:
             previous_unraisable(unraisable)
 
     def thread_hook(args):
-        if not _is_closed_loop(args.exc_value):
+        if _is_closed_loop(args.exc_value):
+            last_echo[0] = time.monotonic()
+        else:
             previous_thread(args)
 
-    unraisable_hook._drops_closed_loop = True
+    record_filter = _DropClosedLoopRecords()
+    loggers = [logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
     sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-    for name in ("asyncio", "concurrent.futures"):
-        logging.getLogger(name).addFilter(_drop_closed_loop_record)
+    for logger in loggers:
+        logger.addFilter(record_filter)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if failed:
+            deadline = time.monotonic() + limit_s
+            last_echo[0] = time.monotonic()
+            while time.monotonic() - last_echo[0] < settle_s and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(settle_s / 4)
+        sys.unraisablehook, threading.excepthook = previous_unraisable, previous_thread
+        for logger in loggers:
+            logger.removeFilter(record_filter)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Saves `state` as checkpoint `step` (asynchronously if the manager is async).
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: Any = None) -> None:
+    """Saves `state`, and the input position `data`, as checkpoint `step`.
 
     The caller must have checked `state` is finite (`all_finite`): a checkpoint
     is only written for a good state.
+
+    Args:
+      mngr: from `create_manager`.
+      step: the training step.
+      state: the pytree to save (asynchronously if the manager is async).
+      data: None, or a Grain iterator whose state is saved as item `data`
+        (`grain.checkpoint.CheckpointSave`: one small JSON file per process,
+        written before this returns, so it is the position at `step`).
     """
-    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data is not None:
+        import grain
+
+        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_data(mngr: ocp.CheckpointManager, step: int, iterator: Any) -> bool:
+    """Restores the Grain iterator state saved with checkpoint `step` into `iterator`.
+
+    Args:
+      mngr: from `create_manager`.
+      step: a finished checkpoint's step.
+      iterator: a Grain iterator of the same pipeline, not yet started.
+
+    Returns:
+      True if restored; False if the checkpoint holds no input position for
+      this process (a device-resident run, or a run with another number of
+      processes), in which case the caller places the input by the step.
+
+    Raises:
+      CheckpointError: the saved position exists but cannot be read.
+    """
+    import grain
+
+    directory = pathlib.Path(mngr.directory) / str(step) / DATA_ITEM
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not (directory / name).is_file():
+        return False
+    try:
+        restore = grain.checkpoint.CheckpointRestore(iterator)
+        mngr.restore(step, args=ocp.args.Composite(**{DATA_ITEM: restore}))
+    except Exception as e:
+        raise CheckpointError(
+            f"the input position {directory / name} cannot be restored "
+            f"({type(e).__name__}: {e}). Move or delete the step directory "
+            f"{directory.parent} to resume from an earlier checkpoint, or start a new --workdir."
+        ) from None
+    return True
 
 
 def all_finite(tree: Any) -> bool:
@@ -260,3 +350,38 @@ class PreemptionSignal:
         if self._previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(self.signum, self._previous)
             self._previous = None
+
+
+class Preemption:
+    """Whether training should save and stop at a step, the same answer on every process.
+
+    Use as a context manager around the training loop and call `reached(step)`
+    at every step, on every process, with the same steps.
+
+    Multi-process (`jax.distributed`): JAX's preemption service catches SIGTERM
+    on any process and agrees on a step; `reached` is orbax's
+    `CheckpointManager.reached_preemption`, True on all processes at that step.
+    Single process: SIGTERM sets a flag (`PreemptionSignal`) and `reached` is
+    True from the next step on.
+
+    Args:
+      mngr: the run's checkpoint manager.
+    """
+
+    def __init__(self, mngr: ocp.CheckpointManager):
+        self._mngr = mngr
+        self._signal = PreemptionSignal() if jax.process_count() == 1 else None
+
+    def __enter__(self) -> Preemption:
+        if self._signal is not None:
+            self._signal.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._signal is not None:
+            self._signal.__exit__(*exc_info)
+
+    def reached(self, step: int) -> bool:
+        if self._signal is not None:
+            return self._signal.requested
+        return bool(self._mngr.reached_preemption(step))

@@ -1,4 +1,4 @@
-"""Input data: small datasets held in memory, augmentation in the jitted step, ImageNet.
+"""Dataset readers: small datasets held in memory, and encoded images streamed from disk.
 
 Small datasets (CIFAR-10/100, MNIST, Fashion-MNIST) are loaded once on the host
 as uint8 NHWC arrays (`load`), zero-padded to the 32x32 input the models expect
@@ -7,9 +7,10 @@ index (`train_batches` / `eval_batches` hand out the indices), augments it
 (`augment`) and normalizes it (`normalize`) inside the jitted step, so the host
 does no per-step work and a run resumes exactly from its global step.
 
-ImageNet is too large for that and is streamed with tf.data instead
-(`imagenet_tf_dataset`). TensorFlow is an optional dependency
-(`pip install 'dirac_jax[tf]'`), imported only by the functions that need it.
+ImageNet is too large for that. Its readers, `ImageFolder` (an image tree on
+disk or a bucket) and `TfdsImages` (TFDS in ArrayRecord format, read with
+`tfds.data_source`), hand out encoded images by index; `dirac_jax.input_pipeline`
+decodes and augments them in Grain worker processes. No reader needs TensorFlow.
 
 Typical use for a small dataset::
 
@@ -92,9 +93,6 @@ _CIFAR_ARCHIVES = {
     ),
 }
 _SYNTHETIC_SIZES = {"train": 1024, "test": 512}
-_TF_MISSING = (
-    "TensorFlow is not installed; tf.data/TFDS input needs it: pip install 'dirac_jax[tf]'"
-)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -156,7 +154,8 @@ def load(
         (MNIST-likes only; `data_dir` defaults to `DEFAULT_DATA_DIRS[name]`).
         "cifar_archive": the CIFAR python archive `cifar-10-python.tar.gz` /
         `cifar-100-python.tar.gz` in `data_dir`, or its extracted folder.
-        "tfds": TensorFlow Datasets (needs TensorFlow), with TFDS's `data_dir`.
+        "tfds": a TFDS dataset prepared in ArrayRecord format in TFDS's `data_dir`,
+        read with `tfds.data_source` (no TensorFlow).
         "synthetic": deterministic random data for tests and benchmarks only.
         "auto": the local source for `name`, then "tfds"; the first that works.
       data_dir: directory holding the data; its meaning depends on `source`.
@@ -164,7 +163,8 @@ def load(
         such as "train[:90%]".
       synthetic_size: number of examples for `source="synthetic"` (default 1024
         for "train", 512 otherwise).
-      download: let TFDS download and prepare the dataset if it is missing.
+      download: let TFDS download and prepare the dataset if it is missing (TFDS's
+        builders need TensorFlow for that one-time step).
 
     Returns:
       An `ArrayDataset` with uint8 NHWC images and int32 labels.
@@ -174,12 +174,11 @@ def load(
         to `name`, or malformed files.
       DataNotFoundError: the data is not where the source(s) looked. The message
         lists every way to provide it.
-      ImportError: `source="tfds"` without TensorFlow installed.
     """
     if name not in DATASETS:
         raise ValueError(
             f"load: unknown dataset {name!r}; known small datasets: {', '.join(DATASETS)} "
-            "(imagenet2012 is streamed with imagenet_tf_dataset)."
+            "(imagenet2012 is streamed: see ImageFolder and TfdsImages)."
         )
     if source not in SOURCES:
         raise ValueError(f"load: unknown source {source!r}; valid sources: {', '.join(SOURCES)}.")
@@ -215,8 +214,7 @@ def load(
         tried.append(f"{local}: {e}")
     try:
         return _load_tfds(name, split, data_dir, download)
-    except (_SourceUnavailable, ImportError) as e:
-        # Without TensorFlow "auto" still ends in the one guidance message below.
+    except (_SourceUnavailable, ValueError) as e:
         tried.append(f"tfds: {e}")
     raise DataNotFoundError(_not_found_message(name, split, tried))
 
@@ -243,8 +241,9 @@ def _not_found_message(name: str, split: str, tried: Sequence[str]) -> str:
             "--config.dataset.source=cifar_archive"
         )
     ways.append(
-        f"pip install 'dirac_jax[tf]'; tfds build {name} [--data_dir=DIR]; then "
-        "--config.dataset.source=tfds [--config.dataset.data_dir=DIR]"
+        f"tfds build {name} --file_format=array_record [--data_dir=DIR] once (TFDS's build "
+        "step needs TensorFlow; training does not), then --config.dataset.source=tfds "
+        "[--config.dataset.data_dir=DIR]"
     )
     ways.append("--config.dataset.source=synthetic for random stand-in data (tests, benchmarks)")
     lines = [f"Could not load {name} (split={split!r}).", "Tried:"]
@@ -269,8 +268,7 @@ def _load_synthetic(name: str, split: str, size: int | None) -> ArrayDataset:
 def _load_tfds(
     name: str, split: str, data_dir: str | pathlib.Path | None, download: bool
 ) -> ArrayDataset:
-    """Whole split from TFDS as numpy (needs TensorFlow)."""
-    _import_tf()
+    """A whole split of a TFDS dataset prepared in ArrayRecord format, read without TensorFlow."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
@@ -279,11 +277,31 @@ def _load_tfds(
             raise _SourceUnavailable(
                 f"TFDS dataset {name} is not prepared in {builder.data_dir} (download=False)"
             )
-        builder.download_and_prepare()
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    images = np.asarray(data["image"], np.uint8)
-    labels = np.asarray(data["label"], np.int32)
+        builder.download_and_prepare(file_format="array_record")
+    source = _tfds_data_source(builder, name, split, decode_images=True)
+    records = source.__getitems__(list(range(len(source)))) if len(source) else []
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    labels = np.asarray([r["label"] for r in records], np.int32)
     return ArrayDataset(images, labels, NUM_CLASSES[name], name)
+
+
+def _tfds_data_source(builder, name: str, split: str, *, decode_images: bool):
+    """The ArrayRecord data source of a prepared builder, or one clear error.
+
+    Reading ArrayRecord needs no TensorFlow: TFDS deserializes the examples with
+    its own protobuf copy and decodes images with PIL.
+    """
+    import tensorflow_datasets as tfds
+
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    try:
+        return builder.as_data_source(split=split, decoders=decoders)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"TFDS dataset {name} in {builder.data_dir} is not in ArrayRecord format ({e}). "
+            f"Rebuild it once as ArrayRecord: `tfds build {name} --file_format=array_record "
+            "--data_dir=DIR` (see the README), then set --config.dataset.data_dir=DIR."
+        ) from None
 
 
 def read_idx(path: str | pathlib.Path, *, expected_magic: int | None = None) -> np.ndarray:
@@ -654,143 +672,170 @@ def eval_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarr
 
 
 # ---------------------------------------------------------------------------
-# ImageNet, streamed with tf.data.
+# Streamed datasets: encoded images read one at a time (ImageNet).
 
 
-def _import_tf():
-    """TensorFlow, or an ImportError that says how to get it."""
-    try:
-        import tensorflow as tf
-    except ImportError as e:
-        raise ImportError(
-            f"{_TF_MISSING}, or for small datasets use source='idx', 'cifar_archive' "
-            "or 'synthetic'."
-        ) from e
-    # JAX owns the accelerators; tf.data only needs the CPU. This fails once TF has
-    # initialized its devices, in which case TF was set up elsewhere and is left so.
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        pass
-    return tf
+class ImageFolder:
+    """The encoded images of `root/<split>/<class>/*` as a random-access sequence.
 
+    The layout ImageNet users hold on disk (`train/n01440764/*.JPEG`, and `val/`
+    in the same class folders). Class indices are the positions of the class
+    folder names in sorted order; the validation split takes the training split's
+    classes, so the two agree. Files are listed once, sorted, so index `i` is the
+    same image on every host. `root` may be local or on a bucket (`etils.epath`,
+    e.g. `gs://...`).
 
-def imagenet_tf_dataset(
-    split: str,
-    *,
-    data_dir: str | None,
-    batch_size_per_host: int,
-    train: bool,
-    image_size: int = 224,
-    seed: int = 0,
-):
-    """ImageNet (TFDS imagenet2012) as a tf.data pipeline for this JAX process.
-
-    Each process reads its own shard (`tfds.split_for_jax_process`).
-    Training: endless, shuffled, inception-style random-resized crop (area
-    (0.08, 1), aspect ratio (3/4, 4/3)) to `image_size` and a random horizontal
-    flip, with stateless per-example randomness. Evaluation: one pass, shorter
-    side resized to `image_size / 0.875` (256 for 224) and a central crop; every
-    process yields the same number of full batches, the tail padded with
-    mask=False examples, so the whole split is covered once (as `eval_batches`).
-    Images are normalized with the ImageNet mean/std.
+    A record is `{"image": bytes, "label": int}`, the layout of a TFDS source
+    read with `SkipDecoding` (`TfdsImages`), so one transform serves both.
 
     Args:
-      split: TFDS split, e.g. "train" or "validation".
-      data_dir: TFDS data directory holding the prepared imagenet2012, or None for
-        TFDS's default.
-      batch_size_per_host: batch size of this process.
-      train: training (augmented, endless) or evaluation pipeline.
-      image_size: output height and width.
-      seed: shuffling and augmentation seed.
-
-    Returns:
-      A `tf.data.Dataset` of dicts: "image" float32 (B, image_size, image_size, 3),
-      "label" int32 (B,), and for evaluation "mask" bool (B,).
+      root: the folder holding `train/` and `val/`.
+      split: "train" or "val" (also "validation", the TFDS name of that split).
+      classes: the class folder names (default: the sorted folders of `split`).
 
     Raises:
-      ImportError: TensorFlow is not installed.
-      DataNotFoundError: imagenet2012 is not prepared in `data_dir`.
+      DataNotFoundError: the split folder, its class folders or their images are
+        missing; the message shows the layout expected.
+      ValueError: the split has a class folder that `classes` lacks.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> for name in ("train/cat/1.JPEG", "train/ant/2.jpg", "train/ant/1.JPEG"):
+      ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
+      ...     _ = (root / name).write_bytes(b"jpeg")
+      >>> folder = ImageFolder(root, "train")
+      >>> folder.classes, len(folder), folder.file_name(0), folder[2]["label"]
+      (('ant', 'cat'), 3, 'ant/1.JPEG', 1)
     """
-    tf = _import_tf()
-    import tensorflow_datasets as tfds
 
-    builder = tfds.builder("imagenet2012", data_dir=data_dir)
-    if not builder.is_prepared():
-        raise DataNotFoundError(
-            f"imagenet2012 is not prepared in {builder.data_dir}. ImageNet cannot be "
-            "downloaded automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
-            "into MANUAL_DIR, run `tfds build imagenet2012 --manual_dir=MANUAL_DIR "
-            "[--data_dir=DIR]`, then set --config.dataset.data_dir=DIR."
-        )
-    # Different per-process seeds, so processes do not draw identical augmentations.
-    host_seed = int(np.random.SeedSequence([seed, jax.process_index()]).generate_state(1)[0])
-    mean = tf.constant([255 * m for m in MEAN_STD["imagenet2012"][0]], tf.float32)
-    std = tf.constant([255 * s for s in MEAN_STD["imagenet2012"][1]], tf.float32)
-    autotune = tf.data.AUTOTUNE
+    def __init__(self, root, split: str, classes: Sequence[str] | None = None):
+        from etils import epath
 
-    ds = builder.as_dataset(
-        split=tfds.split_for_jax_process(split, drop_remainder=train),
-        shuffle_files=train,
-        # Decoding is done by the crop below, which decodes only the crop window.
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=host_seed),
+        split = "val" if split == "validation" else split
+        self.root = epath.Path(root)
+        directory = self.root / split
+        if not directory.is_dir():
+            raise DataNotFoundError(_folder_message(self.root, f"no folder {directory}"))
+        found = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        if classes is None:
+            classes = found
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"ImageFolder: {directory} has class folders the training split lacks, e.g. "
+                f"{unknown[0]!r}; the val/ class folders must be a subset of train/'s."
+            )
+        self.classes = tuple(classes)
+        names, labels = [], []
+        for label, name in enumerate(self.classes):
+            if name not in found:
+                continue
+            files = sorted(
+                p.name for p in (directory / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            names += [f"{name}/{f}" for f in files]
+            labels += [label] * len(files)
+        if not names:
+            raise DataNotFoundError(_folder_message(self.root, f"no images under {directory}"))
+        self.split = split
+        # Fixed-width bytes: a compact array that pickles fast to Grain's worker processes.
+        self._names = np.array([n.encode() for n in names])
+        self._labels = np.asarray(labels, np.int32)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def file_name(self, index: int) -> str:
+        return self._names[index].decode()
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.root / self.split / self.file_name(index)
+        return {"image": path.read_bytes(), "label": int(self._labels[index])}
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def _folder_message(root, problem: str) -> str:
+    return (
+        f"Could not read an image folder at {root}: {problem}. Expected the ImageNet layout "
+        "DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG (class folders named alike, e.g. "
+        "n01440764); set --config.dataset.data_dir=DIR --config.dataset.source=folder."
     )
 
-    if train:
 
-        def train_example(index, example):
-            crop_seed = tf.stack([tf.constant(host_seed, tf.int64), 2 * index])
-            flip_seed = tf.stack([tf.constant(host_seed, tf.int64), 2 * index + 1])
-            image_bytes = example["image"]
-            begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.io.extract_jpeg_shape(image_bytes),
-                bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-                seed=crop_seed,
-                min_object_covered=0.0,
-                aspect_ratio_range=(3 / 4, 4 / 3),
-                area_range=(0.08, 1.0),
-                use_image_if_no_bounding_boxes=True,
+class TfdsImages:
+    """A split of a TFDS image dataset in ArrayRecord format, images left encoded.
+
+    Read with `tfds.data_source`, so no TensorFlow is needed; the records are
+    `{"image": bytes, "label": int, ...}` like `ImageFolder`'s.
+
+    Args:
+      name: TFDS name, e.g. "imagenet2012".
+      split: TFDS split, e.g. "train" or "validation" ("val" is accepted).
+      data_dir: TFDS data directory (local or a bucket), or None for TFDS's default.
+
+    Raises:
+      DataNotFoundError: the dataset is not prepared in `data_dir`.
+      ValueError: it is prepared in another format than ArrayRecord.
+    """
+
+    def __init__(self, name: str, split: str, data_dir=None):
+        import tensorflow_datasets as tfds
+        from etils import epath
+
+        split = "validation" if split == "val" else split
+        # Checked first: TFDS logs a warning for every missing folder it looks into.
+        missing = data_dir is not None and not (epath.Path(data_dir) / name).is_dir()
+        builder = None if missing else tfds.builder(name, data_dir=data_dir and str(data_dir))
+        if builder is None or not builder.is_prepared():
+            where = f"{data_dir}/{name}" if builder is None else builder.data_dir
+            raise DataNotFoundError(
+                f"TFDS dataset {name} is not prepared in {where}. Build it once in "
+                f"ArrayRecord format: `tfds build {name} --file_format=array_record "
+                "--data_dir=DIR` (imagenet2012 also needs --manual_dir with the ILSVRC2012 "
+                "tars; see the README), then set --config.dataset.data_dir=DIR."
             )
-            window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-            image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-            image = tf.image.resize(image, [image_size, image_size], method="bilinear")
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-            return {"image": (image - mean) / std, "label": tf.cast(example["label"], tf.int32)}
+        self.num_classes = int(builder.info.features["label"].num_classes)
+        self._source = _tfds_data_source(builder, name, split, decode_images=False)
 
-        ds = ds.repeat().shuffle(16 * batch_size_per_host, seed=host_seed)
-        # The running index makes each example's augmentation a function of the seed.
-        ds = ds.enumerate().map(train_example, num_parallel_calls=autotune)
-        return ds.batch(batch_size_per_host, drop_remainder=True).prefetch(autotune)
+    def __len__(self) -> int:
+        return len(self._source)
 
-    resize_size = round(image_size / 0.875)
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[int(index)]
+        return {"image": record["image"], "label": int(record["label"])}
 
-    def eval_example(example):
-        image = tf.io.decode_jpeg(example["image"], channels=3)
-        hw = tf.cast(tf.shape(image)[:2], tf.float32)
-        new_hw = tf.cast(tf.round(hw * resize_size / tf.reduce_min(hw)), tf.int32)
-        image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-        top_left = (new_hw - image_size) // 2
-        image = tf.image.crop_to_bounding_box(
-            image, top_left[0], top_left[1], image_size, image_size
-        )
-        image = tf.ensure_shape(image, [image_size, image_size, 3])
-        return {
-            "image": (image - mean) / std,
-            "label": tf.cast(example["label"], tf.int32),
-            "mask": tf.constant(True),
-        }
 
-    # Equal batch counts on all processes: the largest shard, rounded up to batches.
-    per_host = -(-builder.info.splits[split].num_examples // jax.process_count())
-    num_batches = -(-per_host // batch_size_per_host)
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([image_size, image_size, 3], tf.float32),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(False),
-        }
-    ).repeat()
-    ds = ds.map(eval_example, num_parallel_calls=autotune).concatenate(padding)
-    ds = ds.take(num_batches * batch_size_per_host)
-    return ds.batch(batch_size_per_host, drop_remainder=True).prefetch(autotune)
+STREAM_SOURCES = ("folder", "tfds")
+
+
+def open_stream(name: str, source: str, split: str, data_dir=None, classes=None):
+    """The reader of a streamed split: `ImageFolder` or `TfdsImages`.
+
+    Args:
+      name: the dataset, e.g. "imagenet2012" (the TFDS name for source "tfds").
+      source: one of `STREAM_SOURCES`.
+      split: "train", or "val"/"validation".
+      data_dir: the image tree (folder) or the TFDS data directory (tfds).
+      classes: for "folder", the training split's classes (see `ImageFolder`).
+
+    Raises:
+      ValueError: an unknown source, or "folder" without a `data_dir`.
+      DataNotFoundError: the data is not there (see the readers).
+    """
+    if source == "folder":
+        if data_dir is None:
+            raise ValueError(
+                "dataset.source='folder' needs --config.dataset.data_dir=DIR, the folder "
+                "holding train/<class>/*.JPEG and val/<class>/*.JPEG."
+            )
+        return ImageFolder(data_dir, split, classes)
+    if source == "tfds":
+        return TfdsImages(name, split, data_dir)
+    raise ValueError(f"unknown streamed source {source!r}; expected one of {STREAM_SOURCES}.")

@@ -9,9 +9,18 @@ from the latest checkpoint in the workdir. A bad config, missing data, an
 unusable checkpoint or a diverged run exits with status 1 and one `error: ...`
 message on stderr; a SIGTERM saves a checkpoint and exits with status 0.
 
-Multi-host: pass `--multihost` (or set DIRAC_JAX_MULTIHOST=1) on every host;
-`jax.distributed.initialize()` then reads the cluster from the environment
-(SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+Multi-host, one process per host, the same command on every host:
+
+* `--multihost` (or DIRAC_JAX_MULTIHOST=1): `jax.distributed.initialize()` reads
+  the cluster from the environment (Cloud TPU pods, SLURM, GPU clusters that set
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+* `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`: anything
+  else, e.g. several GPU hosts, or two processes on one machine:
+
+    python -m dirac_jax.main --config=... --coordinator_address=10.0.0.1:1234 \
+        --num_processes=2 --process_id=0   # and --process_id=1 on the other host
+
+On CPU the processes' collectives go through gloo.
 """
 
 from __future__ import annotations
@@ -32,6 +41,14 @@ _MULTIHOST = flags.DEFINE_bool(
     os.environ.get("DIRAC_JAX_MULTIHOST", "") == "1",
     "Call jax.distributed.initialize() first (default from DIRAC_JAX_MULTIHOST=1).",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0's coordination service; with --num_processes and --process_id "
+    "starts a multi-process run without cluster auto-detection.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (>= 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
 
@@ -59,31 +76,57 @@ def _fail(error: BaseException) -> None:
     sys.exit(1)
 
 
+def _init_distributed() -> None:
+    """`jax.distributed.initialize` from the flags; exits with one message on bad flags."""
+    explicit = {
+        "--coordinator_address": _COORDINATOR.value,
+        "--num_processes": _NUM_PROCESSES.value,
+        "--process_id": _PROCESS_ID.value,
+    }
+    given = [name for name, value in explicit.items() if value is not None]
+    if not given and not _MULTIHOST.value:
+        return
+    if given and len(given) < 3:
+        missing = ", ".join(name for name in explicit if name not in given)
+        _fail(ValueError(f"{', '.join(given)} also needs {missing} (or use --multihost alone)."))
+    if given and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        _fail(
+            ValueError(
+                f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes="
+                f"{_NUM_PROCESSES.value})."
+            )
+        )
+    import jax
+
+    # CPU processes need a cross-process collectives backend; GPUs and TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if given:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    else:
+        jax.distributed.initialize()
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_own_info_only)
-    import jax
-
-    if _MULTIHOST.value:
-        jax.distributed.initialize()
+    _init_distributed()
 
     from dirac_jax import checkpoint, data, train
 
     config = flags.FLAGS.config
     expected = (train.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
-    try:
-        train.validate_config(config)
-    except train.ConfigError as e:
-        _fail(e)
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
     try:
         summary = train.train_and_evaluate(config, workdir)
     except (*expected, checkpoint.NonFiniteLossError) as e:
-        _fail(e)
-    except ImportError as e:  # e.g. TensorFlow for the ImageNet input
         _fail(e)
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)

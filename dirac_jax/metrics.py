@@ -69,7 +69,7 @@ def dirac_scale_means(params: Any) -> dict[str, dict[str, float]]:
         if not hasattr(tree, "items"):
             return
         if "a" in tree and "b" in tree:
-            found["/".join(path)] = tuple(float(np.mean(_local(tree[k]))) for k in ("a", "b"))
+            found["/".join(path)] = tuple(float(np.mean(host_copy(tree[k]))) for k in ("a", "b"))
         for key, sub in tree.items():
             visit(sub, (*path, str(key)))
 
@@ -78,8 +78,13 @@ def dirac_scale_means(params: Any) -> dict[str, dict[str, float]]:
     return {"a": {n: found[n][0] for n in names}, "b": {n: found[n][1] for n in names}}
 
 
-def _local(x):
-    """A host copy of a (replicated) array, also in multi-process runs."""
+def host_copy(x) -> np.ndarray:
+    """A host copy of an array, also of a replicated global array in multi-process runs.
+
+    Examples:
+      >>> host_copy(jax.numpy.ones(2))
+      array([1., 1.], dtype=float32)
+    """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
     return np.asarray(x)

@@ -10,13 +10,17 @@ are replicated, and XLA inserts the cross-device reductions. BatchNorm therefore
 normalizes over the global batch with no `pmean`, and a step on 8 devices
 computes what it computes on one.
 
-Small datasets live on the devices as uint8 arrays, replicated. A step receives
-only the global batch's indices (`data.train_batches`, keyed by `(seed, epoch)`)
-and gathers, augments (key `fold_in(fold_in(key(seed), step), 0)`) and
-normalizes inside the jitted step. All randomness is a function of
-`(config.seed, step)`, so a run resumed from a checkpoint at step `k` continues
-bit for bit as if it had never stopped. ImageNet is streamed with tf.data per
-host (needs TensorFlow); its resume restarts the stream, so it is not bit-exact.
+The input comes from `dirac_jax.input_pipeline`. Small datasets live on the
+devices as uint8 arrays, replicated; a step receives only the global batch's
+indices and gathers, augments (key `fold_in(fold_in(key(seed), step), 0)`) and
+normalizes inside the jitted step. ImageNet is streamed through Grain: each host
+decodes and augments its rows of the global batch, the step normalizes. All
+randomness is a function of `(config.seed, step)`, whatever the number of hosts,
+so a run resumed from a checkpoint at step `k` (the streamed input's position is
+saved with it) continues bit for bit as if it had never stopped.
+
+Config defaults live in `CONFIG_DEFAULTS`; `validate_config` checks a config
+and fills them in, once, at the start of `train_and_evaluate`.
 
 Recipe defaults follow the reference training code (where it differs from the
 papers' prose, the prose's choice is a config option): SGD momentum 0.9 with
@@ -29,12 +33,11 @@ reference places it, with the momentum restarted at each decay
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -44,15 +47,14 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state as flax_train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dirac_jax import checkpoint, data, metrics, models, param
+from dirac_jax import checkpoint, data, input_pipeline, metrics, models, param
 from dirac_jax.checkpoint import CheckpointError, NonFiniteLossError
+from dirac_jax.input_pipeline import put_replicated, shard_batch
 
 IMAGENET = "imagenet2012"
-IMAGENET_CLASSES = 1000
-IMAGENET_SIZE = 224
 FOLDABLE_MODELS = ("diracnet", "diracnet_v1", "plain")
 # The fold check compares folded and unfolded logits on the first test images:
 # a thousand images exercise every layer with real statistics at a small cost.
@@ -62,6 +64,7 @@ CONFIG_FILE = "config.json"
 _AUGMENT_STREAM = 0  # fold_in tag of the augmentation key, so other uses get other streams.
 
 __all__ = [
+    "CONFIG_DEFAULTS",
     "CheckpointError",
     "ConfigError",
     "NonFiniteLossError",
@@ -104,34 +107,70 @@ class TrainState(flax_train_state.TrainState):
 # Config.
 
 
-def _get(config, name: str, default):
-    """An optional config field (configs may omit the recipe knobs)."""
-    value = config.get(name, default)
-    return default if value is None else value
+# Every optional field and its default: the one place defaults live. `validate_config`
+# returns the config completed from this table, so the rest of the trainer reads
+# `config.FIELD` directly. Required fields (no default): model.name, dataset.name,
+# batch_size, num_epochs, num_train_steps, learning_rate, weight_decay, seed,
+# checkpoint_every_steps, half_precision.
+CONFIG_DEFAULTS = {
+    "dataset": {
+        "source": "auto",
+        "data_dir": None,
+        "image_size": 224,  # streamed datasets: the train and eval crop
+        "num_workers": 0,  # streamed datasets: Grain worker processes per host
+    },
+    "eval_batch_size": None,  # None: batch_size
+    "lr_boundaries": (),
+    "lr_decay": 1.0,
+    "lr_schedule": "reference",  # or "fractions" (`lr_boundary_steps`)
+    "momentum": 0.9,
+    "weight_decay_on": "kernels",  # or "all" (`weight_decay_mask`)
+    "max_norm": 0.0,
+    "fold_check_images": FOLD_CHECK_IMAGES,
+    "augment": True,
+    "log_every_steps": 100,
+    "eval_every_steps": -1,
+    "keep_checkpoints": 3,
+    "async_checkpointing": True,
+}
 
 
-def _image_shape(config, channels: int | None = None) -> tuple[int, int, int]:
-    if config.dataset.name == IMAGENET:
-        return (IMAGENET_SIZE, IMAGENET_SIZE, 3)
-    return (32, 32, channels or 3)
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with every missing or None field of `CONFIG_DEFAULTS` filled in."""
+
+    def fill(target, defaults):
+        for name, default in defaults.items():
+            if isinstance(default, dict):
+                if target.get(name) is None:
+                    target[name] = ml_collections.ConfigDict()
+                fill(target[name], default)
+            elif target.get(name) is None:
+                target[name] = default
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    fill(config, CONFIG_DEFAULTS)
+    if config.eval_batch_size is None:
+        config.eval_batch_size = config.batch_size
+    return config
 
 
-def _num_classes(config) -> int:
-    return (
-        IMAGENET_CLASSES
-        if config.dataset.name == IMAGENET
-        else data.NUM_CLASSES[config.dataset.name]
-    )
+def _num_classes_for_validation(config) -> int:
+    # Streamed datasets count their classes from the data; any count validates the model.
+    return data.NUM_CLASSES.get(config.dataset.name, 1000)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a config in plain Python, before any data loading or compilation.
 
     Builds the model (no parameters), which validates depth, width and the
-    model's own fields.
+    model's own fields. `train_and_evaluate` calls it once, first.
 
     Args:
       config: a training config (see `configs/`).
+
+    Returns:
+      A copy of `config` with the optional fields it omits set to their
+      `CONFIG_DEFAULTS`.
 
     Raises:
       ConfigError: the first problem found, naming the field and the fix: an
@@ -142,31 +181,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     def fail(message):
         raise ConfigError(message)
 
-    name = config.dataset.name
-    if name != IMAGENET and name not in data.DATASETS:
+    config = _with_defaults(config)
+    name, source = config.dataset.name, config.dataset.source
+    streamed = input_pipeline.STREAMED_DATASETS
+    if name not in streamed and name not in data.DATASETS:
         fail(
             f"unknown dataset {name!r} (config.dataset.name); expected one of "
-            f"{(*data.DATASETS, IMAGENET)}."
+            f"{(*data.DATASETS, *streamed)}."
         )
-    source = _get(config.dataset, "source", "auto")
-    if name != IMAGENET and source not in data.SOURCES:
+    if name in streamed and source not in data.STREAM_SOURCES:
+        fail(
+            f"dataset {name} is streamed from config.dataset.source 'folder' (an image tree) "
+            f"or 'tfds' (ArrayRecord), got {source!r}."
+        )
+    if name not in streamed and source not in data.SOURCES:
         fail(
             f"unknown dataset source {source!r} (config.dataset.source); expected one of "
             f"{data.SOURCES}."
         )
+    image_size = config.dataset.image_size
+    if not (isinstance(image_size, int) and image_size >= 8):
+        fail(f"config.dataset.image_size must be an int >= 8, got {image_size!r}.")
+    workers = config.dataset.num_workers
+    if not (isinstance(workers, int) and workers >= 0):
+        fail(f"config.dataset.num_workers must be an int >= 0, got {workers!r}.")
     if config.model.name not in models.MODEL_NAMES:
         fail(
             f"unknown model {config.model.name!r} (config.model.name); expected one of "
             f"{models.MODEL_NAMES}."
         )
     try:
-        create_model(config, _num_classes(config))
+        create_model(config, _num_classes_for_validation(config))
     except ValueError as e:
         fail(f"bad model config (config.model): {e}")
 
     devices = jax.device_count()
     for field in ("batch_size", "eval_batch_size"):
-        size = _get(config, field, config.batch_size)
+        size = config[field]
         if not (isinstance(size, int) and size >= 1):
             fail(f"config.{field} must be a positive int, got {size!r}.")
         if size % devices:
@@ -180,35 +231,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         fail(f"config.learning_rate must be a finite number > 0, got {config.learning_rate!r}.")
     if not config.weight_decay >= 0:
         fail(f"config.weight_decay must be >= 0, got {config.weight_decay!r}.")
-    momentum = _get(config, "momentum", 0.9)
-    if not 0 <= momentum < 1:
-        fail(f"config.momentum must be in [0, 1), got {momentum!r}.")
-    boundaries = tuple(_get(config, "lr_boundaries", ()))
+    if not 0 <= config.momentum < 1:
+        fail(f"config.momentum must be in [0, 1), got {config.momentum!r}.")
+    boundaries = tuple(config.lr_boundaries)
     if any(not 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(boundaries):
         fail(
             f"config.lr_boundaries must be increasing fractions of training in (0, 1), "
             f"got {boundaries}."
         )
-    if _get(config, "lr_schedule", "reference") not in LR_SCHEDULES:
+    if config.lr_schedule not in LR_SCHEDULES:
         fail(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}.")
-    if _get(config, "weight_decay_on", "kernels") not in WEIGHT_DECAY_SCOPES:
+    if config.weight_decay_on not in WEIGHT_DECAY_SCOPES:
         fail(
             f"config.weight_decay_on must be one of {WEIGHT_DECAY_SCOPES}, got "
             f"{config.weight_decay_on!r}."
         )
-    if not _get(config, "lr_decay", 1.0) > 0:
+    if not config.lr_decay > 0:
         fail(f"config.lr_decay must be > 0, got {config.lr_decay!r}.")
-    if not _get(config, "max_norm", 0.0) >= 0:
+    if not config.max_norm >= 0:
         fail(f"config.max_norm must be >= 0 (0 disables it), got {config.max_norm!r}.")
     if not config.checkpoint_every_steps >= 0:
         fail(
             f"config.checkpoint_every_steps must be >= 0 (0: only at the end), got "
             f"{config.checkpoint_every_steps!r}."
         )
-    if not _get(config, "keep_checkpoints", 3) >= 1:
+    if not config.keep_checkpoints >= 1:
         fail(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints!r}.")
-    if not _get(config, "log_every_steps", 100) >= 1:
+    if not config.log_every_steps >= 1:
         fail(f"config.log_every_steps must be >= 1, got {config.log_every_steps!r}.")
+    return config
 
 
 def create_model(config, num_classes: int):
@@ -260,11 +311,11 @@ def lr_boundary_steps(config, steps_per_epoch: int) -> tuple[int, ...]:
       >>> lr_boundary_steps(c, steps_per_epoch=10)
       (600, 1200, 1600)
     """
+    config = _with_defaults(config)
     total = total_steps(config, steps_per_epoch)
-    reference = _get(config, "lr_schedule", "reference") == "reference"
-    by_epochs = reference and not config.num_train_steps > 0
+    by_epochs = config.lr_schedule == "reference" and not config.num_train_steps > 0
     steps = []
-    for fraction in _get(config, "lr_boundaries", ()):
+    for fraction in config.lr_boundaries:
         if by_epochs:
             epoch = max(1, round(fraction * config.num_epochs))
             steps.append(max(1, (epoch - 1) * steps_per_epoch))
@@ -289,7 +340,8 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
       >>> [round(float(fn(s)), 6) for s in (0, 29, 30, 60, 80, 99)]
       [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008]
     """
-    decay = float(_get(config, "lr_decay", 1.0))
+    config = _with_defaults(config)
+    decay = float(config.lr_decay)
     scales: dict[int, float] = {}
     for boundary in lr_boundary_steps(config, steps_per_epoch):
         # Boundaries that coincide on a very short run compound instead of overwriting.
@@ -372,11 +424,10 @@ def create_optimizer(
     `steps_per_epoch` given) the momentum restarts at each learning-rate
     boundary, since the reference creates a new optimizer there.
     """
-    mask = functools.partial(
-        weight_decay_mask, scope=str(_get(config, "weight_decay_on", "kernels"))
-    )
-    momentum = optax.trace(decay=float(_get(config, "momentum", 0.9)))
-    if _get(config, "lr_schedule", "reference") == "reference" and steps_per_epoch:
+    config = _with_defaults(config)
+    mask = functools.partial(weight_decay_mask, scope=str(config.weight_decay_on))
+    momentum = optax.trace(decay=float(config.momentum))
+    if config.lr_schedule == "reference" and steps_per_epoch:
         momentum = reset_at_steps(momentum, lr_boundary_steps(config, steps_per_epoch))
     return optax.chain(
         optax.add_decayed_weights(float(config.weight_decay), mask=mask),
@@ -397,58 +448,20 @@ def project_kernels(params, c: float):
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A one-axis `("data",)` mesh over `devices` (default: all devices of all processes)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+    """A one-axis `("data",)` mesh over `devices` (default: all devices of all processes).
+
+    `jax.make_mesh` orders the devices for the physical topology (on TPU pods the
+    ring of the interconnect), so a host's devices need not be neighbours in the
+    mesh; the input pipeline does not assume they are. The axis is `Auto`: the
+    step is `jit` with explicit in/out shardings and XLA places the reductions
+    (JAX's default, `Explicit`, would make sharding part of every array's type).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def _process_rows(sharding: NamedSharding, global_len: int) -> slice:
-    """The rows of a batch-sharded global array held by this process's devices."""
-    index_map = sharding.addressable_devices_indices_map((global_len,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [global_len if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    return slice(min(starts), max(stops))
-
-
-def shard_batch(mesh: Mesh, batch, *, process_local: bool = False):
-    """A pytree of host arrays as global arrays sharded on the mesh's `"data"` axis.
-
-    Args:
-      mesh: from `make_mesh`.
-      batch: numpy arrays with the batch on axis 0.
-      process_local: False: every process passes the whole global batch (index
-        batches) and contributes its own rows. True: each process passes only its
-        rows (a per-host input stream) and the global batch is their concatenation.
-
-    Returns:
-      The same pytree of `jax.Array`s, assembled with
-      `jax.make_array_from_process_local_data`.
-    """
-    sharding = NamedSharding(mesh, P("data"))
-
-    def one(x):
-        x = np.asarray(x)
-        if process_local:
-            global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-            return jax.make_array_from_process_local_data(sharding, x, global_shape)
-        rows = _process_rows(sharding, x.shape[0])
-        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-
-    return jax.tree.map(one, batch)
-
-
-def put_replicated(mesh: Mesh, tree):
-    """Host arrays as global arrays replicated on every device (multi-process safe)."""
-    sharding = _replicated(mesh)
-
-    def one(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(one, tree)
 
 
 def create_train_state(
@@ -618,7 +631,8 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
 
     In-memory data: `train_fn(state, arrays, idx)` and `eval_fn(state, arrays,
     idx, mask)`, with `arrays` the replicated `ArrayDataset` and `idx`, `mask`
-    sharded on `"data"`. Streamed data: `train_fn(state, batch)` and
+    sharded on `"data"`; `config.augment` turns the in-step augmentation on.
+    Streamed data (augmented on the hosts): `train_fn(state, batch)` and
     `eval_fn(state, batch)`. The train function donates the state.
     """
     rep, batched = _replicated(mesh), NamedSharding(mesh, P("data"))
@@ -627,8 +641,8 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
         learning_rate_fn=learning_rate_fn,
         dataset_name=dataset_name,
         seed=int(config.seed),
-        augment=bool(_get(config, "augment", True)),
-        max_norm=float(_get(config, "max_norm", 0.0)),
+        augment=in_memory and bool(config.augment),
+        max_norm=float(config.max_norm),
     )
     evaluate_batch = functools.partial(eval_step, dataset_name=dataset_name)
     if in_memory:
@@ -655,119 +669,7 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
 
 def _fetch(tree):
     """Host copies of replicated global arrays (also in multi-process runs)."""
-    return jax.tree.map(metrics._local, tree)
-
-
-# ---------------------------------------------------------------------------
-# Input.
-
-
-class _InMemoryInput:
-    """A small dataset on the devices; batches are index arrays."""
-
-    in_memory = True
-
-    def __init__(self, config, mesh):
-        name, source = config.dataset.name, _get(config.dataset, "source", "auto")
-        data_dir = config.dataset.get("data_dir")
-        train = data.prepare(data.load(name, source=source, data_dir=data_dir, split="train"))
-        test = data.prepare(data.load(name, source=source, data_dir=data_dir, split="test"))
-        self.mesh = mesh
-        self.name = name
-        self.seed = int(config.seed)
-        self.batch_size = int(config.batch_size)
-        self.eval_batch_size = int(_get(config, "eval_batch_size", config.batch_size))
-        self.image_shape = tuple(train.images.shape[1:])
-        self.num_train, self.num_test = len(train), len(test)
-        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size)
-        # Put on the devices once; every step then moves only a batch of indices.
-        self.train = put_replicated(mesh, train)
-        self.test = put_replicated(mesh, test)
-        self._test_host = test
-
-    def train_batches(self, start_step: int) -> Iterator[tuple]:
-        epoch, position = divmod(start_step, self.steps_per_epoch)
-        while True:
-            for idx in data.train_batches(
-                self.num_train, self.batch_size, self.seed, epoch, position
-            ):
-                yield (self.train, shard_batch(self.mesh, idx))
-            epoch, position = epoch + 1, 0
-
-    def eval_batches(self) -> Iterator[tuple]:
-        for idx, mask in data.eval_batches(self.num_test, self.eval_batch_size):
-            yield (self.test, *shard_batch(self.mesh, (idx, mask)))
-
-    def fold_check_images(self, limit: int) -> np.ndarray:
-        images = self._test_host.images[:limit]
-        return np.asarray(data.normalize(images, self.name))
-
-
-class _ImageNetInput:
-    """ImageNet streamed per host with tf.data (TensorFlow needed)."""
-
-    in_memory = False
-
-    def __init__(self, config, mesh):
-        if importlib.util.find_spec("tensorflow") is None:
-            raise ImportError(
-                "the ImageNet input pipeline (tf.data) needs TensorFlow, which is not "
-                "installed: pip install 'dirac_jax[tf]'."
-            )
-        import tensorflow_datasets as tfds
-
-        data_dir = config.dataset.get("data_dir")
-        builder = tfds.builder(IMAGENET, data_dir=data_dir)
-        if not builder.is_prepared():
-            raise data.DataNotFoundError(
-                f"imagenet2012 is not prepared in {builder.data_dir}: run `tfds build "
-                "imagenet2012 --manual_dir=DIR_WITH_THE_ILSVRC2012_TARS [--data_dir=DIR]` and "
-                "set --config.dataset.data_dir=DIR."
-            )
-        self.mesh = mesh
-        self.config = config
-        self.image_shape = _image_shape(config)
-        processes = jax.process_count()
-        self.batch_per_host = int(config.batch_size) // processes
-        self.eval_per_host = int(_get(config, "eval_batch_size", config.batch_size)) // processes
-        self.num_train = builder.info.splits["train"].num_examples
-        self.num_test = builder.info.splits["validation"].num_examples
-        self.steps_per_epoch = self.num_train // int(config.batch_size)
-
-    def _stream(self, split, train, batch):
-        ds = data.imagenet_tf_dataset(
-            split,
-            data_dir=self.config.dataset.get("data_dir"),
-            batch_size_per_host=batch,
-            train=train,
-            seed=int(self.config.seed),
-        )
-        return ds.as_numpy_iterator()
-
-    def train_batches(self, start_step: int) -> Iterator[tuple]:
-        del start_step  # the stream restarts; resume is exact in the state, not in the data.
-        for batch in self._stream("train", True, self.batch_per_host):
-            yield (shard_batch(self.mesh, batch, process_local=True),)
-
-    def eval_batches(self) -> Iterator[tuple]:
-        for batch in self._stream("validation", False, self.eval_per_host):
-            yield (shard_batch(self.mesh, batch, process_local=True),)
-
-    def fold_check_images(self, limit: int) -> np.ndarray:
-        images = []
-        for batch in self._stream("validation", False, self.eval_per_host):
-            images.append(batch["image"][batch["mask"]])
-            if sum(len(x) for x in images) >= limit:
-                break
-        return np.concatenate(images)[:limit]
-
-
-def _create_input(config, mesh):
-    return (
-        _ImageNetInput(config, mesh)
-        if config.dataset.name == IMAGENET
-        else _InMemoryInput(config, mesh)
-    )
+    return jax.tree.map(metrics.host_copy, tree)
 
 
 # ---------------------------------------------------------------------------
@@ -893,14 +795,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       NonFiniteLossError: the loss or the state became NaN/Inf.
     """
     start_time = time.time()
-    validate_config(config)
+    config = validate_config(config)
     chief = jax.process_index() == 0
     mesh = make_mesh()
     # Data first: a missing dataset fails before anything is written.
-    inputs = _create_input(config, mesh)
+    inputs = input_pipeline.create_input(config, mesh)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    model = create_model(config, _num_classes(config))
+    model = create_model(config, inputs.num_classes)
     num_steps = total_steps(config, inputs.steps_per_epoch)
     lr_fn = create_learning_rate_fn(config, inputs.steps_per_epoch)
     state = create_train_state(
@@ -915,17 +817,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     num_params = models.count_params(state.params)
 
     mngr = checkpoint.create_manager(
-        workdir,
-        keep=int(_get(config, "keep_checkpoints", 3)),
-        async_save=bool(_get(config, "async_checkpointing", True)),
+        workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
     )
     try:
         state, start_step = checkpoint.restore_latest(mngr, state)
+        batches = inputs.train_batches()
+        data_item = batches.checkpoint_item
+        if data_item is not None and start_step:
+            restored = checkpoint.restore_data(mngr, start_step, data_item)
+        else:
+            restored = False
+        # The restored Grain state places the stream; without one, the step does. Either
+        # way the next batch must be the one of `start_step` (checked batch by batch).
+        if not restored:
+            batches.seek(start_step)
+        batches.position = start_step
         if chief:
             _check_config_against_workdir(config, workdir, resuming=start_step > 0)
         if start_step:
             logging.info(
-                "Resumed from %s at step %d.", checkpoint.checkpoint_dir(workdir), start_step
+                "Resumed from %s at step %d%s.",
+                checkpoint.checkpoint_dir(workdir),
+                start_step,
+                " with the saved input position" if restored else "",
             )
         logging.info(
             "%s: %d params, %d steps (%d per epoch), batch %d on %d devices.",
@@ -933,7 +847,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             config.batch_size, jax.device_count(),
         )  # fmt: skip
         result = _train_loop(
-            config, workdir, mngr, inputs, state, start_step, num_steps, lr_fn, chief
+            config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief
         )
     finally:
         mngr.wait_until_finished()
@@ -943,7 +857,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return {"preempted": True, "step": step, "wall_time_s": time.time() - start_time}
 
     fold_error = None
-    fold_images = int(_get(config, "fold_check_images", FOLD_CHECK_IMAGES))
+    fold_images = int(config.fold_check_images)
     if config.model.name in FOLDABLE_MODELS and fold_images > 0:
         variables = _fetch({"params": state.params, "batch_stats": state.batch_stats})
         fold_error = fold_max_abs_error(model, variables, inputs.fold_check_images(fold_images))
@@ -977,31 +891,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return summary
 
 
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` is set on any process (all processes must call this together)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_fn, chief):
+def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief):
     """Steps from `start_step` to `num_steps`.
 
     Returns:
       `(state, step, preempted, last_eval)`: `last_eval` is the last eval record
       (None after a preemption, which skips the eval).
     """
-    train_fn, eval_fn = compile_steps(
-        config, inputs.mesh, lr_fn, inputs.name if inputs.in_memory else IMAGENET, inputs.in_memory
-    )
-    log_every = int(_get(config, "log_every_steps", 100))
-    eval_every = int(_get(config, "eval_every_steps", -1))
+    train_fn, eval_fn = compile_steps(config, inputs.mesh, lr_fn, inputs.name, inputs.in_memory)
+    log_every = int(config.log_every_steps)
+    eval_every = int(config.eval_every_steps)
     eval_every = eval_every if eval_every > 0 else inputs.steps_per_epoch
     ckpt_every = int(config.checkpoint_every_steps)
     images_per_step = int(config.batch_size)
-    multiprocess = jax.process_count() > 1
 
     writer = metrics.MetricWriter(workdir, start_step=start_step, enabled=chief)
     bar = metrics.ProgressBar(num_steps, start_step, enabled=chief, images_per_step=images_per_step)
@@ -1038,7 +940,7 @@ def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_
                 f"the training state has NaN or Inf values at step {step}; not saving it. "
                 f"{last_good()} Lower config.learning_rate and start a new --workdir."
             )
-        checkpoint.save(mngr, step, state)
+        checkpoint.save(mngr, step, state, data=batches.checkpoint_item)
 
     def run_eval(step):
         nonlocal last_log_time, last_eval
@@ -1067,19 +969,15 @@ def _train_loop(config, workdir, mngr, inputs, state, start_step, num_steps, lr_
     step = start_step
     preempted = False
     try:
-        with checkpoint.PreemptionSignal() as preemption:
-            batches = inputs.train_batches(start_step)
+        with checkpoint.Preemption(mngr) as preemption:
             for step in range(start_step + 1, num_steps + 1):
                 state, step_metrics = train_fn(state, *next(batches))
                 pending.append((step, step_metrics))
                 bar.update()
                 is_last = step == num_steps
                 do_log = step % log_every == 0 or is_last
-                if multiprocess:
-                    # Agree on the stop step, so all processes save the same checkpoint.
-                    preempted = do_log and _any_process(preemption.requested)
-                else:
-                    preempted = preemption.requested
+                # Every step, on every process: all processes stop at the same step.
+                preempted = preemption.reached(step)
                 do_ckpt = (ckpt_every and step % ckpt_every == 0) or is_last or preempted
                 do_eval = (step % eval_every == 0 or is_last) and not preempted
                 if not (do_log or do_ckpt or do_eval or preempted):

@@ -1,13 +1,7 @@
-"""One JAX process of a multi-process training run on localhost, for test_train.py.
+"""Shared by the trainer tests: `tiny_config` and `use_compilation_cache`.
 
-Also shared by the trainer tests: `tiny_config` and `use_compilation_cache`.
-
-  python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR LOCAL_DEVICES NUM_STEPS
-
-Each process gets LOCAL_DEVICES fake CPU devices and joins the others through
-`jax.distributed.initialize` on 127.0.0.1:PORT, with gloo for the CPU
-collectives. All processes then run `train.train_and_evaluate` on the same
-config and workdir; process 0 writes metrics.jsonl.
+(Multi-process runs are started through `python -m dirac_jax.main --coordinator_address=...`
+now, see test_train.py; the name stays for the imports of the other test modules.)
 """
 
 import os
@@ -49,26 +43,3 @@ def tiny_config(num_steps: int) -> ml_collections.ConfigDict:
     config.eval_every_steps = num_steps
     config.checkpoint_every_steps = 0
     return config
-
-
-def main(argv):
-    process_id, num_processes, port, workdir, local_devices, num_steps = argv[1:]
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(local_devices)}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{int(port)}",
-        num_processes=int(num_processes),
-        process_id=int(process_id),
-        initialization_timeout=120,
-    )
-    from dirac_jax import train
-
-    summary = train.train_and_evaluate(tiny_config(int(num_steps)), workdir)
-    print(f"process {jax.process_index()} of {jax.process_count()}: {summary}", flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -18,3 +18,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+import pytest  # noqa: E402
+from _image_data import FASHION_DIR, write_image_tree, write_tfds_imagenet  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory):
+    """A small ImageNet-layout tree of real JPEGs: 4 classes, 6 train and 3 val each, 64 px."""
+    if not FASHION_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    return write_image_tree(tmp_path_factory.mktemp("image_tree"))
+
+
+@pytest.fixture(scope="session")
+def tfds_imagenet(tmp_path_factory, image_tree):
+    """The images of `image_tree` as a TFDS imagenet2012 in ArrayRecord format."""
+    return write_tfds_imagenet(tmp_path_factory.mktemp("tfds"), image_tree)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import _image_data
 import _multihost_worker
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ def _saved_tree(workdir, step):
     """A checkpoint as saved on disk: a nested dict of arrays."""
     mngr = checkpoint.create_manager(workdir)
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore())
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+            "state"
+        ]
     finally:
         mngr.close()
 
@@ -90,7 +93,7 @@ def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
     train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
     ckpt_dir = checkpoint.checkpoint_dir(tmp_path)
     assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 4]
-    manifest = ckpt_dir / "4" / "default" / "manifest.ocdbt"
+    manifest = ckpt_dir / "4" / checkpoint.STATE_ITEM / "manifest.ocdbt"
     manifest.write_bytes(manifest.read_bytes()[:10])  # a torn write
     before = _digest(ckpt_dir)
     with pytest.raises(checkpoint.CheckpointError) as info:
@@ -167,11 +170,26 @@ def _main(workdir, num_steps):
 
 
 def test_sigterm_then_rerun_resumes_bit_exactly(tmp_path):
-    num_steps, interrupt_after = 50, 8
+    _check_sigterm_resume(tmp_path, _main, num_steps=50, interrupt_after=8)
+
+
+def test_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(tmp_path, image_tree):
+    # configs/imagenet_dirac.py end to end on real JPEGs, one Grain worker process: the
+    # input position (the worker's iterator state) is saved with every checkpoint.
+    def command(workdir, num_steps):
+        return _image_data.imagenet_cli(
+            image_tree, workdir, num_steps, "--config.dataset.num_workers=1",
+            "--config.checkpoint_every_steps=5",
+        )  # fmt: skip
+
+    _check_sigterm_resume(tmp_path, command, num_steps=12, interrupt_after=3, streamed=True)
+
+
+def _check_sigterm_resume(tmp_path, command, num_steps, interrupt_after, streamed=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    full = subprocess.Popen(_main(tmp_path / "full", num_steps), **run)
-    broken = subprocess.Popen(_main(tmp_path / "broken", num_steps), **run)
+    full = subprocess.Popen(command(tmp_path / "full", num_steps), **run)
+    broken = subprocess.Popen(command(tmp_path / "broken", num_steps), **run)
     deadline = time.time() + 180
     while True:
         steps = [
@@ -189,10 +207,12 @@ def test_sigterm_then_rerun_resumes_bit_exactly(tmp_path):
     assert interrupt_after <= stopped < num_steps
     assert not (tmp_path / "broken" / train.SUMMARY_FILE).exists()
     mngr = checkpoint.create_manager(tmp_path / "broken")
-    assert mngr.latest_step() == stopped  # saved at the preemption step, off the 7-step grid
+    assert mngr.latest_step() == stopped  # saved at the preemption step, off the save grid
     mngr.close()
+    data_file = checkpoint.checkpoint_dir(tmp_path / "broken") / str(stopped) / "data"
+    assert (data_file / "process_0-of-1.json").is_file() == streamed
 
-    resumed = subprocess.run(_main(tmp_path / "broken", num_steps), **run, timeout=300)
+    resumed = subprocess.run(command(tmp_path / "broken", num_steps), **run, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]

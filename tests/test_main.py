@@ -1,7 +1,6 @@
 """Tests for the command line (dirac_jax.main) and the configs in configs/."""
 
 import importlib
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -98,16 +97,30 @@ def test_default_workdir():
     assert default_workdir("configs/fashion_mnist_dirac.py") == "runs/fashion_mnist_dirac"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed"
-)
-def test_imagenet_without_tensorflow_says_how_to_get_it(tmp_path):
+def test_imagenet_without_its_data_says_how_to_build_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "dirac_jax.main", "--config=configs/imagenet_dirac.py",
-        f"--workdir={tmp_path / 'run'}",
+        f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert "needs TensorFlow" in result.stderr and "pip install 'dirac_jax[tf]'" in result.stderr
+    assert "imagenet2012 is not prepared" in result.stderr
+    assert "tfds build imagenet2012 --file_format=array_record" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--coordinator_address=127.0.0.1:1"], "also needs --num_processes, --process_id"),
+        (
+            ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+            "--process_id=2 must be in [0, --num_processes=2)",
+        ),
+    ],
+)
+def test_bad_multiprocess_flags_exit_with_one_clear_error(tmp_path, flags, message):
+    result = _run_main(f"--workdir={tmp_path / 'run'}", *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr

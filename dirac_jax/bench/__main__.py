@@ -1,9 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench {compile,fold,train} [--flags]`."""
+"""Entry point: `python -m dirac_jax.bench {compile,fold,input,train} [--flags]`."""
 
 import importlib
 import sys
 
-_SUITES = ("compile", "fold", "train")
+_SUITES = ("compile", "fold", "input", "train")
 
 
 def main(argv=None):

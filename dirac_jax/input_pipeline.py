@@ -1,0 +1,583 @@
+"""Input pipelines: what the training loop consumes, from data on the devices or streamed.
+
+Two inputs implement one small interface, `Input` (`create_input` picks one):
+
+* `InMemoryInput`: a small dataset (CIFAR, MNIST-likes) lives on the devices as
+  uint8 arrays; a step receives the global batch's indices and gathers and
+  augments inside the jitted step (`data.augment`).
+* `StreamedInput`: ImageNet-sized datasets, read by index from an image folder
+  or a TFDS ArrayRecord dataset (`data.ImageFolder`, `data.TfdsImages`),
+  decoded, randomly cropped and flipped in Grain worker processes
+  (`grain.MapDataset(...).mp_prefetch`), and handed to the step as uint8 images.
+
+Both feed the same sequence of global batches to a run on any number of hosts:
+the batch of step `t` holds the examples `epoch_permutation(seed, epoch)[...]`
+of its position in the epoch, and example `r` of it is augmented with the
+generator `example_rng(seed, t, r)`. Neither depends on the number of hosts,
+devices or workers. A host decodes only the rows its devices hold
+(`process_rows`), which need not be contiguous in the global batch: `jax.make_mesh`
+orders devices by the physical topology. `shard_batch` places each device's rows.
+
+Resume: the streamed position is the Grain iterator's state, saved with every
+checkpoint (`TrainBatches.checkpoint_item`, see `dirac_jax.checkpoint.save`);
+`TrainBatches.seek(step)` places a fresh iterator at any step. Each streamed
+batch carries its step, and a batch whose step is not the expected one raises.
+
+Example (the training loop's use)::
+
+  inputs = create_input(config, mesh)
+  batches = inputs.train_batches()
+  batches.seek(start_step)
+  for step in range(start_step, num_steps):
+      state, metrics = train_fn(state, *next(batches))
+  for args in inputs.eval_batches():
+      totals = eval_fn(state, *args)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dirac_jax import data
+
+__all__ = [
+    "EVAL_RESIZE_RATIO",
+    "STREAMED_DATASETS",
+    "InMemoryInput",
+    "Input",
+    "StreamedInput",
+    "TrainBatches",
+    "create_input",
+    "eval_image",
+    "example_rng",
+    "process_rows",
+    "put_replicated",
+    "random_resized_crop_box",
+    "shard_batch",
+    "train_image",
+]
+
+# Datasets too large for the devices' memory: streamed from `data.STREAM_SOURCES`.
+STREAMED_DATASETS = ("imagenet2012",)
+# Eval: resize the shorter side to image_size * 256/224 (256 for 224), centre crop image_size.
+EVAL_RESIZE_RATIO = 256 / 224
+# Inception-style crop (the reference ImageNet recipe): area and aspect-ratio ranges.
+CROP_AREA = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+# Each Grain process (the main one with num_workers=0) decodes with this many threads; PIL
+# releases the GIL while it decodes and resizes, so threads overlap the device step.
+_READ_THREADS = 2
+_READ_BUFFER = 4  # batches a process keeps ready
+# Grain's MapDataset needs a length: more steps than any run takes.
+_MAX_STEPS = 2**40
+
+
+class Input(Protocol):
+    """What the training loop needs from an input; both inputs implement it.
+
+    Attributes:
+      name: the dataset name; selects the normalization statistics (`data.normalize`).
+      in_memory: True: steps take `(arrays, idx)` / `(arrays, idx, mask)`; False:
+        steps take one batch dict `{"image", "label"[, "mask"]}`.
+      augment_in_step: whether the train step applies `data.augment` (streamed
+        images arrive augmented).
+      num_classes, image_shape, num_train, num_test, steps_per_epoch: as named.
+    """
+
+    name: str
+    in_memory: bool
+    augment_in_step: bool
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
+
+    def train_batches(self) -> TrainBatches:
+        """The training batches from step 0 (`seek` to start elsewhere)."""
+
+    def eval_batches(self) -> Iterator[tuple]:
+        """Arguments of the eval step after `state`, covering the test set once."""
+
+    def fold_check_images(self, limit: int) -> np.ndarray:
+        """The first `limit` test images, normalized float32 NHWC on the host."""
+
+
+class TrainBatches(Protocol):
+    """An iterator of train-step arguments that can be placed at any step.
+
+    Attributes:
+      checkpoint_item: what a checkpoint saves as the data position (a Grain
+        iterator), or None when the step alone fixes it.
+      position: the step whose batch `next` returns.
+    """
+
+    checkpoint_item: Any
+    position: int
+
+    def __next__(self) -> tuple: ...
+
+    def seek(self, step: int) -> None:
+        """Makes the next batch the one of `step`."""
+
+
+# ---------------------------------------------------------------------------
+# Placing batches on the mesh.
+
+
+def process_rows(sharding: NamedSharding, global_len: int, devices=None) -> np.ndarray:
+    """The rows of a batch-sharded global array that `devices` hold, sorted.
+
+    Args:
+      sharding: how the global batch is laid out (batch on axis 0).
+      global_len: the global batch size.
+      devices: default: this process's devices (`sharding.addressable_devices`).
+
+    Returns:
+      int64 array of global row indices. Not necessarily one contiguous range:
+      a mesh may interleave the hosts' devices.
+
+    Examples:
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+      >>> process_rows(NamedSharding(mesh, P("data")), 4).tolist()
+      [0, 1, 2, 3]
+      >>> process_rows(NamedSharding(mesh, P("data")), 4, devices=[]).tolist()
+      []
+    """
+    devices = set(sharding.addressable_devices if devices is None else devices)
+    rows = [
+        np.arange(global_len)[index[0]]
+        for device, index in sharding.devices_indices_map((global_len,)).items()
+        if device in devices
+    ]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+
+
+def shard_batch(mesh: Mesh, batch, *, rows: np.ndarray | None = None, global_size: int = 0):
+    """A pytree of host arrays as global arrays sharded on the mesh's `"data"` axis.
+
+    Each device receives exactly its rows, wherever they sit in the mesh.
+
+    Args:
+      mesh: a mesh with a `"data"` axis.
+      batch: numpy arrays with the batch on axis 0.
+      rows: None: every process passes the whole global batch (index batches).
+        Else the sorted global rows this process holds (`process_rows`), and
+        `batch` holds only those rows, in that order.
+      global_size: the global batch size (needed with `rows`).
+
+    Returns:
+      The same pytree of `jax.Array`s, of the global batch size.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+
+    def one(x):
+        x = np.asarray(x)
+        if rows is None:
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        def local(index):
+            return x[np.searchsorted(rows, np.arange(global_size)[index[0]])]
+
+        return jax.make_array_from_callback((global_size, *x.shape[1:]), sharding, local)
+
+    return jax.tree.map(one, batch)
+
+
+def put_replicated(mesh: Mesh, tree):
+    """Host arrays as global arrays replicated on every device of the mesh."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]),
+        tree,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Device-resident small datasets.
+
+
+class InMemoryInput:
+    """A small dataset on the devices; train and eval batches are index arrays."""
+
+    in_memory = True
+    augment_in_step = True
+
+    def __init__(self, config, mesh: Mesh):
+        name, source = config.dataset.name, config.dataset.source
+        data_dir = config.dataset.data_dir
+        train = data.prepare(data.load(name, source=source, data_dir=data_dir, split="train"))
+        test = data.prepare(data.load(name, source=source, data_dir=data_dir, split="test"))
+        self.mesh = mesh
+        self.name = name
+        self.num_classes = train.num_classes
+        self.seed = int(config.seed)
+        self.batch_size = int(config.batch_size)
+        self.eval_batch_size = int(config.eval_batch_size)
+        self.image_shape = tuple(train.images.shape[1:])
+        self.num_train, self.num_test = len(train), len(test)
+        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size)
+        # Put on the devices once; every step then moves only a batch of indices.
+        self.train = put_replicated(mesh, train)
+        self.test = put_replicated(mesh, test)
+        self._test_host = test
+
+    def train_batches(self) -> TrainBatches:
+        return _IndexBatches(self)
+
+    def eval_batches(self) -> Iterator[tuple]:
+        for idx, mask in data.eval_batches(self.num_test, self.eval_batch_size):
+            yield (self.test, *shard_batch(self.mesh, (idx, mask)))
+
+    def fold_check_images(self, limit: int) -> np.ndarray:
+        return np.asarray(data.normalize(self._test_host.images[:limit], self.name))
+
+
+class _IndexBatches:
+    """`(arrays, idx)` of each step: the position is the step, nothing to checkpoint."""
+
+    checkpoint_item = None
+
+    def __init__(self, inputs: InMemoryInput):
+        self._inputs = inputs
+        self.seek(0)
+
+    def seek(self, step: int) -> None:
+        self.position = step
+        self._epoch = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        inputs = self._inputs
+        epoch, offset = divmod(self.position, inputs.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = data.epoch_permutation(inputs.seed, epoch, inputs.num_train)
+        idx = self._order[offset * inputs.batch_size : (offset + 1) * inputs.batch_size]
+        self.position += 1
+        return (inputs.train, shard_batch(inputs.mesh, idx))
+
+
+# ---------------------------------------------------------------------------
+# Image transforms (NumPy and PIL; they run in Grain's worker processes).
+
+
+def example_rng(seed: int, step: int, row: int) -> np.random.Generator:
+    """The generator of one training example's augmentation: a function of its place only.
+
+    `row` is the example's row in the global batch of `step`, so the crop and
+    flip do not depend on which host or worker decodes it.
+    """
+    return np.random.default_rng([seed, step, row])
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    area: tuple[float, float] = CROP_AREA,
+    ratio: tuple[float, float] = CROP_RATIO,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """An Inception-style crop window `(left, top, w, h)` of a `width` x `height` image.
+
+    Up to `attempts` draws of an area fraction uniform in `area` and an aspect
+    ratio log-uniform in `ratio`; the first that fits wins. If none fits, the
+    largest centred window with an aspect ratio inside `ratio` (as torchvision's
+    `RandomResizedCrop`).
+
+    Examples:
+      >>> left, top, w, h = random_resized_crop_box(np.random.default_rng(0), 500, 375)
+      >>> 0 <= left <= 500 - w and 0 <= top <= 375 - h
+      True
+      >>> random_resized_crop_box(np.random.default_rng(0), 1000, 10)  # nothing fits
+      (493, 0, 13, 10)
+    """
+    total = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target = total * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _decode_window(encoded: bytes, window, size: int):
+    """The image, decoded at the smallest JPEG scale that keeps `window` >= `size` pixels.
+
+    JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (PIL's `draft`),
+    which is most of the decode cost saved for a small crop of a large photo.
+
+    Returns:
+      `(RGB image, window as (left, top, right, bottom) in its pixels)`.
+    """
+    import PIL.Image
+
+    image = PIL.Image.open(io.BytesIO(encoded))
+    width, height = image.size
+    left, top, w, h = window
+    scale = max(size / w, size / h)
+    if image.format == "JPEG" and scale < 1:
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    sx, sy = image.size[0] / width, image.size[1] / height
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return image.convert("RGB"), box
+
+
+def train_image(encoded: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Decode, random-resized crop to `size` x `size` (bilinear), random horizontal flip.
+
+    Args:
+      encoded: JPEG or PNG bytes (grey, CMYK and palette images become RGB).
+      rng: the example's generator (`example_rng`).
+      size: output height and width.
+
+    Returns:
+      uint8 array `(size, size, 3)`.
+    """
+    import PIL.Image
+
+    with PIL.Image.open(io.BytesIO(encoded)) as probe:
+        width, height = probe.size
+    window = random_resized_crop_box(rng, width, height)
+    image, box = _decode_window(encoded, window, size)
+    out = np.asarray(image.resize((size, size), PIL.Image.BILINEAR, box=box))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def eval_image(encoded: bytes, size: int) -> np.ndarray:
+    """Resize the shorter side to `size * 256/224`, then centre crop `size` x `size`.
+
+    Done as one bilinear (antialiased) resample of the centre window of the
+    original image, which is the same geometry as resizing and then cropping,
+    at a fraction of the work.
+
+    Returns:
+      uint8 array `(size, size, 3)`.
+    """
+    import PIL.Image
+
+    with PIL.Image.open(io.BytesIO(encoded)) as probe:
+        width, height = probe.size
+    side = min(width, height) * size / (size * EVAL_RESIZE_RATIO)
+    window = ((width - side) / 2, (height - side) / 2, side, side)
+    image, box = _decode_window(encoded, window, size)
+    return np.asarray(image.resize((size, size), PIL.Image.BILINEAR, box=box))
+
+
+# ---------------------------------------------------------------------------
+# Streamed datasets on Grain.
+
+
+@dataclasses.dataclass
+class _TrainBatchMaker:
+    """Step -> this host's rows of that step's global batch (picklable, for Grain workers)."""
+
+    source: Any
+    rows: np.ndarray
+    seed: int
+    batch_size: int
+    image_size: int
+
+    def __post_init__(self):
+        self._cache = None  # (epoch, its permutation)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        # Grain's threads call this concurrently: read and replace the pair in one step each.
+        cache = self._cache
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, data.epoch_permutation(self.seed, epoch, len(self.source)))
+            self._cache = cache
+        return cache[1]
+
+    def __call__(self, step: int) -> dict:
+        epoch, offset = divmod(step, len(self.source) // self.batch_size)
+        order = self._order(epoch)
+        size = self.image_size
+        images = np.empty((len(self.rows), size, size, 3), np.uint8)
+        labels = np.empty(len(self.rows), np.int32)
+        for i, row in enumerate(self.rows):
+            record = self.source[int(order[offset * self.batch_size + row])]
+            images[i] = train_image(record["image"], example_rng(self.seed, step, int(row)), size)
+            labels[i] = record["label"]
+        return {"image": images, "label": labels, "step": np.int64(step)}
+
+
+@dataclasses.dataclass
+class _EvalBatchMaker:
+    """Eval batch index -> this host's rows of it; rows past the split's end are masked."""
+
+    source: Any
+    rows: np.ndarray
+    batch_size: int
+    image_size: int
+
+    def __call__(self, index: int) -> dict:
+        size = self.image_size
+        positions = index * self.batch_size + self.rows
+        mask = positions < len(self.source)
+        images = np.zeros((len(self.rows), size, size, 3), np.uint8)
+        labels = np.zeros(len(self.rows), np.int32)
+        for i in np.flatnonzero(mask):
+            record = self.source[int(positions[i])]
+            images[i] = eval_image(record["image"], size)
+            labels[i] = record["label"]
+        return {"image": images, "label": labels, "mask": mask}
+
+
+def _grain_iter(maker, length: int, num_workers: int):
+    import grain
+
+    ds = grain.MapDataset.range(length).map(maker)
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
+    )
+    if num_workers > 0:
+        _default_grain_worker_flag()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def _default_grain_worker_flag() -> None:
+    """Gives Grain's worker-profiling flag its default value outside an `absl.app` program.
+
+    Grain's `mp_prefetch` reads that absl flag directly, which fails before absl
+    has parsed the command line (notebooks, pytest, other launchers).
+    """
+    from absl import flags
+
+    name = "grain_enable_multiprocess_worker_profiling"
+    if not flags.FLAGS.is_parsed() and name in flags.FLAGS and not flags.FLAGS[name].present:
+        flags.FLAGS[name].value = flags.FLAGS[name].default
+        flags.FLAGS[name].present = 1
+
+
+class StreamedInput:
+    """Encoded images streamed by index through Grain, decoded and augmented on the hosts.
+
+    Config fields: `dataset.name` (normalization statistics; "imagenet2012"),
+    `dataset.source` ("folder" or "tfds"), `dataset.data_dir`,
+    `dataset.image_size` (the crop, default 224), `dataset.num_workers` (Grain
+    worker processes per host; 0 decodes in the training process's threads),
+    `batch_size`, `eval_batch_size`, `seed`.
+    """
+
+    in_memory = False
+    augment_in_step = False
+
+    def __init__(self, config, mesh: Mesh):
+        dataset = config.dataset
+        self.train_source = data.open_stream(
+            dataset.name, dataset.source, "train", dataset.data_dir
+        )
+        classes = getattr(self.train_source, "classes", None)
+        self.test_source = data.open_stream(
+            dataset.name, dataset.source, "val", dataset.data_dir, classes=classes
+        )
+        self.mesh = mesh
+        self.name = dataset.name
+        self.num_classes = self.train_source.num_classes
+        self.image_size = int(dataset.image_size)
+        self.image_shape = (self.image_size, self.image_size, 3)
+        self.num_workers = int(dataset.num_workers)
+        self.seed = int(config.seed)
+        self.batch_size = int(config.batch_size)
+        self.eval_batch_size = int(config.eval_batch_size)
+        self.num_train, self.num_test = len(self.train_source), len(self.test_source)
+        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size)
+        sharding = NamedSharding(mesh, P("data"))
+        self.train_rows = process_rows(sharding, self.batch_size)
+        self.eval_rows = process_rows(sharding, self.eval_batch_size)
+
+    def train_batches(self) -> TrainBatches:
+        maker = _TrainBatchMaker(
+            self.train_source, self.train_rows, self.seed, self.batch_size, self.image_size
+        )
+        return _StreamBatches(_grain_iter(maker, _MAX_STEPS, self.num_workers), self)
+
+    def eval_batches(self) -> Iterator[tuple]:
+        maker = _EvalBatchMaker(
+            self.test_source, self.eval_rows, self.eval_batch_size, self.image_size
+        )
+        num_batches = -(-self.num_test // self.eval_batch_size)
+        for batch in _grain_iter(maker, num_batches, self.num_workers):
+            yield (
+                shard_batch(
+                    self.mesh, batch, rows=self.eval_rows, global_size=self.eval_batch_size
+                ),
+            )
+
+    def fold_check_images(self, limit: int) -> np.ndarray:
+        count = min(limit, self.num_test)
+        images = np.stack(
+            [eval_image(self.test_source[i]["image"], self.image_size) for i in range(count)]
+        )
+        return np.asarray(data.normalize(images, self.name))
+
+
+class _StreamBatches:
+    """Grain's iterator of host batches, checked for its step and placed on the mesh."""
+
+    def __init__(self, iterator, inputs: StreamedInput):
+        self.checkpoint_item = iterator
+        self.position = 0
+        self._inputs = inputs
+
+    def seek(self, step: int) -> None:
+        import grain
+
+        grain.experimental.set_next_index(self.checkpoint_item, step)
+        self.position = step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        batch = next(self.checkpoint_item)
+        step = int(batch.pop("step"))
+        if step != self.position:
+            raise RuntimeError(
+                f"the input pipeline is at step {step} but training is at step "
+                f"{self.position}: the data position restored with the checkpoint does not "
+                "match its training state. Move that checkpoint away, or start a new --workdir."
+            )
+        self.position += 1
+        inputs = self._inputs
+        return (
+            shard_batch(inputs.mesh, batch, rows=inputs.train_rows, global_size=inputs.batch_size),
+        )
+
+
+def create_input(config, mesh: Mesh) -> Input:
+    """`StreamedInput` for the datasets in `STREAMED_DATASETS`, else `InMemoryInput`."""
+    if config.dataset.name in STREAMED_DATASETS:
+        return StreamedInput(config, mesh)
+    return InMemoryInput(config, mesh)
