@@ -150,7 +150,7 @@ def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config = ml_collections.ConfigDict(config.to_dict())
     fill(config, CONFIG_DEFAULTS)
     if config.eval_batch_size is None:
-        config.eval_batch_size = config.batch_size
+        config.eval_batch_size = config.get("batch_size")
     return config
 
 
