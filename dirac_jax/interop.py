@@ -58,7 +58,7 @@ import numpy as np
 
 from dirac_jax import models, param
 from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep, apply_folded
-from dirac_jax.models._diracnet import GROUP_BASES, IMAGENET_BLOCKS
+from dirac_jax.models import GROUP_BASES, IMAGENET_BLOCKS
 
 _TORCH_HINT = "install PyTorch with `pip install 'dirac_jax[torch]'`"
 _STEM_KERNEL = {3: "cifar", 7: "imagenet"}

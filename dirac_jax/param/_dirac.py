@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax.param._core import Array, Transform, check_kernel_shape, fan_in, size
+from dirac_jax.param._core import Array, Identity, Transform, check_kernel_shape, fan_in, size
 
 _MODES = ("truncate", "repeat")
 _W_INITS = ("he_normal", "unit_normal")
@@ -66,6 +66,22 @@ def _repeat_delta(shape: tuple[int, ...], groups: int) -> np.ndarray:
     n = min(n_in, n_out)
     square = _truncate_delta((*spatial, n, n), 1)
     return np.tile(square, (1,) * len(spatial) + (n_in // n, n_out // n))
+
+
+def _delta_sources(shape: tuple[int, ...], mode: str, groups: int) -> np.ndarray:
+    """`Identity.sources` of the delta `dirac_delta(shape, mode=mode, groups=groups)`.
+
+    Read off the delta's centre tap, so the two cannot disagree.
+    """
+    *spatial, n_in, n_out = shape
+    square = {"truncate": _truncate_delta, "repeat": _repeat_delta}[mode]((1, n_in, n_out), groups)
+    centre = square[0].T  # (out, in)
+    m = max(1, int(centre.sum(axis=1).max()))
+    sources = np.full((n_out, m), -1, np.int32)
+    for j, row in enumerate(centre):
+        hits = np.flatnonzero(row)
+        sources[j, : len(hits)] = hits
+    return sources
 
 
 def dirac_delta(
@@ -225,16 +241,19 @@ def dirac(
             "b": jnp.full(scale_shape, b_init, jnp.float32),
         }
 
-    def apply(raw):
-        w, a, b = raw["w"], raw["a"], raw["b"]
-        dtype = jnp.result_type(w, a, b)
+    def rest(raw):
+        w, b = raw["w"], raw["b"]
+        dtype = jnp.result_type(w, raw["a"], b)
         w = normalize(w) if weight_norm else w
-        # a and b broadcast over the last (output) axis: diag(a) and diag(b).
-        return (a.astype(dtype) * delta.astype(dtype) + b.astype(dtype) * w.astype(dtype)).astype(
-            dtype
-        )
+        # b broadcasts over the last (output) axis: diag(b).
+        return b.astype(dtype) * w.astype(dtype)
 
-    return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape))
+    def apply(raw):
+        r = rest(raw)
+        return (raw["a"].astype(r.dtype) * delta.astype(r.dtype) + r).astype(r.dtype)
+
+    identity = Identity(lambda raw: raw["a"], rest, _delta_sources(shape, mode, groups))
+    return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape), identity)
 
 
 def dirac_v1(kernel_shape: Sequence[int], *, w_init: str | float = 0.1) -> Transform:
@@ -285,7 +304,12 @@ def dirac_residual(
     def apply(raw):
         return delta.astype(raw["w"].dtype) + raw["w"]
 
-    return Transform(init, apply, shape, size(shape))
+    identity = Identity(
+        lambda raw: jnp.ones((), raw["w"].dtype),
+        lambda raw: raw["w"],
+        _delta_sources(shape, mode, 1),
+    )
+    return Transform(init, apply, shape, size(shape), identity)
 
 
 def ncrelu(x: Array, axis: int = -1) -> Array:
