@@ -418,6 +418,21 @@ def _load_cifar_archive(name: str, split: str, data_dir: str | pathlib.Path | No
 _LOCAL_LOADERS = {"idx": _load_idx, "cifar_archive": _load_cifar_archive}
 
 
+def image_shape(name: str) -> tuple[int, int, int]:
+    """`(H, W, C)` of a small dataset's images as stored, before `prepare` pads them.
+
+    Raises:
+      ValueError: `name` is not one of `DATASETS`.
+
+    Examples:
+      >>> image_shape("fashion_mnist")
+      (28, 28, 1)
+    """
+    if name not in _SHAPES:
+        raise ValueError(f"image_shape: unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
+    return _SHAPES[name]
+
+
 def pad_to(images: np.ndarray, size: int = 32) -> np.ndarray:
     """Zero-pads NHWC images on the host, centred, to `size` x `size`.
 
