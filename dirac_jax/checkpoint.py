@@ -44,6 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "PreemptionSignal",
+    "all_finite",
+    "checkpoint_dir",
+    "create_manager",
+    "restore_latest",
+    "save",
+]
+
 CHECKPOINT_DIR = "checkpoints"
 # orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp..." and renames it when done.
 _TMP_MARKER = ".orbax-checkpoint-tmp"

@@ -37,6 +37,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct as flax_struct
 
+__all__ = [
+    "DATASETS",
+    "DEFAULT_DATA_DIRS",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "MEAN_STD",
+    "NUM_CLASSES",
+    "SOURCES",
+    "ArrayDataset",
+    "DataNotFoundError",
+    "augment",
+    "epoch_permutation",
+    "eval_batches",
+    "image_shape",
+    "imagenet_tf_dataset",
+    "load",
+    "normalize",
+    "pad_to",
+    "prepare",
+    "read_idx",
+    "steps_per_epoch",
+    "train_batches",
+]
+
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 SOURCES = ("auto", "idx", "cifar_archive", "tfds", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}

@@ -1,6 +1,6 @@
 """Reference PyTorch checkpoints in and out, and portable StableHLO export.
 
-The reference code (szagoruyko/diracnets, see `../shared/seeds/README.md`)
+The reference code (szagoruyko/diracnets on GitHub, v2 on master, v1 on branch v1)
 publishes two kinds of checkpoint, both OIHW tensors keyed by name:
 
 * unfolded: the functional net's flat dict (`conv`, `bn.weight`, ...,

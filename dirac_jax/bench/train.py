@@ -30,6 +30,13 @@ import numpy as np
 from dirac_jax import data, train
 from dirac_jax.bench import _timing
 
+__all__ = [
+    "PEAK_TFLOPS",
+    "main",
+    "report",
+    "run",
+]
+
 # Dense peak of one chip in TFLOP/s, by jax device_kind, for MFU (bf16 / fp32 tensor-core).
 PEAK_TFLOPS = {
     "NVIDIA H100 80GB HBM3": {"bfloat16": 989.0, "float32": 494.0},

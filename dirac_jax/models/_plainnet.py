@@ -1,4 +1,4 @@
-"""PlainNet: the very deep plain net recipe of Oyedotun et al., `004_55caaf60fcbb24c8.txt`.
+"""PlainNet: the very deep plain net recipe of Oyedotun et al.
 
 Every layer is `conv(W) -> BN -> LeakyReLU` (their eq. 1) with `W` drawn from
 `U[-sqrt(6/n_in), sqrt(6/n_in)]` (eq. 3). The max-norm constraint
