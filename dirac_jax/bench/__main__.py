@@ -1,9 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench {fold,train} [--flags]`."""
+"""Entry point: `python -m dirac_jax.bench {bf16,fold,train} [--flags]`."""
 
 import importlib
 import sys
 
-_SUITES = ("fold", "train")
+_SUITES = ("bf16", "fold", "train")
 
 
 def main(argv=None):
