@@ -287,3 +287,16 @@ def test_bad_arguments_raise_one_clear_error():
         conv(jnp.zeros((1, 5, 6)), jnp.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="fold_conv_bn: the kernel has 4 output channels"):
         fold_conv_bn(jnp.zeros((3, 4, 4)), mean=jnp.zeros(3), var=jnp.ones(4))
+
+
+def test_bf16_bench_finds_the_split_more_exact_than_the_cast():
+    from dirac_jax.bench import bf16
+
+    args = bf16._parse(["--channels", "8", "--size", "8", "--batch", "4", "--repeats", "1"])
+    results = bf16.run(args)
+    variants = results["variants"]
+    split, cast = variants["split"], variants["cast"]
+    assert split["rel_rms_error"] < cast["rel_rms_error"]
+    assert split["correctly_rounded"] > cast["correctly_rounded"]
+    assert variants["split_f32conv"]["rel_rms_error"] == pytest.approx(split["rel_rms_error"])
+    assert "| split |" in bf16.report(results)
