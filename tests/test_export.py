@@ -187,3 +187,10 @@ def test_to_onnx_covers_every_folded_step_kind(name, kwargs, shape, pad):
     )
     got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_preprocess_rejects_images_not_at_the_stored_size():
+    config = fashion_mnist_dirac.get_config()
+    with pytest.raises(ValueError, match=r"not \(N, \*\(28, 28, 1\)\), the stored fashion_mnist"):
+        workdir.preprocess(jnp.zeros((2, 32, 32, 1), jnp.uint8), config)
+    assert workdir.model_input_shape(config) == (32, 32, 1)
