@@ -1,4 +1,4 @@
-"""The PlainNet recipe of Oyedotun et al. (004_55caaf60fcbb24c8.txt) on CIFAR-10.
+"""The PlainNet recipe of Oyedotun et al. on CIFAR-10.
 
 A 50-layer plain net (their Table 2: 0.72M params, 6.65% error; ours has
 0.76M at width 1) of `conv -> BN -> LeakyReLU(0.1)` layers with

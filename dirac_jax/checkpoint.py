@@ -57,6 +57,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "PreemptionSignal",
+    "all_finite",
+    "checkpoint_dir",
+    "create_manager",
+    "restore_latest",
+    "save",
+]
+
 CHECKPOINT_DIR = "checkpoints"
 # The items of a checkpoint step directory: the TrainState, and the input position.
 STATE_ITEM = "state"

@@ -38,6 +38,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct as flax_struct
 
+__all__ = [
+    "DATASETS",
+    "DEFAULT_DATA_DIRS",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "MEAN_STD",
+    "NUM_CLASSES",
+    "SOURCES",
+    "ArrayDataset",
+    "DataNotFoundError",
+    "augment",
+    "epoch_permutation",
+    "eval_batches",
+    "image_shape",
+    "load",
+    "normalize",
+    "pad_to",
+    "prepare",
+    "read_idx",
+    "steps_per_epoch",
+    "train_batches",
+]
+
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 SOURCES = ("auto", "idx", "cifar_archive", "tfds", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -434,6 +457,21 @@ def _load_cifar_archive(name: str, split: str, data_dir: str | pathlib.Path | No
 
 
 _LOCAL_LOADERS = {"idx": _load_idx, "cifar_archive": _load_cifar_archive}
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    """`(H, W, C)` of a small dataset's images as stored, before `prepare` pads them.
+
+    Raises:
+      ValueError: `name` is not one of `DATASETS`.
+
+    Examples:
+      >>> image_shape("fashion_mnist")
+      (28, 28, 1)
+    """
+    if name not in _SHAPES:
+        raise ValueError(f"image_shape: unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
+    return _SHAPES[name]
 
 
 def pad_to(images: np.ndarray, size: int = 32) -> np.ndarray:

@@ -45,14 +45,27 @@ import jax
 import jax.numpy as jnp
 
 from dirac_jax import param
-from dirac_jax.models._diracnet import BLOCK_KERNELS, VARIANTS, DiracNet
-from dirac_jax.models._layers import (
+from dirac_jax.layers import conv
+from dirac_jax.models import (
+    BLOCK_KERNELS,
     BN_EPSILON,
-    conv_nd,
+    VARIANTS,
+    DiracNet,
     global_avg_pool,
     kernel_factory,
     max_pool,
 )
+
+__all__ = [
+    "BLOCK_CONV_ARGS",
+    "KINDS",
+    "FoldedNet",
+    "FoldedStep",
+    "apply_folded",
+    "fold",
+    "fold_conv_bn",
+    "num_params",
+]
 
 KINDS = ("conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
 
@@ -88,13 +101,82 @@ class FoldedNet:
     steps: tuple[FoldedStep, ...] = flax.struct.field(pytree_node=False)
 
 
+def fold_conv_bn(
+    kernel: jax.Array,
+    *,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None = None,
+    bn_bias: jax.Array | None = None,
+    conv_bias: jax.Array | None = None,
+    epsilon: float = BN_EPSILON,
+) -> dict[str, jax.Array]:
+    """Folds one `conv -> BatchNorm` (running statistics) into one conv with bias.
+
+    The fold of a single layer, for any architecture: with the effective kernel
+    of a `ParamConv` (`transform.apply(raw)`, or `NNXParamConv.kernel()`),
+    `conv(x, kernel') + bias'` equals `BN(conv(x, kernel) + conv_bias)` at
+    inference:
+
+        s = scale / sqrt(var + epsilon),  kernel' = kernel * s,
+        bias' = bn_bias + (conv_bias - mean) * s
+
+    Args:
+      kernel: `(*window, in, out)` conv kernel (Flax layout; `s` scales the
+        last axis).
+      mean, var: the BN running statistics, shape `(out,)`.
+      scale, bn_bias: the BN affine parameters (`None`: 1 and 0, as a BN with
+        `use_scale=False` / `use_bias=False`).
+      conv_bias: the conv's bias, if it has one.
+      epsilon: the BN's epsilon (Flax's default is also `1e-5`).
+
+    Returns:
+      `{"kernel", "bias"}` in the kernel's dtype.
+
+    Raises:
+      ValueError: a statistic's shape is not `(out,)`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dirac_jax import param
+      >>> from dirac_jax.fold import fold_conv_bn
+      >>> from dirac_jax.layers import conv
+      >>> t = param.dirac((3, 3, 4, 4))
+      >>> kernel = t.apply(t.init(jax.random.key(0)))
+      >>> mean, var = jnp.arange(4.0), jnp.full(4, 2.0)
+      >>> folded = fold_conv_bn(kernel, mean=mean, var=var)
+      >>> x = jax.random.normal(jax.random.key(1), (1, 6, 6, 4))
+      >>> bn = (conv(x, kernel) - mean) / jnp.sqrt(var + 1e-5)
+      >>> bool(jnp.allclose(conv(x, folded["kernel"]) + folded["bias"], bn, atol=1e-5))
+      True
+    """
+    dtype = kernel.dtype
+    out = kernel.shape[-1]
+    given = {"mean": mean, "var": var, "scale": scale, "bn_bias": bn_bias, "conv_bias": conv_bias}
+    bad = {k: tuple(v.shape) for k, v in given.items() if v is not None and v.shape != (out,)}
+    if bad:
+        raise ValueError(
+            f"fold_conv_bn: the kernel has {out} output channels but {bad} are not ({out},); "
+            "pass the statistics of the BatchNorm that follows this conv."
+        )
+    mean, var = jnp.asarray(mean, dtype), jnp.asarray(var, dtype)
+    root = jnp.sqrt(var + epsilon)
+    s = 1 / root if scale is None else jnp.asarray(scale, dtype) / root
+    shift = -mean if conv_bias is None else jnp.asarray(conv_bias, dtype) - mean
+    bias = shift * s if bn_bias is None else jnp.asarray(bn_bias, dtype) + shift * s
+    # s broadcasts over the last (output) axis of the kernel.
+    return {"kernel": kernel * s, "bias": bias}
+
+
 def _bn_fold(kernel, bn_params, bn_stats, dtype):
-    """`conv -> BN(running stats)` as one `(kernel, bias)`; DiracNets sec. 1/2."""
-    scale, bias = (bn_params[k].astype(dtype) for k in ("scale", "bias"))
-    mean, var = (bn_stats[k].astype(dtype) for k in ("mean", "var"))
-    s = scale / jnp.sqrt(var + BN_EPSILON)
-    # s broadcasts over the last (output) axis of the HWIO kernel.
-    return {"kernel": kernel * s, "bias": bias - mean * s}
+    """`conv -> BN(running stats)` of a model's layer as one `(kernel, bias)`."""
+    return fold_conv_bn(
+        kernel.astype(dtype),
+        mean=bn_stats["mean"],
+        var=bn_stats["var"],
+        scale=bn_params["scale"],
+        bn_bias=bn_params["bias"],
+    )
 
 
 def _kernel(factory_name, raw, expected_shape, where, dtype):
@@ -250,7 +332,7 @@ def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
     for step, p in zip(folded.steps, folded.params, strict=True):
         if step.kind == "conv":
             strides, padding = step.args
-            x = conv_nd(x, p["kernel"], strides, padding) + p["bias"]
+            x = conv(x, p["kernel"], strides=strides, padding=padding) + p["bias"]
         elif step.kind == "relu":
             x = jax.nn.relu(x)
         elif step.kind == "ncrelu":

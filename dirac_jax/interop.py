@@ -1,6 +1,6 @@
 """Reference PyTorch checkpoints in and out, and portable StableHLO export.
 
-The reference code (szagoruyko/diracnets, see `../shared/seeds/README.md`)
+The reference code (szagoruyko/diracnets on GitHub, v2 on master, v1 on branch v1)
 publishes two kinds of checkpoint, both OIHW tensors keyed by name:
 
 * unfolded: the functional net's flat dict (`conv`, `bn.weight`, ...,
@@ -58,7 +58,15 @@ import numpy as np
 
 from dirac_jax import models, param
 from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep, apply_folded
-from dirac_jax.models._diracnet import GROUP_BASES, IMAGENET_BLOCKS
+from dirac_jax.models import GROUP_BASES, IMAGENET_BLOCKS
+
+__all__ = [
+    "export_reference_folded",
+    "export_stablehlo",
+    "load_reference",
+    "load_reference_folded",
+    "load_stablehlo",
+]
 
 _TORCH_HINT = "install PyTorch with `pip install 'dirac_jax[torch]'`"
 _STEM_KERNEL = {3: "cifar", 7: "imagenet"}
@@ -614,6 +622,7 @@ def export_stablehlo(
     dtype=jnp.float32,
     polymorphic_batch: bool = True,
     platforms: Sequence[str] | None = None,
+    preprocess: Callable[[jax.Array], jax.Array] | None = None,
 ) -> bytes:
     """Serializes `apply_folded(folded, images)` with `jax.export`, weights included.
 
@@ -635,6 +644,9 @@ def export_stablehlo(
         artifact serves every batch size; else the batch is `example_shape[0]`.
       platforms: e.g. `("cpu", "cuda")` to run on several backends; default:
         the current backend.
+      preprocess: a pure JAX function run on the input first, e.g. the uint8
+        padding and normalization of `dirac_jax.workdir.preprocess`, so the
+        artifact is the whole classifier (then pass `dtype=jnp.uint8`).
 
     Returns:
       The serialized `jax.export.Exported`.
@@ -653,7 +665,8 @@ def export_stablehlo(
         spec = jax.export.symbolic_shape("b, " + ", ".join(str(int(d)) for d in shape[1:]))
     else:
         spec = tuple(int(d) for d in shape)
-    fn = jax.jit(lambda images: apply_folded(folded, images))
+    prepare = preprocess if preprocess is not None else (lambda images: images)
+    fn = jax.jit(lambda images: apply_folded(folded, prepare(images)))
     exported = jax.export.export(fn, platforms=platforms)(jax.ShapeDtypeStruct(spec, dtype))
     try:
         return bytes(exported.serialize())

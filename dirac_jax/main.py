@@ -33,6 +33,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+__all__ = [
+    "config_root",
+    "default_workdir",
+    "main",
+    "run",
+]
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config name>."
 )

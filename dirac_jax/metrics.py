@@ -33,6 +33,18 @@ import jax
 import numpy as np
 import tqdm
 
+__all__ = [
+    "CURVES_FILE",
+    "DIRAC_SCALES_FILE",
+    "METRICS_FILE",
+    "MetricWriter",
+    "ProgressBar",
+    "dirac_scale_means",
+    "plot_curves",
+    "plot_dirac_scales",
+    "read_metrics",
+]
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 DIRAC_SCALES_FILE = "dirac_scales.png"

@@ -1,6 +1,6 @@
 """A PyTorch transcription of the reference DiracNets (szagoruyko/diracnets), for tests only.
 
-Written from the published facts about the reference code, in
+Written from the reference code (szagoruyko/diracnets) and DiracNets v2, in
 the reference's own layout (NCHW activations, OIHW kernels, a flat dict of
 tensors keyed like `group0.block0.conv`). Tests `pytest.importorskip("torch")`
 before importing this module.

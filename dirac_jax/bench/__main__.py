@@ -1,9 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench {compile,fold,input,train} [--flags]`."""
+"""Entry point: `python -m dirac_jax.bench {bf16,compile,fold,input,train} [--flags]`."""
 
 import importlib
 import sys
 
-_SUITES = ("compile", "fold", "input", "train")
+_SUITES = ("bf16", "compile", "fold", "input", "train")
 
 
 def main(argv=None):

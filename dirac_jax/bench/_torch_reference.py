@@ -1,6 +1,6 @@
 """A PyTorch transcription of the reference DiracNet v2 (CIFAR stem), for speed comparisons.
 
-It follows the facts listed in `../shared/seeds/README.md`: block `ReLU -> conv(W_hat) -> BN`
+It follows the reference code (szagoruyko/diracnets): block `ReLU -> conv(W_hat) -> BN`
 with `W_hat = alpha * delta + beta * normalize(W)` per output channel (DiracNets eq. 5),
 stem `conv -> BN -> ReLU`, 2x2 max-pool between groups, head `ReLU -> avg-pool -> linear`.
 Only the benchmark imports it; torch is an optional dependency.

@@ -33,6 +33,15 @@ from dirac_jax.bench import _timing
 from dirac_jax.fold import apply_folded, fold, num_params
 from dirac_jax.models import count_params, get_model
 
+__all__ = [
+    "main",
+    "matching_resnet",
+    "param_count",
+    "random_variables",
+    "report",
+    "run",
+]
+
 # Values of the variables that must be positive or that the Dirac transform reads.
 _DRAWS = {
     "var": lambda rng, s: rng.uniform(0.5, 2.0, s),

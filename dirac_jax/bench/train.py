@@ -46,6 +46,13 @@ import numpy as np
 from dirac_jax import data, train
 from dirac_jax.bench import _timing
 
+__all__ = [
+    "PEAK_TFLOPS",
+    "main",
+    "report",
+    "run",
+]
+
 # Dense peak of one chip in TFLOP/s by jax `device_kind`, per math mode (see `peak_mode`):
 # NVIDIA datasheets (H100 SXM5 / PCIe / NVL, H200 SXM / NVL, A100); TPU v4 runs float32
 # at the default precision as one bfloat16 pass.

@@ -20,8 +20,23 @@ import dataclasses
 
 import jax
 
-from dirac_jax.models._diracnet import DiracNet, Step, diracnet_plan
-from dirac_jax.models._layers import ParamConv, kernel_factory
+from dirac_jax.models._diracnet import (
+    BLOCK_KERNELS,
+    GROUP_BASES,
+    IMAGENET_BLOCKS,
+    VARIANTS,
+    DiracNet,
+    Step,
+    diracnet_plan,
+)
+from dirac_jax.models._layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    ParamConv,
+    global_avg_pool,
+    kernel_factory,
+    max_pool,
+)
 from dirac_jax.models._plainnet import PlainNet
 from dirac_jax.models._resnet import ResNet, WideResNet
 
@@ -74,7 +89,13 @@ def count_params(params) -> int:
 
 
 __all__ = [
+    "BLOCK_KERNELS",
+    "BN_EPSILON",
+    "BN_MOMENTUM",
+    "GROUP_BASES",
+    "IMAGENET_BLOCKS",
     "MODEL_NAMES",
+    "VARIANTS",
     "DiracNet",
     "ParamConv",
     "PlainNet",
@@ -84,5 +105,7 @@ __all__ = [
     "count_params",
     "diracnet_plan",
     "get_model",
+    "global_avg_pool",
     "kernel_factory",
+    "max_pool",
 ]

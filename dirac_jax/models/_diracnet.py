@@ -8,7 +8,7 @@ the same architecture without the Dirac parameterization:
   `a`, `b`, input channels doubled by NCReLU and deltas repeated (v1 sec. 2.1).
 * `"plain"`: block `ReLU -> conv(W) -> BN` with He-normal `W`.
 
-Architecture details follow the reference code (see `../shared/seeds/README.md`):
+Architecture details follow the reference code (szagoruyko/diracnets):
 CIFAR stem `conv3x3(16k) -> BN -> ReLU`, three groups of `2n` layers with
 `n = (depth - 4) / 6`, widths `16k, 32k, 64k`, a 2x2 max-pool between groups,
 head `ReLU -> global average pool -> linear`. ImageNet stem

@@ -13,7 +13,7 @@ Example:
   ((3, 3, 64, 64), 36992)
 """
 
-from dirac_jax.param._core import Transform
+from dirac_jax.param._core import Identity, Transform
 from dirac_jax.param._dirac import dirac, dirac_delta, dirac_residual, dirac_v1, ncrelu, normalize
 from dirac_jax.param._plain import max_norm, plain, uniform_init
 from dirac_jax.param._symmetric import KINDS as SYMMETRIC_KINDS
@@ -22,6 +22,7 @@ from dirac_jax.param._tree import apply_tree, init_tree, num_params_tree
 
 __all__ = [
     "SYMMETRIC_KINDS",
+    "Identity",
     "Transform",
     "apply_tree",
     "dirac",

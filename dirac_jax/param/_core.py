@@ -7,10 +7,33 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 Array = jax.Array
 PRNGKey = jax.Array
 Params = Any  # A pytree of arrays.
+
+
+class Identity(NamedTuple):
+    """The identity part of a kernel: `kernel = scale(raw) * delta + rest(raw)`.
+
+    A layer computing in a narrow dtype uses it to keep the identity path exact:
+    `scale * delta` convolved with `x` is a channel selection of `x` times
+    `scale`, done in float32, beside the narrow conv of `rest` (see
+    `dirac_jax.layers.param_conv`).
+
+    Attributes:
+      scale: `scale(raw)`, shape `(out,)` or `()`: the delta's per-output-channel
+        factor (`a` of DiracNets eq. 5).
+      rest: `rest(raw)`, the kernel without its identity part (`diag(b) W_norm`).
+      sources: int array `(out, m)`: the kernel input channels whose sum output
+        channel `j` reads at the centre tap `K // 2` of every spatial axis; `-1`
+        pads rows with fewer than `m` sources (an all-zero delta filter has none).
+    """
+
+    scale: Callable[[Any], jax.Array]
+    rest: Callable[[Any], jax.Array]
+    sources: np.ndarray
 
 
 class Transform(NamedTuple):
@@ -26,12 +49,16 @@ class Transform(NamedTuple):
         Pure and differentiable; works under `jit`, `grad` and `vmap`.
       kernel_shape: the kernel shape in Flax layout `(*spatial, in, out)`.
       num_params: the number of trainable scalars in `init(key)`.
+      identity: for kernels with a Dirac identity part (`dirac`, `dirac_v1`,
+        `dirac_residual`), how `apply` splits into that part and the rest;
+        `None` for the others.
     """
 
     init: Callable[[PRNGKey], Params]
     apply: Callable[[Params], Array]
     kernel_shape: tuple[int, ...]
     num_params: int
+    identity: Identity | None = None
 
 
 def check_kernel_shape(kernel_shape: Sequence[int], what: str) -> tuple[int, ...]:

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dirac_jax.param._core import Array, Transform, check_kernel_shape, fan_in, size
+from dirac_jax.param._core import Array, Identity, Transform, check_kernel_shape, fan_in, size
 
 _MODES = ("truncate", "repeat")
 _W_INITS = ("he_normal", "unit_normal")
@@ -58,6 +59,20 @@ def _check_delta(shape: tuple[int, ...], mode: str, groups: int) -> None:
         raise ValueError(f"dirac_delta: unknown mode {mode!r}; expected one of {_MODES}.")
 
 
+def _channel_rule(i, o, n_in: int, n_out: int, mode: str, groups: int, rem):
+    """Whether input channel `i` feeds output channel `o` at the delta's centre tap.
+
+    The one statement of the rule, for traced iotas (`_channel_delta`) and for host
+    index arrays (`_delta_sources`) alike; `rem` is the namespace's remainder.
+    """
+    if mode == "truncate":
+        # torch.nn.init.dirac_: output d of group g reads input d, for d < min(out/groups, in).
+        return i == (o if groups == 1 else rem(o, n_out // groups))
+    # A square delta of side min(in, out), tiled along the longer channel axis.
+    n = min(n_in, n_out)
+    return (i if n_in == n else rem(i, n)) == (o if n_out == n else rem(o, n))
+
+
 def _channel_delta(n_in: int, n_out: int, mode: str, groups: int) -> Array:
     """The `(in, out)` boolean matrix of the delta's centre tap (see `dirac_delta`).
 
@@ -71,12 +86,7 @@ def _channel_delta(n_in: int, n_out: int, mode: str, groups: int) -> Array:
     def rem(x, n):  # An int32 divisor, so the op is well typed with jax_enable_x64 too.
         return jax.lax.rem(x, jnp.asarray(n, jnp.int32))
 
-    if mode == "truncate":
-        # torch.nn.init.dirac_: output d of group g reads input d, for d < min(out/groups, in).
-        return i == (o if groups == 1 else rem(o, n_out // groups))
-    # A square delta of side min(in, out), tiled along the longer channel axis.
-    n = min(n_in, n_out)
-    return (i if n_in == n else rem(i, n)) == (o if n_out == n else rem(o, n))
+    return _channel_rule(i, o, n_in, n_out, mode, groups, rem)
 
 
 def _at_centre(centre: Array, spatial: Sequence[int]) -> Array:
@@ -89,6 +99,23 @@ def _at_centre(centre: Array, spatial: Sequence[int]) -> Array:
 def _delta(shape: tuple[int, ...], mode: str, groups: int, dtype) -> Array:
     *spatial, n_in, n_out = shape
     return _at_centre(_channel_delta(n_in, n_out, mode, groups).astype(dtype), spatial)
+
+
+def _delta_sources(shape: tuple[int, ...], mode: str, groups: int) -> np.ndarray:
+    """`Identity.sources` of the delta `dirac_delta(shape, mode=mode, groups=groups)`.
+
+    Static facts of the factory, so computed on the host (a factory may run under
+    a trace), from the same `_channel_rule` as the traced delta.
+    """
+    *spatial, n_in, n_out = shape
+    i, o = np.indices((n_in, n_out))
+    centre = _channel_rule(i, o, n_in, n_out, mode, groups, np.remainder).T  # (out, in)
+    m = max(1, int(centre.sum(axis=1).max()))
+    sources = np.full((n_out, m), -1, np.int32)
+    for j, row in enumerate(centre):
+        hits = np.flatnonzero(row)
+        sources[j, : len(hits)] = hits
+    return sources
 
 
 def dirac_delta(
@@ -252,18 +279,24 @@ def dirac(
             "b": jnp.full(scale_shape, b_init, jnp.float32),
         }
 
-    def apply(raw):
-        w, a, b = raw["w"], raw["a"], raw["b"]
-        dtype = jnp.result_type(w, a, b)
+    def rest(raw):
+        w, b = raw["w"], raw["b"]
+        dtype = jnp.result_type(w, raw["a"], b)
         w = normalize(w) if weight_norm else w
+        # b broadcasts over the last (output) axis: diag(b).
+        return _per_filter(b.astype(dtype), shape) * w.astype(dtype)
+
+    def apply(raw):
+        scaled = rest(raw)
+        dtype = scaled.dtype
         # The delta is built here, not in the factory, so it is traced into the
         # computation (`_channel_delta`). The full-size product `a * delta` keeps the
         # fused arithmetic, hence every bit of the kernel, as with a host delta.
         delta = _delta(shape, mode, groups, dtype)
-        scaled = _per_filter(b.astype(dtype), shape) * w.astype(dtype)
-        return (_per_filter(a.astype(dtype), shape) * delta + scaled).astype(dtype)
+        return (_per_filter(raw["a"].astype(dtype), shape) * delta + scaled).astype(dtype)
 
-    return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape))
+    identity = Identity(lambda raw: raw["a"], rest, _delta_sources(shape, mode, groups))
+    return Transform(init, apply, shape, size(shape) + 2 * size(scale_shape), identity)
 
 
 def dirac_v1(kernel_shape: Sequence[int], *, w_init: str | float = 0.1) -> Transform:
@@ -314,7 +347,12 @@ def dirac_residual(
     def apply(raw):
         return _delta(shape, mode, 1, raw["w"].dtype) + raw["w"]
 
-    return Transform(init, apply, shape, size(shape))
+    identity = Identity(
+        lambda raw: jnp.ones((), raw["w"].dtype),
+        lambda raw: raw["w"],
+        _delta_sources(shape, mode, 1),
+    )
+    return Transform(init, apply, shape, size(shape), identity)
 
 
 def ncrelu(x: Array, axis: int = -1) -> Array:

@@ -1,4 +1,4 @@
-"""Unparameterized kernels and the PlainNet recipe, `004_55caaf60fcbb24c8.txt`.
+"""Unparameterized kernels and the PlainNet recipe of Oyedotun et al.
 
 Oyedotun et al. train very deep plain nets with batch normalization, Leaky
 ReLU, a max-norm constraint `||w_j|| <= c` on every filter (their eq. 2) and

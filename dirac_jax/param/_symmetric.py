@@ -1,4 +1,4 @@
-"""Symmetric weight parameterizations, from the slides `002_51fe917b67fb3408.txt`.
+"""Symmetric weight parameterizations, from the slides (S. Zagoruyko, talk slides, Dec. 2017).
 
 A conv kernel `(*spatial, in, out)` holds two kinds of square matrices:
 the channel square `in x out` at every spatial position (needs `in == out`) and

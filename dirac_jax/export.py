@@ -1,0 +1,147 @@
+r"""Fold a trained workdir and write it as a deployable model.
+
+  python -m dirac_jax.export --workdir=W --format=onnx --out=model.onnx
+  python -m dirac_jax.export --workdir=W --format=stablehlo --out=model.stablehlo
+  python -m dirac_jax.export --workdir=W --format=reference --out=diracnet.pth
+
+The net is folded (DiracNets v2 sec. 1: the Dirac parameterization and
+BatchNorm become plain conv filters and biases) in float32, then written:
+
+* `onnx`: the whole classifier, uint8 NHWC images at the stored size in
+  (for ImageNet the 224x224 eval crop), logits out; padding and normalization
+  inside the graph (`dirac_jax.onnx_export`).
+* `stablehlo`: the same classifier serialized with `jax.export`, any batch
+  size (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`).
+* `reference`: the state dict of the published PyTorch `DiracNet` module
+  (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
+  `torch.save` file, or `.npz` when `--out` ends so. It holds weights only:
+  the PyTorch module expects normalized float input.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dirac_jax import data, fold, interop, onnx_export, train, workdir
+
+__all__ = ["FORMATS", "classifier", "export_workdir", "fold_workdir", "main"]
+
+FORMATS = ("onnx", "stablehlo", "reference")
+
+
+def fold_workdir(path: str | pathlib.Path):
+    """The trained net of a workdir, folded in float32.
+
+    Returns:
+      `(folded, config)`.
+
+    Raises:
+      ValueError: the run's model does not fold (not a DiracNet v2/v1/plain).
+      workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
+    """
+    model, variables, config = workdir.load(path)
+    if config.model.name not in train.FOLDABLE_MODELS:
+        raise ValueError(
+            f"the run in {path} trained a {config.model.name!r}, which does not fold into a "
+            f"conv-ReLU chain; folding needs one of {train.FOLDABLE_MODELS}."
+        )
+    return jax.jit(lambda v: fold.fold(model, v))(variables), config
+
+
+def classifier(folded: fold.FoldedNet, config):
+    """`uint8 images at the stored size -> logits` of a folded net: the exported function."""
+    return lambda images: fold.apply_folded(folded, workdir.preprocess(images, config))
+
+
+def _pad(config) -> tuple[tuple[int, int], tuple[int, int]]:
+    (h, w, _), (th, tw, _) = workdir.input_shape(config), workdir.model_input_shape(config)
+    dh, dw = th - h, tw - w
+    return ((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2))
+
+
+def _write_reference(folded, out: pathlib.Path) -> None:
+    state_dict = interop.export_reference_folded(folded)
+    if out.suffix == ".npz":
+        np.savez(out, **state_dict)
+        return
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"writing {out} with torch.save needs PyTorch ({e}): pip install 'dirac_jax[torch]', "
+            "or give --out a .npz name."
+        ) from e
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
+
+
+def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
+    """Folds the run in `path` and writes it to `out` in format `fmt`.
+
+    Args:
+      path: a training workdir.
+      fmt: one of `FORMATS` (module docstring).
+      out: the file to write; its folder is created.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: an unknown format, a model that does not fold, or (reference)
+        a net that is not the published ImageNet chain.
+      ImportError: onnx (format onnx) or torch (reference, not `.npz`) missing.
+      workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
+    folded, config = fold_workdir(path)
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        mean, std = data.MEAN_STD[config.dataset.name]
+        model = onnx_export.to_onnx(
+            folded, input_shape=workdir.input_shape(config), pad=_pad(config), mean=mean, std=std
+        )
+        out.write_bytes(model.SerializeToString())
+    elif fmt == "stablehlo":
+        blob = interop.export_stablehlo(
+            folded,
+            (1, *workdir.input_shape(config)),
+            dtype=jnp.uint8,
+            preprocess=lambda images: workdir.preprocess(images, config),
+        )
+        out.write_bytes(blob)
+    else:
+        _write_reference(folded, out)
+    return out
+
+
+def main(argv=None) -> None:
+    from absl import app, flags, logging
+
+    flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
+    flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
+    flags.DEFINE_string("out", None, "The file to write.")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore stage at INFO
+        f = flags.FLAGS
+        try:
+            written = export_workdir(f.workdir, f.format, f.out)
+        except (ValueError, ImportError, OSError, train.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"wrote the folded {f.format} model of {f.workdir} to {written}", flush=True)
+
+    app.run(run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""A finished run's workdir as a product: its config, model, trained variables and input.
+
+`load(workdir)` rebuilds the model from the recorded `config.json` and restores
+only the parameters and BatchNorm statistics of the latest checkpoint (not the
+optimizer state, and without touching the training data). `preprocess` is the
+input side of the trained classifier: images as the dataset stores them
+(uint8, NHWC, at their stored size; for ImageNet the 224x224 eval crop) to the
+normalized, padded model input, in pure JAX, so exported models carry it.
+
+Example (after `python -m dirac_jax.main --config=... --workdir=W`)::
+
+  model, variables, config = dirac_jax.load("W")
+  logits = model.apply(variables, preprocess(uint8_images, config), train=False)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dirac_jax import checkpoint, data, train
+
+__all__ = [
+    "Run",
+    "WorkdirError",
+    "input_shape",
+    "load",
+    "load_run",
+    "model_input_shape",
+    "num_classes",
+    "preprocess",
+    "read_config",
+    "restore_variables",
+]
+
+# What evaluation and export need of the training state; the optimizer state stays on disk.
+_RESTORED = ("params", "batch_stats", "step")
+
+
+class WorkdirError(FileNotFoundError):
+    """The workdir holds no finished run to load; the message says what is missing."""
+
+
+def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a run recorded in `workdir/config.json`.
+
+    Raises:
+      WorkdirError: there is no `config.json` (not a training workdir).
+    """
+    path = pathlib.Path(workdir) / train.CONFIG_FILE
+    if not path.is_file():
+        raise WorkdirError(
+            f"{path} does not exist: {workdir} is not a training workdir. Train first with "
+            f"`python -m dirac_jax.main --config=CONFIG --workdir={workdir}`."
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def num_classes(config) -> int:
+    """Classifier outputs of a config's dataset."""
+    if config.dataset.name == train.IMAGENET:
+        return train.IMAGENET_CLASSES
+    return data.NUM_CLASSES[config.dataset.name]
+
+
+def input_shape(config) -> tuple[int, int, int]:
+    """`(H, W, C)` of the images the exported classifier takes: as the dataset stores them.
+
+    Small datasets: their stored size (28x28x1 for MNIST-likes, 32x32x3 for
+    CIFAR); ImageNet: the eval crop, 224x224x3.
+    """
+    if config.dataset.name == train.IMAGENET:
+        return (train.IMAGENET_SIZE, train.IMAGENET_SIZE, 3)
+    return data.image_shape(config.dataset.name)
+
+
+def model_input_shape(config) -> tuple[int, int, int]:
+    """`(H, W, C)` of the model's input: the stored images padded as `data.prepare` does."""
+    h, w, c = input_shape(config)
+    if config.dataset.name == train.IMAGENET:
+        return (h, w, c)
+    size = max(h, w, 32)
+    return (size, size, c)
+
+
+def preprocess(images: jax.Array, config) -> jax.Array:
+    """Stored images to the model's input: zero-pad (as `data.prepare`), then `data.normalize`.
+
+    Pure JAX, so `jax.export` and the ONNX export carry it inside the graph.
+
+    Args:
+      images: uint8 (or 0..255 float) `(N, H, W, C)` at `input_shape(config)`.
+      config: the run's config (dataset name).
+
+    Returns:
+      float32 `(N, *model_input_shape(config))`.
+
+    Raises:
+      ValueError: `images` do not have the stored shape.
+    """
+    expected = input_shape(config)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(
+            f"images of shape {tuple(images.shape)} are not (N, *{expected}), the stored "
+            f"{config.dataset.name} images this classifier takes."
+        )
+    target = model_input_shape(config)
+    dh, dw = target[0] - expected[0], target[1] - expected[1]
+    if dh or dw:
+        pads = ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0))
+        images = jnp.pad(images, pads)
+    return data.normalize(images, config.dataset.name)
+
+
+def _abstract(tree) -> Any:
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+
+
+def restore_variables(workdir: str | pathlib.Path) -> tuple[dict, int]:
+    """The parameters and BN statistics of the latest checkpoint in `workdir`, on the host.
+
+    Only these entries are read (orbax partial restore): the optimizer state is
+    not loaded.
+
+    Returns:
+      `({"params", "batch_stats"}, step)` with numpy leaves.
+
+    Raises:
+      WorkdirError: no finished checkpoint in `workdir/checkpoints`.
+      checkpoint.CheckpointError: the checkpoint cannot be read.
+    """
+    directory = checkpoint.checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise WorkdirError(
+            f"{directory} does not exist: no checkpoint to load. Train first with "
+            f"`python -m dirac_jax.main --config=CONFIG --workdir={workdir}`."
+        )
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(
+        directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler()
+    ) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise WorkdirError(
+                f"{directory} holds no finished checkpoint; train (or resume) the run first."
+            )
+        try:
+            saved = mngr.item_metadata(step).tree
+            wanted = _abstract({k: saved[k] for k in _RESTORED if k in saved})
+            restored = mngr.restore(
+                step,
+                args=ocp.args.PyTreeRestore(
+                    item=wanted,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                    partial_restore=True,
+                ),
+            )
+        except Exception as e:
+            reason = (str(e).splitlines() or [""])[0][:300]
+            raise checkpoint.CheckpointError(
+                f"the checkpoint {directory / str(step)} cannot be read ({type(e).__name__}: "
+                f"{reason}); move that step directory away to load an earlier one."
+            ) from e
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    return jax.tree.map(np.asarray, variables), int(step)
+
+
+class Run(NamedTuple):
+    """A trained run: the model, its variables, its config and the checkpoint's step."""
+
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    step: int
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+    """`load`, plus the step of the checkpoint it restored."""
+    config = read_config(workdir)
+    model = train.create_model(config, num_classes(config))
+    variables, step = restore_variables(workdir)
+    shape = model_input_shape(config)
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32), train=False)
+    )
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), variables)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), dict(expected))
+    if got != want:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint at step {step} in {checkpoint.checkpoint_dir(workdir)} does not hold "
+            f"the variables of the model in {pathlib.Path(workdir) / train.CONFIG_FILE} "
+            f"({config.model.name}); was config.json replaced? Restore it or train anew."
+        )
+    return Run(model, variables, config, step)
+
+
+def load(workdir: str | pathlib.Path) -> tuple[Any, dict, ml_collections.ConfigDict]:
+    """The trained model of a workdir, for Python users.
+
+    Args:
+      workdir: the `--workdir` of a training run.
+
+    Returns:
+      `(model, variables, config)`: the Flax module built from the recorded
+      config (bfloat16 compute if the run used `half_precision`), the
+      `{"params", "batch_stats"}` of the latest checkpoint (numpy), and the
+      config. `model.apply(variables, preprocess(images, config), train=False)`
+      gives the logits.
+
+    Raises:
+      WorkdirError: no `config.json` or no checkpoint.
+      checkpoint.CheckpointError: the checkpoint cannot be read, or does not
+        belong to the recorded model.
+    """
+    run = load_run(workdir)
+    return run.model, run.variables, run.config
