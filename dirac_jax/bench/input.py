@@ -31,6 +31,7 @@ from dirac_jax.bench import _timing
 
 __all__ = ["main", "report", "run", "synthetic_jpegs"]
 
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m dirac_jax.bench input", description=__doc__)
     p.add_argument("--size", type=int, default=224, help="crop size (dataset.image_size).")
