@@ -130,15 +130,21 @@ def run_plan(plan: Plan, out: str | pathlib.Path, configs: pathlib.Path | None =
     from dirac_jax import checkpoint, train
 
     out = pathlib.Path(out)
+
     # Seed by seed: the first seed of every cell comes first, so a grid stopped early
-    # already has whole curves to report (`collect`, `--report-only`).
-    rounds = max(len(plan.cell_seeds(c)) for c in plan.cells)
-    jobs = [
-        (cell, plan.cell_seeds(cell)[k])
-        for k in range(rounds)
-        for cell in plan.cells
-        if k < len(plan.cell_seeds(cell))
-    ]
+    # already has whole curves to report (`collect`, `--report-only`). Cells with seeds of
+    # their own (a costly reference curve with fewer seeds) come after the others.
+    def order(cells):
+        rounds = max((len(plan.cell_seeds(c)) for c in cells), default=0)
+        return [
+            (c, plan.cell_seeds(c)[k])
+            for k in range(rounds)
+            for c in cells
+            if k < len(plan.cell_seeds(c))
+        ]
+
+    jobs = order([c for c in plan.cells if c.seeds is None])
+    jobs += order([c for c in plan.cells if c.seeds is not None])
     results: dict[str, dict[int, dict]] = {cell.key: {} for cell in plan.cells}
     todo = [(c, s) for c, s in jobs if read_result(workdir(out, plan, c, s)) is None]
     _say(
