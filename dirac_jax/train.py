@@ -670,13 +670,14 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Whether each label is among the `k` largest logits (all true when `k >= classes`).
 
     Ties at the k-th logit count as correct, so the result does not depend on
-    how `top_k` orders equal values.
+    how `top_k` orders equal values (in the second row below, classes 1-3 tie
+    for second place).
 
     Examples:
       >>> import jax.numpy as jnp
       >>> logits = jnp.array([[0.1, 0.5, 0.2, 0.9], [1.0, 0.0, 0.0, 0.0]])
       >>> top_k_correct(logits, jnp.array([2, 3]), 2).tolist()
-      [False, False]
+      [False, True]
       >>> top_k_correct(logits, jnp.array([1, 3]), 2).tolist()
       [True, True]
     """

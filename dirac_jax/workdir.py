@@ -143,25 +143,26 @@ def restore_variables(workdir: str | pathlib.Path) -> tuple[dict, int]:
             f"`python -m dirac_jax.main --config=CONFIG --workdir={workdir}`."
         )
     options = ocp.CheckpointManagerOptions(create=False)
-    with ocp.CheckpointManager(
-        directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler()
-    ) as mngr:
+    # Checkpoints hold the train state and, for streamed data, the input position
+    # (`checkpoint.save`); only the state's params and BN statistics are read.
+    handlers = {checkpoint.STATE_ITEM: ocp.PyTreeCheckpointHandler()}
+    with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise WorkdirError(
                 f"{directory} holds no finished checkpoint; train (or resume) the run first."
             )
         try:
-            saved = mngr.item_metadata(step).tree
+            saved = mngr.item_metadata(step)[checkpoint.STATE_ITEM].tree
             wanted = _abstract({k: saved[k] for k in _RESTORED if k in saved})
-            restored = mngr.restore(
-                step,
-                args=ocp.args.PyTreeRestore(
-                    item=wanted,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-                    partial_restore=True,
-                ),
+            restore = ocp.args.PyTreeRestore(
+                item=wanted,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                partial_restore=True,
             )
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(**{checkpoint.STATE_ITEM: restore})
+            )[checkpoint.STATE_ITEM]
         except Exception as e:
             reason = (str(e).splitlines() or [""])[0][:300]
             raise checkpoint.CheckpointError(

@@ -83,6 +83,15 @@ def test_rerun_skips_finished_runs_and_finishes_interrupted_ones(out):
     assert len(trains) == trains_before
 
 
+def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
+    for name in reproduce.EXPERIMENTS:
+        report = reproduce.run(name, "smoke", tmp_path, report_only=True)
+        assert not report["complete"] and not (tmp_path / name).exists()
+        assert all(r["seeds"] == [] and r["test_accuracy"] is None for r in report["rows"])
+        text = (tmp_path / f"{name}.md").read_text()
+        assert "Not every planned run has finished" in text and "| 0/" in text
+
+
 def test_diverged_runs_count_at_chance():
     cell = reproduce.Cell("c", "fashion_mnist_dirac.py", {}, {"model": "m"})
     plan = reproduce.Plan("x", "smoke", [cell], (0, 1, 2))

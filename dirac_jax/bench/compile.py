@@ -35,6 +35,8 @@ import optax
 from dirac_jax.bench import _timing
 from dirac_jax.models import get_model
 
+__all__ = ["CASES", "GOALS", "constant_bytes", "grad_step", "main", "measure", "report", "run"]
+
 # The shapes of the goals: DiracNet-28-10 on CIFAR and DiracNet-34 on ImageNet.
 CASES = {
     "cifar": {"depth": 28, "width": 10.0, "stem": "cifar", "num_classes": 10, "size": 32},

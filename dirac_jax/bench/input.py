@@ -29,6 +29,8 @@ import numpy as np
 from dirac_jax import input_pipeline
 from dirac_jax.bench import _timing
 
+__all__ = ["main", "report", "run", "synthetic_jpegs"]
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m dirac_jax.bench input", description=__doc__)

@@ -32,6 +32,11 @@ def _parse(argv):
         default=None,
         help="config folder (default: the configs/ folder of this source tree).",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the runs that have finished so far.",
+    )
     return p.parse_args(argv)
 
 
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
     expected = (ValueError, data.DataNotFoundError, checkpoint.CheckpointError, train.ConfigError)
     for name in names:
         try:
-            report = reproduce.run(name, args.preset, args.out, configs)
+            report = reproduce.run(name, args.preset, args.out, configs, args.report_only)
         except expected as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1

@@ -130,7 +130,15 @@ def run_plan(plan: Plan, out: str | pathlib.Path, configs: pathlib.Path | None =
     from dirac_jax import checkpoint, train
 
     out = pathlib.Path(out)
-    jobs = [(cell, seed) for cell in plan.cells for seed in plan.cell_seeds(cell)]
+    # Seed by seed: the first seed of every cell comes first, so a grid stopped early
+    # already has whole curves to report (`collect`, `--report-only`).
+    rounds = max(len(plan.cell_seeds(c)) for c in plan.cells)
+    jobs = [
+        (cell, plan.cell_seeds(cell)[k])
+        for k in range(rounds)
+        for cell in plan.cells
+        if k < len(plan.cell_seeds(cell))
+    ]
     results: dict[str, dict[int, dict]] = {cell.key: {} for cell in plan.cells}
     todo = [(c, s) for c, s in jobs if read_result(workdir(out, plan, c, s)) is None]
     _say(
@@ -176,15 +184,30 @@ def median_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def collect(plan: Plan, out: str | pathlib.Path) -> dict:
+    """The results of the runs that have finished, without training anything.
+
+    Returns:
+      `{cell.key: {seed: result or None}}` (None: not run, or not finished).
+    """
+    return {
+        cell.key: {s: read_result(workdir(out, plan, cell, s)) for s in plan.cell_seeds(cell)}
+        for cell in plan.cells
+    }
+
+
 def summarize(plan: Plan, results: dict, chance: float) -> list[dict]:
     """One row per cell: its labels, the paper's figure, and medians over seeds.
 
     A diverged run counts at chance accuracy (`chance`) in the medians, as a
     net that does not train predicts no better; the row says how many diverged.
+    Runs missing from `results` (None: not finished) are left out, and the row's
+    `seeds` lists the ones it summarizes (`planned_seeds` all of them).
     """
     rows = []
     for cell in plan.cells:
-        seeds = plan.cell_seeds(cell)
+        planned = plan.cell_seeds(cell)
+        seeds = [s for s in planned if results[cell.key].get(s) is not None]
         runs = [results[cell.key][s] for s in seeds]
 
         def metric(name, runs=runs):
@@ -197,6 +220,7 @@ def summarize(plan: Plan, results: dict, chance: float) -> list[dict]:
                 **cell.labels,
                 "paper": cell.paper,
                 "seeds": list(seeds),
+                "planned_seeds": list(planned),
                 "test_accuracy": median_or_none(test),
                 "test_accuracy_min": min((v for v in test if v is not None), default=None),
                 "test_accuracy_max": max((v for v in test if v is not None), default=None),

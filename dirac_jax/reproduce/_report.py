@@ -21,6 +21,8 @@ def _err(x: float | None) -> str:
 
 def _spread(row: dict, error: bool) -> str:
     lo, hi = row["test_accuracy_min"], row["test_accuracy_max"]
+    if lo is None:
+        return ""
     if lo is None or len(row["seeds"]) < 2:
         return ""
     if error:
@@ -35,7 +37,8 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
     ours = "test error %" if error else "test acc. %"
     train = "train error %" if error else "train acc. %"
     paper = "paper train / test error %" if error else "paper test acc. %"
-    head = [*labels, "params", f"ours: {ours} (median [min, max])", train, paper, "diverged"]
+    ours = f"ours: {ours} (median [min, max])"
+    head = [*labels, "params", ours, train, paper, "runs", "diverged"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     fmt = _err if error else _pct
     for r in rows:
@@ -45,6 +48,7 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
             fmt(r["test_accuracy"]) + _spread(r, error),
             fmt(r["train_accuracy"]),
             r["paper"] or "-",
+            f"{len(r['seeds'])}/{len(r['planned_seeds'])}",
             f"{r['diverged']}/{len(r['seeds'])}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -52,9 +56,9 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
 
 
 _NOT_LABELS = {
-    "key", "paper", "seeds", "test_accuracy", "test_accuracy_min", "test_accuracy_max",
-    "test_accuracies", "train_accuracy", "test_top5_accuracy", "num_params", "diverged",
-    "wall_time_s",
+    "key", "paper", "seeds", "planned_seeds", "test_accuracy", "test_accuracy_min",
+    "test_accuracy_max", "test_accuracies", "train_accuracy", "test_top5_accuracy",
+    "num_params", "diverged", "wall_time_s",
 }  # fmt: skip
 
 
@@ -62,7 +66,7 @@ def _plot_depth(rows, path):
     plt = metrics.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model]
+        rs = [r for r in rows if r["model"] == model and r["test_accuracy"] is not None]
         x = [r["depth"] for r in rs]
         y = [100 * r["test_accuracy"] for r in rs]
         lo = [100 * (r["test_accuracy"] - r["test_accuracy_min"]) for r in rs]
@@ -82,9 +86,12 @@ def _plot_bars(rows, path, error: bool, label_key):
     plt = metrics.pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
     names = [label_key(r) for r in rows]
-    tf = (lambda a: 100 * (1 - a)) if error else (lambda a: 100 * a)
+
+    def tf(a):
+        return math.nan if a is None else 100 * (1 - a) if error else 100 * a
+
     test = [tf(r["test_accuracy"]) for r in rows]
-    trn = [math.nan if r["train_accuracy"] is None else tf(r["train_accuracy"]) for r in rows]
+    trn = [tf(r["train_accuracy"]) for r in rows]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], test, height=0.4, label="test")
     ax.barh([i - 0.2 for i in y], trn, height=0.4, label="train")
@@ -101,6 +108,8 @@ def plot(experiment: Experiment, plan: Plan, rows: list[dict], out: pathlib.Path
     """The experiment's figure at `path`."""
     if experiment.name == "scales":
         wd = workdir(out, plan, plan.cells[0], plan.seeds[0])
+        if not (wd / "summary.json").is_file():
+            return False
         records = metrics.read_metrics(wd)
         steps_per_epoch = json.loads((wd / "summary.json").read_text()).get("steps_per_epoch")
         return metrics.plot_dirac_scales(records, path, steps_per_epoch)
@@ -120,6 +129,8 @@ def plot(experiment: Experiment, plan: Plan, rows: list[dict], out: pathlib.Path
 def scales_table(plan: Plan, out: pathlib.Path) -> str:
     """Final per-group means of a and b and the smallest a/b ratio, from the first run."""
     wd = workdir(out, plan, plan.cells[0], plan.seeds[0])
+    if not (wd / "summary.json").is_file():
+        return "(the run has not finished)"
     evals = [r for r in metrics.read_metrics(wd) if r.get("kind") == "eval" and r.get("dirac_a")]
     first, last = evals[0], evals[-1]
     lines = [

@@ -8,10 +8,12 @@ import pathlib
 from dirac_jax import data
 from dirac_jax.reproduce import _report
 from dirac_jax.reproduce._experiments import EXPERIMENTS, PRESETS
-from dirac_jax.reproduce._grid import cell_config, run_plan, summarize
+from dirac_jax.reproduce._grid import cell_config, collect, run_plan, summarize
 
 
-def run(name: str, preset: str, out: str | pathlib.Path, configs=None) -> dict | None:
+def run(
+    name: str, preset: str, out: str | pathlib.Path, configs=None, report_only: bool = False
+) -> dict | None:
     """Runs experiment `name` at `preset` under `out` and writes its report.
 
     Args:
@@ -19,6 +21,8 @@ def run(name: str, preset: str, out: str | pathlib.Path, configs=None) -> dict |
       preset: one of `PRESETS`.
       out: the output folder; runs go to `out/name/<cell>/seed<k>`.
       configs: the folder of config files (default: this source tree's `configs/`).
+      report_only: train nothing; report the runs that have finished (the
+        table's "runs" column says how many of the planned ones that is).
 
     Returns:
       The report `{"experiment", "preset", "claim", "source", "rows"}` also
@@ -35,7 +39,7 @@ def run(name: str, preset: str, out: str | pathlib.Path, configs=None) -> dict |
     experiment = EXPERIMENTS[name]
     plan = experiment.plan(preset)
     out = pathlib.Path(out)
-    results = run_plan(plan, out, configs)
+    results = collect(plan, out) if report_only else run_plan(plan, out, configs)
     if results.get("preempted"):
         return None
     config = cell_config(plan.cells[0], plan.seeds[0], configs)
@@ -49,9 +53,11 @@ def run(name: str, preset: str, out: str | pathlib.Path, configs=None) -> dict |
         "dataset": config.dataset.name,
         "seeds": list(plan.seeds),
         "rows": rows,
+        "complete": all(r["seeds"] == r["planned_seeds"] for r in rows),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.png").unlink(missing_ok=True)
     _report.plot(experiment, plan, rows, out, out / f"{name}.png")
     lines = [
         f"# {name} ({preset} preset, {config.dataset.name})",
@@ -61,13 +67,15 @@ def run(name: str, preset: str, out: str | pathlib.Path, configs=None) -> dict |
         f"Command: `python -m dirac_jax.reproduce {name} --preset={preset} --out={out}`",
         "",
         f"Median over seeds {list(plan.seeds)}; a diverged run counts at chance "
-        f"({100 * chance:.0f}%). Paper figures are on their own dataset.",
+        f"({100 * chance:.0f}%). Paper figures are on their own dataset."
+        + ("" if report["complete"] else " Not every planned run has finished: see 'runs'."),
         "",
         _report.table(experiment, rows),
         "",
     ]
     if name == "scales":
         lines += [_report.scales_table(plan, out), ""]
-    lines.append(f"![{name}]({name}.png)")
+    if (out / f"{name}.png").is_file():
+        lines.append(f"![{name}]({name}.png)")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     return report
