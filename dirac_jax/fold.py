@@ -333,34 +333,25 @@ def _walk_mobilenet(model, params, stats, dtype, emit):
     stem, blocks = model.validate()
     same, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
 
-    def conv(factory, what, p, bn, shape, args):
-        kernel = _kernel_of(factory, what, p, shape, bn, dtype)
-        emit("conv", args, _bn_fold(kernel, params_of(bn), stats_of(bn), dtype))
+    def conv(factory, what, path, shape, args):
+        *scope, name = path
+        p, s = _at(params, scope), _at(stats, scope)
+        where = ".".join(path)
+        kernel = _kernel_of(factory, what, p[name], shape, where, dtype)
+        emit("conv", args, _bn_fold(kernel, p[f"{name}_bn"], s[f"{name}_bn"], dtype))
         emit("relu")
 
-    def params_of(path):
-        return _at(params, path)
-
-    def stats_of(path):
-        return _at(stats, path)
-
-    plain = kernel_factory("plain")
+    # The stem's BN is "bn", beside "conv": give it the "conv_bn" name `conv` looks up.
     channels = params["conv"]["w"].shape[-2]
-    conv(plain, "'plain'", params["conv"], ("bn",), (3, 3, channels, stem), ((2, 2), same))
+    params = {**params, "conv_bn": params["bn"]}
+    stats = {**stats, "conv_bn": stats["bn"]}
+    conv(kernel_factory("plain"), "'plain'", ("conv",), (3, 3, channels, stem), ((2, 2), same))
     for b in blocks:
         depthwise, pointwise = model.factories(b)
-        dw, pw = params[b.name]["dw"], params[b.name]["pw"]
-        shape = (3, 3, 1, b.features_in)
         args = ((b.stride, b.stride), same, b.features_in)
-        conv(depthwise, "depthwise", dw, (b.name, "dw_bn"), shape, args)
-        conv(
-            pointwise,
-            "pointwise",
-            pw,
-            (b.name, "pw_bn"),
-            (1, 1, b.features_in, b.features),
-            ((1, 1), valid),
-        )
+        conv(depthwise, "depthwise", (b.name, "dw"), (3, 3, 1, b.features_in), args)
+        shape = (1, 1, b.features_in, b.features)
+        conv(pointwise, "pointwise", (b.name, "pw"), shape, ((1, 1), valid))
     emit("avg_pool")
     fc = params["fc"]
     emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
