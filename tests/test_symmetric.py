@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
-from dirac_jax import data, export, fold, models, onnx_export, param, train, workdir
+from dirac_jax import data, export, fold, interop, models, onnx_export, param, train, workdir
 from dirac_jax.reproduce._grid import apply_overrides
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -308,7 +308,7 @@ def test_fold_names_variables_of_another_symmetry():
 
 
 @needs_fashion
-def test_symmetric_mobilenet_run_folds_and_exports_to_onnx(runs, test_split, tmp_path):
+def test_symmetric_mobilenet_run_folds_and_exports(runs, test_split, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     path, summary = runs["mobilenet"]
     assert summary["fold_max_abs_error"] < 1e-4
@@ -318,8 +318,12 @@ def test_symmetric_mobilenet_run_folds_and_exports_to_onnx(runs, test_split, tmp
     images = np.asarray(test_split.images[:64])
     session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
-    want = fold.apply_folded(folded, workdir.preprocess(jnp.asarray(images), config))
+    model, variables, _ = workdir.load(path)
+    want = model.apply(variables, workdir.preprocess(jnp.asarray(images), config), train=False)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    out = export.export_workdir(path, "stablehlo", tmp_path / "mobilenet.stablehlo")
+    call = interop.load_stablehlo(out.read_bytes())
+    np.testing.assert_allclose(call(jnp.asarray(images)), want, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- configs
