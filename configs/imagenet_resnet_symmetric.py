@@ -7,9 +7,9 @@ r"""ResNet on ImageNet with the slides' symmetric kernels, hard or soft (their I
 
 Triangular symmetry over channels on the second conv of every residual block
 (`dirac_jax.models`): ResNet-18 8.6M parameters instead of 11.7M, ResNet-50
-19.9M instead of 25.6M (the slides: 8.6M and 20.0M). MobileNet v1 (4.2M, 3.0M
-triangular): --config.model.name=mobilenet and del the depth field, e.g. with
-this file as a base. `soft` keeps the kernels unconstrained and adds
+19.9M instead of 25.6M (the slides: 8.6M and 20.0M). For MobileNet v1 (4.2M;
+3.0M triangular) derive a config from this one with `del config.model["depth"]`
+and `config.model.name = "mobilenet"`. `soft` keeps the kernels unconstrained and adds
 `symmetry_penalty * sum ||W - W^T||_1` (slides eq. 3; lambda = 1e-4 is our
 default, not the slides') to the loss; evaluations also report the symmetrized
 net. The recipe is imagenet_resnet.py's.

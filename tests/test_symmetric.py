@@ -18,7 +18,18 @@ import optax
 import pytest
 
 from configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
-from dirac_jax import data, export, fold, interop, models, onnx_export, param, train, workdir
+from dirac_jax import (
+    data,
+    evaluate,
+    export,
+    fold,
+    interop,
+    models,
+    onnx_export,
+    param,
+    train,
+    workdir,
+)
 from dirac_jax.reproduce._grid import apply_overrides
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -172,6 +183,12 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(runs, test_sp
         assert summary["test_accuracy" + suffix] == pytest.approx(accuracy, abs=1e-6)
         assert summary["test_loss" + suffix] == pytest.approx(loss, rel=1e-4)
     assert summary["test_loss_symmetrized"] != summary["test_loss"]
+    # The workdir evaluation reports the same two nets.
+    result = evaluate.evaluate_workdir(path)
+    assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert result["symmetrized"]["top1"] == pytest.approx(
+        summary["test_accuracy_symmetrized"], abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------- hard symmetry
