@@ -45,13 +45,14 @@ def fold_workdir(path: str | pathlib.Path):
         PlainNet).
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
-    model, variables, config = workdir.load(path)
+    config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in train.FOLDABLE_MODELS:
         raise ValueError(
             f"the run in {path} trained a {config.model.name!r}, which does not fold into a "
             f"conv-ReLU chain (residual nets have shortcuts); folding, and so export, needs one "
             f"of {train.FOLDABLE_MODELS}. Evaluate it unfolded with python -m dirac_jax.evaluate."
         )
+    model, variables, config = workdir.load(path)
     return jax.jit(lambda v: fold.fold(model, v))(variables), config
 
 

@@ -161,12 +161,10 @@ def test_workdir_errors_say_what_to_do(tmp_path):
     [
         ("diracnet_v1", dict(depth=10, width=0.25), (28, 28, 1), ((2, 2), (2, 2))),
         ("plain", dict(depth=18, width=0.125, stem="imagenet"), (64, 64, 3), ((0, 0), (0, 0))),
-        ("mobilenet", dict(width=0.125, symmetry="triangular"), (32, 32, 3), ((0, 0), (0, 0))),
     ],
 )
 def test_to_onnx_covers_every_folded_step_kind(name, kwargs, shape, pad):
-    # v1 (NCReLU blocks, no head relu), the ImageNet stem (stride-2 conv, padded max-pool)
-    # and MobileNet (grouped depthwise convs).
+    # v1 (NCReLU blocks, no head relu) and the ImageNet stem (stride-2 conv, padded max-pool).
     model = models.get_model(name, num_classes=7, **kwargs)
     h, w, c = shape
     size = (h + pad[0][0] + pad[0][1], w + pad[1][0] + pad[1][1], c)

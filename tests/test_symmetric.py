@@ -1,10 +1,11 @@
 """Symmetric kernels in training (the slides): hard and soft, the symmetrized eval, fold, export.
 
-Three tiny runs (2 steps each on real Fashion-MNIST, `train.train_and_evaluate`)
-are trained once per module: a hard eigen WRN with bottleneck blocks, a soft
-WRN with basic blocks, and a hard symmetric MobileNet that folds and exports.
-Every kind of `param.symmetric` takes SGD steps inside a tiny WRN through
-`train.train_step`, and folds inside a MobileNet.
+One tiny run (2 steps on real Fashion-MNIST, `train.train_and_evaluate`) is
+trained once per module: a MobileNet with the soft symmetry penalty, which the
+trainer evaluates as trained and symmetrized, folds and exports. Every kind of
+`param.symmetric` takes SGD steps inside a tiny WRN through `train.train_step`,
+run eagerly: once the first kind has compiled the ops, a kind costs a second or
+two, where a jitted step would compile a new program for each.
 """
 
 import functools
@@ -49,19 +50,11 @@ TINY = {
     "checkpoint_every_steps": 0,
     "fold_check_images": 64,
 }
-RUNS = {
-    "eigen_bottleneck": {
-        "model.symmetry": "eigen",
-        "model.block": "bottleneck",
-        "model.depth": 11,
-        "model.symmetry_axis": "both",
-    },
-    "soft": {"symmetry_penalty": 0.05, "model.symmetry_axis": "both"},
-    "mobilenet": {
-        "model.name": "mobilenet",
-        "model.symmetry": "ldl",
-        "model.symmetry_axis": "both",
-    },
+SOFT_MOBILENET = {
+    "model.name": "mobilenet",
+    "model.width": 0.125,
+    "model.symmetry_axis": "both",
+    "symmetry_penalty": 0.05,
 }
 
 
@@ -73,14 +66,11 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def soft_run(tmp_path_factory):
     if not FASHION_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    out = {}
-    for name, overrides in RUNS.items():
-        path = tmp_path_factory.mktemp(name)
-        out[name] = (path, train.train_and_evaluate(tiny_config(**overrides), path))
-    return out
+    path = tmp_path_factory.mktemp("soft_mobilenet")
+    return path, train.train_and_evaluate(tiny_config(**SOFT_MOBILENET), path)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +84,26 @@ def _layer(tree, path):
     return tree
 
 
-def _init(model, size=16, channels=1):
-    x = jnp.zeros((1, size, size, channels))
-    return jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), x)
+def _batch(n=8, size=16):
+    rng = np.random.default_rng(0)
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, size, size, 1)), jnp.float32),
+        "label": jnp.arange(n) % 10,
+    }
+
+
+def _state(model, batch):
+    """An SGD train state, initialized eagerly (its ops are shared across kinds)."""
+    variables = model.init(jax.random.key(0, impl="rbg"), batch["image"][:1], train=False)
+    return train.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.1),
+        batch_stats=variables["batch_stats"],
+    )
+
+
+STEP = {"learning_rate_fn": optax.constant_schedule(0.1), "dataset_name": "mnist", "seed": 0}
 
 
 # ---------------------------------------------------------------- the soft constraint
@@ -104,7 +111,7 @@ def _init(model, size=16, channels=1):
 
 def test_penalty_is_zero_exactly_when_symmetric_and_its_gradient_is_antisymmetric():
     model = models.get_model("wrn", depth=10, width=0.25, symmetry_axis="channel")
-    params = _init(model)["params"]
+    params = _state(model, _batch()).params
     penalty = models.symmetry_penalty(model, params)
     expected = sum(
         float(param.symmetry_penalty(_layer(params, path)["w"]))
@@ -124,49 +131,46 @@ def test_penalty_is_zero_exactly_when_symmetric_and_its_gradient_is_antisymmetri
 
 
 def test_sgd_steps_with_the_penalty_make_the_kernels_more_symmetric():
-    config = tiny_config(symmetry_penalty=0.05, learning_rate=0.1)
-    config = train.validate_config(config)
-    model = train.create_model(config, 10)
-    lr = optax.constant_schedule(0.1)
-    batch = {
-        "image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1)), jnp.uint8),
-        "label": jnp.arange(16) % 10,
-    }
+    model = models.get_model("wrn", depth=10, width=0.25, num_classes=10, symmetry_axis="both")
+    batch = _batch(16)
+    start = _state(model, batch)
     penalty = functools.partial(models.symmetry_penalty, model)
-    start = train.create_train_state(config, model, jax.random.key(0), (32, 32, 1), lr)
+
+    @jax.jit
+    def three_steps(state, lam):  # lambda traced: one program for both runs
+        for _ in range(3):
+            state, metrics = train.train_step(state, batch, **STEP, symmetry_penalty=(lam, penalty))
+        return penalty(state.params), metrics
+
+    before = float(penalty(start.params))
     after = {}
     for lam in (0.0, 0.05):
-        step = jax.jit(
-            functools.partial(
-                train.train_step,
-                learning_rate_fn=lr,
-                dataset_name="fashion_mnist",
-                seed=0,
-                symmetry_penalty=(lam, penalty),
-            )
-        )
-        state = start
-        for _ in range(3):
-            state, metrics = step(state, batch)
+        value, metrics = three_steps(start, lam)
         assert np.isfinite(float(metrics["loss"]))
-        after[lam] = float(penalty(state.params))
-    before = float(penalty(start.params))
+        after[lam] = float(value)
     assert after[0.05] < before
     assert after[0.05] < after[0.0] - 0.01 * before
 
 
 @needs_fashion
-def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(runs, test_split):
-    path, summary = runs["soft"]
-    assert summary["symmetry_penalty"] == 0.05
+def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, test_split):
+    path, summary = soft_run
+    assert summary["symmetry_penalty"] == 0.05 and summary["symmetry"] is None
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert all("symmetry_penalty" in r for r in records if r["kind"] == "train")
     model, variables, config = workdir.load(path)
-    assert config.model.get("symmetry") is None and model.symmetry_axis == "both"
+    assert model.symmetry is None and model.symmetry_axis == "both"
+    # By hand: every depthwise 3x3 spatially, every square pointwise conv over channels.
     params = jax.tree.map(lambda a: a, variables["params"])
-    for g in range(3):  # conv1 of every block of WRN-10 (1 block per group), by hand
-        conv = params[f"group{g}_block0"]["conv1"]
-        conv["w"] = param.symmetrize(conv["w"], "both")
+    squares = 0
+    for name, block in params.items():
+        if name.startswith("block"):
+            block["dw"]["w"] = param.symmetrize(block["dw"]["w"], "spatial")
+            w = block["pw"]["w"]
+            if w.shape[-2] == w.shape[-1]:
+                block["pw"]["w"] = param.symmetrize(w, "channel")
+                squares += 1
+    assert squares == 8
     images = workdir.preprocess(jnp.asarray(test_split.images), config)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     for suffix, p in (("", variables["params"]), ("_symmetrized", params)):
@@ -177,18 +181,17 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(runs, test_sp
             ]
         )
         accuracy = float(np.mean(logits.argmax(-1) == test_split.labels))
-        loss = float(
-            optax.softmax_cross_entropy_with_integer_labels(logits, test_split.labels).mean()
-        )
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, test_split.labels)
         assert summary["test_accuracy" + suffix] == pytest.approx(accuracy, abs=1e-6)
-        assert summary["test_loss" + suffix] == pytest.approx(loss, rel=1e-4)
+        assert summary["test_loss" + suffix] == pytest.approx(float(losses.mean()), rel=1e-4)
     assert summary["test_loss_symmetrized"] != summary["test_loss"]
-    # The workdir evaluation reports the same two nets.
+    # The workdir evaluation reports the same two nets (and the folded one).
     result = evaluate.evaluate_workdir(path)
     assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert result["symmetrized"]["top1"] == pytest.approx(
         summary["test_accuracy_symmetrized"], abs=1e-6
     )
+    assert result["folded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=2e-4)
 
 
 # ---------------------------------------------------------------- hard symmetry
@@ -209,57 +212,36 @@ def _invariant(kernel, kind, axis):
     spatial = np.moveaxis(kernel, (0, 1), (-2, -1))
     if axis == "spatial":
         return _has_structure(spatial, kind)
-    if axis == "both":  # the kind on the channel squares, mirrored spatial triangle
+    if axis == "both":  # the kind on the channel squares, a mirrored spatial triangle
         return _has_structure(kernel, kind) and _has_structure(spatial, "triangular")
     return _has_structure(kernel, kind)
 
 
 @pytest.mark.parametrize("kind", param.SYMMETRIC_KINDS)
 def test_every_kind_trains_in_a_wrn_and_stays_symmetric(kind):
+    # Basic blocks only: test_models checks the bottleneck's symmetric conv by its forward.
     axis = "channel" if kind == "chunk4" else "both"  # chunk4 needs sides divisible by 4
-    model = models.get_model(
-        "wrn", depth=10, width=0.25, num_classes=10, symmetry=kind, symmetry_axis=axis
-    )
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(8, 16, 16, 1)), jnp.float32)}
-    batch["label"] = jnp.arange(8) % 10
-    # Eager init: its ops are compiled once for all kinds (a jitted init compiles per kind).
-    variables = model.init(jax.random.key(0, impl="rbg"), batch["image"][:1], train=False)
-    lr = optax.constant_schedule(0.1)
-    state = train.TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=optax.sgd(lr),
-        batch_stats=variables["batch_stats"],
-    )
-    step = jax.jit(
-        functools.partial(
-            train.train_step, learning_rate_fn=lr, dataset_name="fashion_mnist", seed=0
-        )
-    )
-    new, metrics = step(state, batch)
-    new, metrics = step(new, batch)
+    kwargs = dict(depth=10, width=0.25, num_classes=10)
+    model = models.get_model("wrn", symmetry=kind, symmetry_axis=axis, **kwargs)
+    batch = _batch()
+    state = _state(model, batch)
+    new, metrics = train.train_step(state, batch, **STEP)
+    new, metrics = train.train_step(new, batch, **STEP)
     assert np.isfinite(float(metrics["loss"]))
+    free = models.get_model("wrn", **kwargs)
+    shapes = jax.eval_shape(lambda: free.init(jax.random.key(0), batch["image"][:1]))["params"]
     for path, layer_axis in model.symmetric_layers().items():
         raw, raw0 = _layer(new.params, path), _layer(state.params, path)
         assert any(not np.array_equal(raw[k], raw0[k]) for k in raw)  # it trained
-        kernel = _kernel(model, path, raw, batch["image"].shape[-1])
+        shape = _layer(shapes, path)["w"].shape
+        kernel = param.symmetric(shape, kind=kind, axis=layer_axis).apply(raw)
         assert _invariant(kernel, kind, layer_axis), path
-
-
-def _kernel(model, path, raw, channels):
-    """The effective kernel of the symmetric conv at `path`, shaped from the free model."""
-    free = models.get_model("wrn", depth=model.depth, width=model.width, block=model.block)
-    shapes = jax.eval_shape(
-        lambda: free.init(jax.random.key(0), jnp.zeros((1, 16, 16, channels)), train=False)
-    )["params"]
-    shape = _layer(shapes, path)["w"].shape
-    return param.symmetric(shape, kind=model.symmetry, axis=model.symmetry_axis).apply(raw)
 
 
 def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
     model = models.get_model("wrn", depth=10, width=0.25, symmetry="eigen")
-    params = jax.eval_shape(lambda: _init(model))["params"]
+    x = jnp.zeros((1, 16, 16, 1))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
     mask = train.weight_decay_mask(params)
     conv1 = mask["group0_block0"]["conv1"]
     assert set(conv1) == {"q", "lambda"} and all(conv1.values())
@@ -267,38 +249,24 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
     assert mask["fc"] == {"kernel": True, "bias": False}
 
 
-@needs_fashion
-def test_hard_runs_train_and_residual_nets_refuse_to_export(runs, tmp_path):
-    for name in ("eigen_bottleneck", "soft"):
-        path, summary = runs[name]
-        assert summary["step"] == 2 and np.isfinite(summary["test_loss"])
-        assert summary["fold_max_abs_error"] is None  # residual nets do not fold
-        if name == "soft":
-            with pytest.raises(ValueError, match="does not fold.*residual nets"):
-                export.export_workdir(path, "onnx", tmp_path / f"{name}.onnx")
-            continue
-        assert "test_accuracy_symmetrized" not in summary
-        free = tiny_config(**{**RUNS[name], "model.symmetry": None})
-        free_model = train.create_model(train.validate_config(free), 10)
-        free_params = jax.eval_shape(
-            lambda m=free_model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-        )["params"]
-        assert summary["num_params"] < models.count_params(free_params)
-        with pytest.raises(ValueError, match="does not fold.*residual nets"):
-            export.export_workdir(path, "onnx", tmp_path / f"{name}.onnx")
+@pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
+def test_residual_runs_refuse_to_export_before_reading_a_checkpoint(module, tmp_path):
+    (tmp_path / train.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
+    with pytest.raises(ValueError, match="does not fold.*residual nets.*dirac_jax.evaluate"):
+        export.export_workdir(tmp_path, "onnx", tmp_path / "model.onnx")
 
 
 # ---------------------------------------------------------------- fold and export
 
 
-@pytest.mark.parametrize("kind", param.SYMMETRIC_KINDS)
-def test_symmetric_mobilenet_folds_into_a_chain(kind):
-    axis = "channel" if kind == "chunk4" else "both"
+def test_hard_symmetric_mobilenet_folds_into_a_chain():
+    # The run below folds a soft (unconstrained) MobileNet; here the kernels are built
+    # symmetric: spatially in the depthwise convs, over channels in the square pointwise ones.
     model = models.get_model(
-        "mobilenet", width=0.125, num_classes=5, symmetry=kind, symmetry_axis=axis
+        "mobilenet", width=0.125, num_classes=5, symmetry="triangular", symmetry_axis="both"
     )
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(0, impl="rbg"), x[:1], train=False)  # eager: see above
+    variables = model.init(jax.random.key(0, impl="rbg"), x[:1], train=False)
     rng = np.random.default_rng(0)
     variables["batch_stats"] = jax.tree_util.tree_map_with_path(  # make the BN fold matter
         lambda path, v: jnp.asarray(
@@ -309,33 +277,35 @@ def test_symmetric_mobilenet_folds_into_a_chain(kind):
         ),
         variables["batch_stats"],
     )
-    got, want = jax.jit(
-        lambda v, x: (fold.apply_folded(fold.fold(model, v), x), model.apply(v, x, train=False))
-    )(variables, x)
+    folded = jax.jit(lambda v: fold.fold(model, v))(variables)
+    grouped = [s.args[2] for s in folded.steps if s.kind == "conv" and len(s.args) == 3]
+    assert len(grouped) == 13  # the depthwise convs
+    got, want = jax.jit(lambda v, f, x: (fold.apply_folded(f, x), model.apply(v, x, train=False)))(
+        variables, folded, x
+    )
     assert float(jnp.std(want)) > 0.1
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_fold_names_variables_of_another_symmetry():
     free = models.get_model("mobilenet", width=0.125, num_classes=5)
-    variables = jax.eval_shape(lambda: _init(free, 32, 3))
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: free.init(jax.random.key(0), x, train=False))
     hard = models.get_model("mobilenet", width=0.125, num_classes=5, symmetry="triangular")
     with pytest.raises(ValueError, match="block2.pw.*same variant, width and symmetry"):
         jax.eval_shape(lambda v: fold.fold(hard, v), variables)
 
 
 @needs_fashion
-def test_symmetric_mobilenet_run_folds_and_exports(runs, test_split, tmp_path):
+def test_soft_mobilenet_run_folds_and_exports(soft_run, test_split, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    path, summary = runs["mobilenet"]
+    path, summary = soft_run
     assert summary["fold_max_abs_error"] < 1e-4
     out = export.export_workdir(path, "onnx", tmp_path / "mobilenet.onnx")
-    folded, config = export.fold_workdir(path)
-    assert [s.args[2] for s in folded.steps if s.kind == "conv" and len(s.args) == 3]
     images = np.asarray(test_split.images[:64])
     session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
-    model, variables, _ = workdir.load(path)
+    model, variables, config = workdir.load(path)
     want = model.apply(variables, workdir.preprocess(jnp.asarray(images), config), train=False)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
     out = export.export_workdir(path, "stablehlo", tmp_path / "mobilenet.stablehlo")
