@@ -22,9 +22,9 @@ saved with it) continues bit for bit as if it had never stopped.
 Config defaults live in `CONFIG_DEFAULTS`; `validate_config` checks a config
 and fills them in, once, at the start of `train_and_evaluate`.
 
-Symmetric kernels (the slides, S. Zagoruyko, Dec. 2017) come two ways. Hard:
-`config.model.symmetry` builds the kernels of the model's symmetric convs
-symmetric (`models.symmetry_penalty` names the convs). Soft: the model stays
+Symmetric kernels (the slides) come two ways, on the convs that
+`model.symmetric_layers()` names (WRN, ResNet, MobileNet). Hard:
+`config.model.symmetry` builds their kernels symmetric. Soft: the model stays
 unconstrained and `config.symmetry_penalty` (lambda) adds
 `lambda * models.symmetry_penalty(model, params, p)` (slides eq. 3 over those
 convs, on `config.model.symmetry_axis`) to the loss; every evaluation then
