@@ -1,8 +1,9 @@
 """Symmetric kernels in training (the slides): hard and soft, the symmetrized eval, fold, export.
 
 One tiny run (2 steps on real Fashion-MNIST, `train.train_and_evaluate`) is
-trained once per module: a MobileNet with the soft symmetry penalty, which the
-trainer evaluates as trained and symmetrized, folds and exports. Every kind of
+trained once per module: a WRN with the soft symmetry penalty, which the
+trainer evaluates as trained and symmetrized. A hard symmetric MobileNet folds
+and exports (ONNX, StableHLO). Every kind of
 `param.symmetric` takes SGD steps inside a tiny WRN through `train.train_step`,
 run eagerly: once the first kind has compiled the ops, a kind costs a second or
 two, where a jitted step would compile a new program for each.
@@ -50,12 +51,7 @@ TINY = {
     "checkpoint_every_steps": 0,
     "fold_check_images": 64,
 }
-SOFT_MOBILENET = {
-    "model.name": "mobilenet",
-    "model.width": 0.125,
-    "model.symmetry_axis": "both",
-    "symmetry_penalty": 0.05,
-}
+SOFT = {"model.symmetry_axis": "both", "symmetry_penalty": 0.05}
 
 
 def tiny_config(**overrides):
@@ -69,8 +65,8 @@ def tiny_config(**overrides):
 def soft_run(tmp_path_factory):
     if not FASHION_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    path = tmp_path_factory.mktemp("soft_mobilenet")
-    return path, train.train_and_evaluate(tiny_config(**SOFT_MOBILENET), path)
+    path = tmp_path_factory.mktemp("soft_wrn")
+    return path, train.train_and_evaluate(tiny_config(**SOFT), path)
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +156,11 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, tes
     assert all("symmetry_penalty" in r for r in records if r["kind"] == "train")
     model, variables, config = workdir.load(path)
     assert model.symmetry is None and model.symmetry_axis == "both"
-    # By hand: every depthwise 3x3 spatially, every square pointwise conv over channels.
+    # By hand: the second conv of each of the 3 blocks of WRN-10, on both squares.
     params = jax.tree.map(lambda a: a, variables["params"])
-    squares = 0
-    for name, block in params.items():
-        if name.startswith("block"):
-            block["dw"]["w"] = param.symmetrize(block["dw"]["w"], "spatial")
-            w = block["pw"]["w"]
-            if w.shape[-2] == w.shape[-1]:
-                block["pw"]["w"] = param.symmetrize(w, "channel")
-                squares += 1
-    assert squares == 8
+    for g in range(3):
+        conv = params[f"group{g}_block0"]["conv1"]
+        conv["w"] = param.symmetrize(conv["w"], "both")
     images = workdir.preprocess(jnp.asarray(test_split.images), config)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     for suffix, p in (("", variables["params"]), ("_symmetrized", params)):
@@ -185,13 +175,15 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, tes
         assert summary["test_accuracy" + suffix] == pytest.approx(accuracy, abs=1e-6)
         assert summary["test_loss" + suffix] == pytest.approx(float(losses.mean()), rel=1e-4)
     assert summary["test_loss_symmetrized"] != summary["test_loss"]
-    # The workdir evaluation reports the same two nets (and the folded one).
+    # The workdir evaluation reports the same two nets; a residual net does not fold.
     result = evaluate.evaluate_workdir(path)
     assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert result["symmetrized"]["top1"] == pytest.approx(
         summary["test_accuracy_symmetrized"], abs=1e-6
     )
-    assert result["folded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=2e-4)
+    assert result["folded"] is None and summary["fold_max_abs_error"] is None
+    with pytest.raises(ValueError, match="does not fold.*residual nets"):
+        export.export_workdir(path, "onnx", path / "model.onnx")
 
 
 # ---------------------------------------------------------------- hard symmetry
@@ -251,6 +243,7 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
 
 @pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
 def test_residual_runs_refuse_to_export_before_reading_a_checkpoint(module, tmp_path):
+    # config.json only: the refusal comes before any checkpoint is read.
     (tmp_path / train.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
     with pytest.raises(ValueError, match="does not fold.*residual nets.*dirac_jax.evaluate"):
         export.export_workdir(tmp_path, "onnx", tmp_path / "model.onnx")
@@ -260,8 +253,7 @@ def test_residual_runs_refuse_to_export_before_reading_a_checkpoint(module, tmp_
 
 
 def test_hard_symmetric_mobilenet_folds_into_a_chain():
-    # The run below folds a soft (unconstrained) MobileNet; here the kernels are built
-    # symmetric: spatially in the depthwise convs, over channels in the square pointwise ones.
+    # Symmetric spatially in the depthwise convs, over channels in the square pointwise ones.
     model = models.get_model(
         "mobilenet", width=0.125, num_classes=5, symmetry="triangular", symmetry_axis="both"
     )
@@ -285,6 +277,21 @@ def test_hard_symmetric_mobilenet_folds_into_a_chain():
     )
     assert float(jnp.std(want)) > 0.1
     np.testing.assert_allclose(got, want, atol=1e-4)
+    # Exported: ONNX (grouped Conv) run by onnxruntime, and StableHLO.
+    ort = pytest.importorskip("onnxruntime")
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = (jnp.asarray(images, jnp.float32) / 255 - 0.5) / 0.25
+    want = model.apply(variables, x, train=False)
+    onnx_model = onnx_export.to_onnx(
+        folded, input_shape=(32, 32, 3), mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    call = interop.load_stablehlo(interop.export_stablehlo(folded, (1, 32, 32, 3)))
+    np.testing.assert_allclose(call(x), want, atol=1e-4, rtol=1e-5)
 
 
 def test_fold_names_variables_of_another_symmetry():
@@ -294,23 +301,6 @@ def test_fold_names_variables_of_another_symmetry():
     hard = models.get_model("mobilenet", width=0.125, num_classes=5, symmetry="triangular")
     with pytest.raises(ValueError, match="block2.pw.*same variant, width and symmetry"):
         jax.eval_shape(lambda v: fold.fold(hard, v), variables)
-
-
-@needs_fashion
-def test_soft_mobilenet_run_folds_and_exports(soft_run, test_split, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    path, summary = soft_run
-    assert summary["fold_max_abs_error"] < 1e-4
-    out = export.export_workdir(path, "onnx", tmp_path / "mobilenet.onnx")
-    images = np.asarray(test_split.images[:64])
-    session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
-    model, variables, config = workdir.load(path)
-    want = model.apply(variables, workdir.preprocess(jnp.asarray(images), config), train=False)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-    out = export.export_workdir(path, "stablehlo", tmp_path / "mobilenet.stablehlo")
-    call = interop.load_stablehlo(out.read_bytes())
-    np.testing.assert_allclose(call(jnp.asarray(images)), want, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- configs
