@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dirac_jax import data, fold, train, workdir
+from dirac_jax import data, fold, models, train, workdir
 
 __all__ = ["EVAL_FILE", "evaluate_workdir", "main", "metrics_of"]
 
@@ -85,9 +85,12 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
       batch_size: images per forward pass.
 
     Returns:
-      `{"step", "dataset", "unfolded": {...}, "folded": {...} or None}`, each
-      with `top1`, `top5`, `loss` (mean cross-entropy) and `count`. `folded`
-      is None for models that do not fold (WRN, ResNet, PlainNet).
+      `{"step", "dataset", "unfolded": {...}, "folded": {...} or None,
+      "symmetrized": {...} or None}`, each with `top1`, `top5`, `loss` (mean
+      cross-entropy) and `count`. `folded` is None for models that do not fold
+      (WRN, ResNet, PlainNet); `symmetrized`, the net with its symmetric convs
+      projected by `param.symmetrize`, is None unless the run trained with the
+      soft symmetry penalty (`config.symmetry_penalty > 0`).
 
     Raises:
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
@@ -101,6 +104,10 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
     if config.model.name in train.FOLDABLE_MODELS:
         params["folded"] = jax.jit(lambda v: fold.fold(model, v))(variables)
         nets["folded"] = fold.apply_folded
+    if config.get("symmetry_penalty", 0.0) > 0:
+        projected = jax.jit(lambda p: models.symmetrize_params(model, p))(variables["params"])
+        params["symmetrized"] = {**variables, "params": projected}
+        nets["symmetrized"] = nets["unfolded"]
 
     @jax.jit
     def step_fn(all_params, images, labels, mask):
@@ -119,6 +126,7 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
         "model": config.model.name,
         "unfolded": _summarize(totals["unfolded"]),
         "folded": _summarize(totals["folded"]) if "folded" in totals else None,
+        "symmetrized": _summarize(totals["symmetrized"]) if "symmetrized" in totals else None,
     }
     (pathlib.Path(path) / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -149,7 +157,7 @@ def main(argv=None) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
         print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
-        for name in ("unfolded", "folded"):
+        for name in ("unfolded", "folded", "symmetrized"):
             if result[name] is not None:
                 print(_line(name, result[name]))
         print(f"written to {pathlib.Path(f.workdir) / EVAL_FILE}", flush=True)

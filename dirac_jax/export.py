@@ -41,15 +41,18 @@ def fold_workdir(path: str | pathlib.Path):
       `(folded, config)`.
 
     Raises:
-      ValueError: the run's model does not fold (not a DiracNet v2/v1/plain).
+      ValueError: the run's model does not fold (a residual net: WRN, ResNet;
+        PlainNet).
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
-    model, variables, config = workdir.load(path)
+    config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in train.FOLDABLE_MODELS:
         raise ValueError(
             f"the run in {path} trained a {config.model.name!r}, which does not fold into a "
-            f"conv-ReLU chain; folding needs one of {train.FOLDABLE_MODELS}."
+            f"conv-ReLU chain (residual nets have shortcuts); folding, and so export, needs one "
+            f"of {train.FOLDABLE_MODELS}. Evaluate it unfolded with python -m dirac_jax.evaluate."
         )
+    model, variables, config = workdir.load(path)
     return jax.jit(lambda v: fold.fold(model, v))(variables), config
 
 

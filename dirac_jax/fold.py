@@ -1,4 +1,4 @@
-"""Folding a trained DiracNet into a plain chain of conv-ReLU pairs, DiracNets sec. 1/2.
+"""Folding a trained DiracNet or MobileNet into a plain chain of conv-ReLU pairs.
 
 DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so the
 net becomes a chain of conv-ReLU pairs. At inference the Dirac kernel
@@ -17,6 +17,12 @@ from the same transform code the model runs. The steps mirror the plan with the
 `bn` steps removed; in particular the CIFAR stem keeps its `relu` before the
 first block's `relu` (`relu(relu(x)) = relu(x)`), so the steps match the
 reference layer order one to one.
+
+MobileNet (v1) has no shortcut either, so it folds the same way: every
+`conv -> BN` (the depthwise ones as grouped convs, `FoldedStep` args
+`(strides, padding, groups)`) becomes one conv with bias, with its kernel from
+the model's own factories, symmetric ones included. Residual nets (WRN,
+ResNet) do not fold into a chain: `fold` raises for them.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -51,6 +57,7 @@ from dirac_jax.models import (
     BN_EPSILON,
     VARIANTS,
     DiracNet,
+    MobileNet,
     global_avg_pool,
     kernel_factory,
     max_pool,
@@ -77,7 +84,8 @@ class FoldedStep(NamedTuple):
     """One static step of a folded net.
 
     kind: one of `KINDS`. args: for `"conv"`, `(strides, padding)` with
-    `strides = (sh, sw)` and `padding = ((top, bottom), (left, right))`; for
+    `strides = (sh, sw)` and `padding = ((top, bottom), (left, right))`, or
+    `(strides, padding, groups)` for a grouped (depthwise) conv; for
     `"max_pool"`, `(window, stride, pad)` (padding with `-inf`); otherwise `()`.
     `"avg_pool"` is a global mean over H and W.
     """
@@ -88,7 +96,7 @@ class FoldedStep(NamedTuple):
 
 @flax.struct.dataclass
 class FoldedNet:
-    """A DiracNet folded into a chain of convs with bias, activations and pools.
+    """A DiracNet or MobileNet folded into a chain of convs with bias, activations and pools.
 
     Attributes:
       params: one dict per step: `{"kernel", "bias"}` for `"conv"` (HWIO kernel)
@@ -187,24 +195,32 @@ def _kernel(factory_name, raw, expected_shape, where, dtype):
             f"fold: the conv kernel at {where} has shape {shape} but the model's plan expects "
             f"{tuple(expected_shape)}; pass the variables that belong to this model."
         )
-    transform = kernel_factory(factory_name)(shape)
-    names = set(jax.eval_shape(transform.init, jax.random.key(0)))
-    if set(raw) != names:
+    return _kernel_of(kernel_factory(factory_name), factory_name, raw, shape, where, dtype)
+
+
+def _kernel_of(factory, what, raw, shape, where, dtype):
+    """The kernel `factory(shape).apply(raw)`, after checking `raw` is that transform's."""
+    transform = factory(tuple(shape))
+    expected = jax.eval_shape(transform.init, jax.random.key(0))
+    got = {k: tuple(v.shape) for k, v in raw.items()}
+    if got != {k: tuple(v.shape) for k, v in expected.items()}:
         raise ValueError(
-            f"fold: the conv at {where} has parameters {sorted(raw)} but its "
-            f"{factory_name!r} kernel needs {sorted(names)}; pass the variables that belong to "
-            "this model (same variant)."
+            f"fold: the conv at {where} has parameters {got} but its {what} kernel of shape "
+            f"{tuple(shape)} needs {sorted(expected)}; pass the variables that belong to this "
+            "model (same variant, width and symmetry)."
         )
     raw = {k: v.astype(dtype) for k, v in raw.items()}
     return transform.apply(raw).astype(dtype)
 
 
 def _check_inputs(model, variables, dtype):
-    if not isinstance(model, DiracNet) or model.variant not in VARIANTS:
+    if isinstance(model, MobileNet):
+        pass
+    elif not isinstance(model, DiracNet) or model.variant not in VARIANTS:
         raise ValueError(
-            f"fold supports DiracNet variants only ({VARIANTS}), got {type(model).__name__}: "
-            "residual nets are not a chain, so their BN and shortcuts cannot fold into one "
-            "conv per layer."
+            f"fold supports DiracNet variants ({VARIANTS}) and MobileNet, got "
+            f"{type(model).__name__}: residual nets are not a chain, so their BN and shortcuts "
+            "cannot fold into one conv per layer."
         )
     if not (isinstance(variables, Mapping) and "params" in variables):
         raise ValueError(
@@ -221,7 +237,7 @@ def _check_inputs(model, variables, dtype):
         raise ValueError(f"fold: dtype must be a floating dtype, got {dtype!r}.")
 
 
-def fold(model: DiracNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
+def fold(model: DiracNet | MobileNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
     """Folds Dirac parameterization and BatchNorm into plain convs with bias.
 
     DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so
@@ -234,11 +250,13 @@ def fold(model: DiracNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
     Step order (the folded PyTorch `DiracNet` module for the ImageNet stem):
     ImageNet `conv7x7/2, max_pool(3, 2, 1), [relu, conv] x blocks, max_pool(2, 2, 0), ...,
     relu, avg_pool, dense`; CIFAR `conv3x3, relu, [relu, conv] x blocks, ...`;
-    v1 blocks are `[ncrelu, conv]` and its head has no `relu`.
+    v1 blocks are `[ncrelu, conv]` and its head has no `relu`. MobileNet:
+    `conv3x3/2, relu, [conv3x3 depthwise, relu, conv1x1, relu] x 13, avg_pool, dense`.
 
     Args:
-      model: a `DiracNet` of variant `"v2"`, `"v1"` or `"plain"` (its `dtype` is
-        ignored; the folded net is computed in `dtype`).
+      model: a `DiracNet` of variant `"v2"`, `"v1"` or `"plain"`, or a
+        `MobileNet`, symmetric or not (its `dtype` is ignored; the folded net is
+        computed in `dtype`).
       variables: `{"params", "batch_stats"}` as returned by `model.init` or training.
       dtype: dtype of every computation and of the folded parameters; use
         `jnp.float64` under `jax.enable_x64(True)` for a tighter fold.
@@ -247,7 +265,7 @@ def fold(model: DiracNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
       A `FoldedNet`; run it with `apply_folded`.
 
     Raises:
-      ValueError: `model` is not a DiracNet (e.g. a WRN or ResNet), `variables`
+      ValueError: `model` is not a DiracNet or MobileNet (e.g. a WRN or ResNet), `variables`
         lacks `params` or `batch_stats`, `variables` belong to another model (a
         missing layer, a kernel shape or parameter set that does not match the
         plan), or `dtype` is not floating.
@@ -260,8 +278,9 @@ def fold(model: DiracNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
         steps.append(FoldedStep(kind, args))
         folded.append({} if p is None else p)
 
+    walk = _walk_mobilenet if isinstance(model, MobileNet) else _walk
     try:
-        _walk(model, params, stats, dtype, emit)
+        walk(model, params, stats, dtype, emit)
     except KeyError as e:
         raise ValueError(
             f"fold: variables have no entry {e} that the model's plan needs; pass the variables "
@@ -309,6 +328,41 @@ def _walk(model, params, stats, dtype, emit):
             raise AssertionError(f"fold: unexpected plan step {step!r}")
 
 
+def _walk_mobilenet(model, params, stats, dtype, emit):
+    """Emits the folded steps of a MobileNet: every `conv -> BN -> ReLU` as `conv, relu`."""
+    stem, blocks = model.validate()
+    same, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
+
+    def conv(factory, what, path, shape, args):
+        *scope, name = path
+        p, s = _at(params, scope), _at(stats, scope)
+        where = ".".join(path)
+        kernel = _kernel_of(factory, what, p[name], shape, where, dtype)
+        emit("conv", args, _bn_fold(kernel, p[f"{name}_bn"], s[f"{name}_bn"], dtype))
+        emit("relu")
+
+    # The stem's BN is "bn", beside "conv": give it the "conv_bn" name `conv` looks up.
+    channels = params["conv"]["w"].shape[-2]
+    params = {**params, "conv_bn": params["bn"]}
+    stats = {**stats, "conv_bn": stats["bn"]}
+    conv(kernel_factory("plain"), "'plain'", ("conv",), (3, 3, channels, stem), ((2, 2), same))
+    for b in blocks:
+        depthwise, pointwise = model.factories(b)
+        args = ((b.stride, b.stride), same, b.features_in)
+        conv(depthwise, "depthwise", (b.name, "dw"), (3, 3, 1, b.features_in), args)
+        shape = (1, 1, b.features_in, b.features)
+        conv(pointwise, "pointwise", (b.name, "pw"), shape, ((1, 1), valid))
+    emit("avg_pool")
+    fc = params["fc"]
+    emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
+
+
+def _at(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
 def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
     """Runs a folded net on NHWC images; pure JAX, `jit`-able.
 
@@ -331,8 +385,9 @@ def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
     x = images.astype(dtype)
     for step, p in zip(folded.steps, folded.params, strict=True):
         if step.kind == "conv":
-            strides, padding = step.args
-            x = conv(x, p["kernel"], strides=strides, padding=padding) + p["bias"]
+            strides, padding, *groups = step.args
+            groups = groups[0] if groups else 1
+            x = conv(x, p["kernel"], strides=strides, padding=padding, groups=groups) + p["bias"]
         elif step.kind == "relu":
             x = jax.nn.relu(x)
         elif step.kind == "ncrelu":

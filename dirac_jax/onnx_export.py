@@ -1,8 +1,9 @@
 """A folded net as an ONNX model, built with the `onnx` package's own helpers.
 
-The folded net is a chain of Conv/ReLU/MaxPool, a global average pool and a
-linear layer (DiracNets v2 sec. 1: after training the Dirac parameterization
-and BN fold into the filters), so the graph is written op by op with
+The folded net is a chain of Conv (grouped for MobileNet's depthwise convs),
+ReLU and MaxPool, a global average pool and a linear layer (DiracNets v2
+sec. 1: after training the Dirac parameterization and BN fold into the
+filters), so the graph is written op by op with
 `onnx.helper`, one node per `FoldedStep`. The preprocessing of the stored
 images goes in front of it: uint8 NHWC input, cast, zero padding, per-channel
 normalization and the NHWC-to-NCHW transpose, so a deployment feeds the images
@@ -105,7 +106,7 @@ def to_onnx(
 
     for step, p in zip(folded.steps, folded.params, strict=True):
         if step.kind == "conv":
-            (sh, sw), ((pt, pb), (pl, pr)) = step.args
+            (sh, sw), ((pt, pb), (pl, pr)), *groups = step.args
             kernel = np.asarray(p["kernel"], np.float32).transpose(3, 2, 0, 1)  # HWIO -> OIHW
             x = node(
                 "Conv",
@@ -113,6 +114,7 @@ def to_onnx(
                 strides=[int(sh), int(sw)],
                 pads=[int(pt), int(pl), int(pb), int(pr)],
                 kernel_shape=list(kernel.shape[2:]),
+                group=int(groups[0]) if groups else 1,
             )
         elif step.kind == "relu":
             x = node("Relu", [x])

@@ -22,6 +22,15 @@ saved with it) continues bit for bit as if it had never stopped.
 Config defaults live in `CONFIG_DEFAULTS`; `validate_config` checks a config
 and fills them in, once, at the start of `train_and_evaluate`.
 
+Symmetric kernels (the slides) come two ways, on the convs that
+`model.symmetric_layers()` names (WRN, ResNet, MobileNet). Hard:
+`config.model.symmetry` builds their kernels symmetric. Soft: the model stays
+unconstrained and `config.symmetry_penalty` (lambda) adds
+`lambda * models.symmetry_penalty(model, params, p)` (slides eq. 3 over those
+convs, on `config.model.symmetry_axis`) to the loss; every evaluation then
+also reports the net with those kernels projected by `param.symmetrize`
+(`test_accuracy_symmetrized`, ...), as the slides do at test time.
+
 Recipe defaults follow the reference training code (where it differs from the
 papers' prose, the prose's choice is a config option): SGD momentum 0.9 with
 coupled weight decay on conv and linear kernels only (v2; the v1 recipe decays
@@ -55,11 +64,13 @@ from dirac_jax.checkpoint import CheckpointError, NonFiniteLossError
 from dirac_jax.input_pipeline import put_replicated, shard_batch
 
 IMAGENET = "imagenet2012"
-FOLDABLE_MODELS = ("diracnet", "diracnet_v1", "plain")
+FOLDABLE_MODELS = ("diracnet", "diracnet_v1", "plain", "mobilenet")
 # The fold check compares folded and unfolded logits on the first test images:
 # a thousand images exercise every layer with real statistics at a small cost.
 FOLD_CHECK_IMAGES = 1024
 SUMMARY_FILE = "summary.json"
+# Suffix of the eval metrics of the net projected by `param.symmetrize` (soft runs).
+SYMMETRIZED = "_symmetrized"
 CONFIG_FILE = "config.json"
 _AUGMENT_STREAM = 0  # fold_in tag of the augmentation key, so other uses get other streams.
 
@@ -126,6 +137,8 @@ CONFIG_DEFAULTS = {
     "momentum": 0.9,
     "weight_decay_on": "kernels",  # or "all" (`weight_decay_mask`)
     "max_norm": 0.0,
+    "symmetry_penalty": 0.0,  # lambda of the soft symmetry constraint; 0: off
+    "symmetry_penalty_p": 1.0,  # its norm p >= 1 (the slides' L1)
     "fold_check_images": FOLD_CHECK_IMAGES,
     "augment": True,
     "log_every_steps": 100,
@@ -211,7 +224,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             f"{models.MODEL_NAMES}."
         )
     try:
-        create_model(config, _num_classes_for_validation(config))
+        model = create_model(config, _num_classes_for_validation(config))
     except ValueError as e:
         fail(f"bad model config (config.model): {e}")
 
@@ -250,6 +263,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         fail(f"config.lr_decay must be > 0, got {config.lr_decay!r}.")
     if not config.max_norm >= 0:
         fail(f"config.max_norm must be >= 0 (0 disables it), got {config.max_norm!r}.")
+    _validate_symmetry(config, model, fail)
     if not config.checkpoint_every_steps >= 0:
         fail(
             f"config.checkpoint_every_steps must be >= 0 (0: only at the end), got "
@@ -260,6 +274,31 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if not config.log_every_steps >= 1:
         fail(f"config.log_every_steps must be >= 1, got {config.log_every_steps!r}.")
     return config
+
+
+def _validate_symmetry(config, model, fail) -> None:
+    lam, p = config.symmetry_penalty, config.symmetry_penalty_p
+    if not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
+        fail(f"config.symmetry_penalty must be a finite number >= 0 (0: off), got {lam!r}.")
+    if not (isinstance(p, int | float) and p >= 1):
+        fail(f"config.symmetry_penalty_p must be a number >= 1 (1: the slides' L1), got {p!r}.")
+    hard = getattr(model, "symmetry", None)
+    if lam > 0 and not hasattr(model, "symmetric_layers"):
+        fail(
+            f"config.symmetry_penalty={lam} needs a model with symmetric layers ('wrn', 'resnet' "
+            f"or 'mobilenet'); {config.model.name!r} has none."
+        )
+    if lam > 0 and hard is not None:
+        fail(
+            f"config.symmetry_penalty={lam} with config.model.symmetry={hard!r}: hard symmetric "
+            "kernels make the penalty zero. Soft: set config.model.symmetry=None; hard: set "
+            "config.symmetry_penalty=0."
+        )
+    if hard is not None and config.max_norm > 0:
+        fail(
+            f"config.max_norm={config.max_norm} projects kernels filter by filter, which the raw "
+            f"numbers of config.model.symmetry={hard!r} kernels are not; set config.max_norm=0."
+        )
 
 
 def create_model(config, num_classes: int):
@@ -360,12 +399,23 @@ def _is_kernel(path, leaf) -> bool:
     return name == "kernel" or (name == "w" and np.ndim(leaf) > 1)
 
 
+def _is_decayed(path, leaf) -> bool:
+    """`_is_kernel`, and the raw numbers of symmetric kernels (`v`, `q`, `lambda`, ...).
+
+    The reference decays every tensor of more than one dimension; in these
+    models those are exactly the conv and linear weights, including every raw
+    piece of a `param.symmetric` kernel (Dirac's `a`, `b` and BN's are vectors).
+    """
+    return _is_kernel(path, leaf) or np.ndim(leaf) > 1
+
+
 def weight_decay_mask(params, scope: str = "kernels"):
     """True for the leaves weight decay applies to.
 
     `scope="kernels"`: conv and linear kernels only, as the reference v2 code
     (it decays tensors of more than one dimension) and DiracNets v2 sec. 2 (no
     weight decay on `a` and `b`); BN parameters and biases are not decayed.
+    The raw numbers of a symmetric kernel (`param.symmetric`) are decayed.
     `scope="all"`: every parameter, as the reference v1 code (one SGD group
     with weight decay) and DiracNets v1, which decays the scalar `a` and `b`.
 
@@ -382,7 +432,7 @@ def weight_decay_mask(params, scope: str = "kernels"):
     if scope not in WEIGHT_DECAY_SCOPES:
         raise ValueError(f"unknown weight decay scope {scope!r}; expected {WEIGHT_DECAY_SCOPES}.")
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: scope == "all" or _is_kernel(path, leaf), params
+        lambda path, leaf: scope == "all" or _is_decayed(path, leaf), params
     )
 
 
@@ -533,6 +583,7 @@ def train_step(
     seed: int,
     augment: bool = True,
     max_norm: float = 0.0,
+    symmetry_penalty: tuple[float, Callable] | None = None,
 ):
     """One SGD step on a global batch; run it under `jit` with the batch sharded.
 
@@ -547,9 +598,14 @@ def train_step(
       augment: reflect-pad 4, random crop, random flip (uint8 images only).
       max_norm: > 0 projects every kernel to filter norm <= max_norm after the
         update (PlainNet eq. 2).
+      symmetry_penalty: `(lambda, fn)` adds `lambda * fn(params)` to the loss,
+        the soft symmetry constraint (`fn` = `models.symmetry_penalty` bound to
+        the model); None: no penalty.
 
     Returns:
-      `(new_state, metrics)` with scalar `loss`, `accuracy` and `learning_rate`.
+      `(new_state, metrics)` with scalar `loss` (the cross-entropy), `accuracy`
+      and `learning_rate`, and `symmetry_penalty` (`fn(params)` before the
+      update) when one is given.
     """
     images = batch["image"]
     if images.dtype == jnp.uint8:
@@ -559,9 +615,15 @@ def train_step(
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])
-        return cross_entropy_loss(logits, batch["label"]), (logits, updates["batch_stats"])
+        loss = cross_entropy_loss(logits, batch["label"])
+        penalty = jnp.zeros((), jnp.float32)
+        if symmetry_penalty is not None:
+            penalty = symmetry_penalty[1](params)
+        total = loss + symmetry_penalty[0] * penalty if symmetry_penalty is not None else loss
+        return total, (logits, updates["batch_stats"], loss, penalty)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (logits, batch_stats, loss, penalty)), grads = grad_fn(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if max_norm > 0:
         new_state = new_state.replace(params=project_kernels(new_state.params, max_norm))
@@ -570,6 +632,8 @@ def train_step(
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "learning_rate": learning_rate_fn(state.step),
     }
+    if symmetry_penalty is not None:
+        metrics_["symmetry_penalty"] = penalty
     return new_state, metrics_
 
 
@@ -635,7 +699,10 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
     sharded on `"data"`; `config.augment` turns the in-step augmentation on.
     Streamed data (augmented on the hosts): `train_fn(state, batch)` and
     `eval_fn(state, batch)`. The train function donates the state.
+    `config.symmetry_penalty > 0` adds the soft symmetry constraint of the
+    config's model to the loss.
     """
+    config = _with_defaults(config)
     rep, batched = _replicated(mesh), NamedSharding(mesh, P("data"))
     step = functools.partial(
         train_step,
@@ -644,6 +711,7 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
         seed=int(config.seed),
         augment=in_memory and bool(config.augment),
         max_norm=float(config.max_norm),
+        symmetry_penalty=_symmetry_penalty(config),
     )
     evaluate_batch = functools.partial(eval_step, dataset_name=dataset_name)
     if in_memory:
@@ -666,6 +734,16 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
         )
         eval_fn = jax.jit(evaluate_batch, in_shardings=(rep, batched), out_shardings=rep)
     return train_fn, eval_fn
+
+
+def _symmetry_penalty(config) -> tuple[float, Callable] | None:
+    """`(lambda, params -> penalty)` of the config's model, or None when it is off."""
+    lam = float(config.symmetry_penalty)
+    if lam <= 0:
+        return None
+    model = create_model(config, _num_classes_for_validation(config))
+    p = float(config.symmetry_penalty_p)
+    return lam, functools.partial(models.symmetry_penalty, model, p=p)
 
 
 def _fetch(tree):
@@ -721,7 +799,7 @@ def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -
     the fold (DiracNets sec. 1/2), not bfloat16 rounding of a half-precision run.
 
     Args:
-      model: a DiracNet (names in `FOLDABLE_MODELS`).
+      model: a DiracNet or MobileNet (names in `FOLDABLE_MODELS`).
       variables: `{"params", "batch_stats"}` on the host.
       images: normalized float images `(N, H, W, C)`.
       chunk: images per forward pass.
@@ -783,7 +861,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     Returns:
       The summary: `test_accuracy`, `test_top5_accuracy`, `test_loss`,
       `train_accuracy` and `train_loss` (the last log window's running means;
-      process 0 only), `num_params`,
+      process 0 only), `num_params`, with `config.symmetry_penalty > 0` the
+      same test metrics of the symmetrized net (`test_accuracy_symmetrized`,
+      ...), `symmetry` and `symmetry_penalty` (the config's),
       `fold_max_abs_error` (None for models that do not fold), `step`,
       `wall_time_s`, `preempted` (False), and a few descriptive fields. After a
       SIGTERM: `{"preempted": True, "step": ..., "wall_time_s": ...}` and no
@@ -876,6 +956,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "dataset": config.dataset.name,
         "num_test_examples": inputs.num_test,
         "steps_per_epoch": inputs.steps_per_epoch,
+        "symmetry": config.model.get("symmetry"),
+        "symmetry_penalty": config.symmetry_penalty,
+        **{k: v for k, v in last_eval.items() if k.endswith(SYMMETRIZED)},
     }
     if chief:
         records = metrics.read_metrics(workdir)
@@ -900,6 +983,13 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
       (None after a preemption, which skips the eval).
     """
     train_fn, eval_fn = compile_steps(config, inputs.mesh, lr_fn, inputs.name, inputs.in_memory)
+    symmetrize = None
+    if config.symmetry_penalty > 0:
+        model = create_model(config, inputs.num_classes)
+        symmetrize = jax.jit(
+            functools.partial(models.symmetrize_params, model),
+            out_shardings=_replicated(inputs.mesh),
+        )
     log_every = int(config.log_every_steps)
     eval_every = int(config.eval_every_steps)
     eval_every = eval_every if eval_every > 0 else inputs.steps_per_epoch
@@ -957,6 +1047,11 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
         }
         if scales["a"]:
             record.update(dirac_a=scales["a"], dirac_b=scales["b"])
+        if symmetrize is not None:
+            projected = state.replace(params=symmetrize(state.params))
+            result = evaluate(eval_fn, projected, inputs.eval_batches(), inputs.num_test)
+            for k in ("test_loss", "test_accuracy", "test_top5_accuracy"):
+                record[k + SYMMETRIZED] = result[k]
         writer.write(record)
         logging.info(
             "step %d eval: %s (%.1f s)",
@@ -992,6 +1087,11 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
                         "train_loss": float(np.mean([m["loss"] for m in window])),
                         "train_accuracy": float(np.mean([m["accuracy"] for m in window])),
                         "learning_rate": float(window[-1]["learning_rate"]),
+                        **(
+                            {"symmetry_penalty": float(window[-1]["symmetry_penalty"])}
+                            if "symmetry_penalty" in window[-1]
+                            else {}
+                        ),
                         "images_per_s": len(window)
                         * images_per_step
                         / max(now - last_log_time, 1e-9),

@@ -32,6 +32,10 @@ def abstract_variables(model, size):
         ("diracnet", dict(depth=34, width=1, stem="imagenet", num_classes=1000), 224, 21_638_952),
         ("resnet", dict(depth=18), 224, 11_689_512),  # torchvision's resnet18.
         ("resnet", dict(depth=34), 224, 21_797_672),  # torchvision's resnet34.
+        ("resnet", dict(depth=50), 224, 25_557_032),  # torchvision's resnet50.
+        ("resnet", dict(depth=101), 224, 44_549_160),  # torchvision's resnet101.
+        ("mobilenet", dict(width=1.0), 224, 4_231_976),  # MobileNet v1 1.0-224.
+        ("wrn", dict(depth=164, width=1, block="bottleneck"), 32, 1_703_258),  # ResNet-164 1.7M.
     ],
 )
 def test_parameter_counts_equal_reference(name, kwargs, size, expected):
@@ -83,7 +87,13 @@ def test_v1_doubles_input_channels_and_uses_scalar_scales():
         ("densenet", dict(), "unknown model"),
         ("wrn", dict(depth=27), "6n\\+4"),
         ("wrn", dict(dirac_init_sigma=-1.0), "sigma"),
-        ("resnet", dict(depth=50), "18, 34"),
+        ("resnet", dict(depth=152), "18, 34, 50, 101"),
+        ("wrn", dict(block="bottleneck", depth=28), "9n\\+2"),
+        ("wrn", dict(block="wide"), "basic"),
+        ("wrn", dict(symmetry="diagonal"), "triangular"),
+        ("resnet", dict(symmetry_axis="rows"), "channel"),
+        ("wrn", dict(symmetry="triangular", dirac_init_sigma=0.1), "one of them"),
+        ("mobilenet", dict(width=0.01), "channels"),
         ("plainnet", dict(depth=3), ">= 5"),
     ],
 )
@@ -138,13 +148,21 @@ def test_wrn_dirac_init_sigma_zero_gives_identity_branch_kernels():
     )
 
 
-@pytest.mark.parametrize(("name", "size"), [("wrn", 32), ("resnet", 64)])
-def test_dirac_init_sigma_draws_every_weight_from_n0_sigma(name, size):
+@pytest.mark.parametrize(
+    ("name", "size", "kwargs"),
+    [
+        ("wrn", 32, dict(depth=10, width=1)),
+        ("wrn", 32, dict(depth=11, width=1, block="bottleneck")),
+        ("resnet", 64, dict(depth=18, width=0.25)),
+        ("resnet", 64, dict(depth=50, width=0.125)),
+    ],
+)
+def test_dirac_init_sigma_draws_every_weight_from_n0_sigma(name, size, kwargs):
     # DiracNets v2 sec. 3.4: W_hat = I + W with all weights from N(0, sigma^2).
     sigma = 0.01
-    kwargs = dict(depth=10, width=1) if name == "wrn" else dict(depth=18, width=0.25)
     model = get_model(name, num_classes=10, dirac_init_sigma=sigma, **kwargs)
-    v = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)), train=False)
+    init = jax.jit(functools.partial(model.init, train=False))
+    v = init(jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)))
     leaves = jax.tree_util.tree_flatten_with_path(v["params"])[0]
     weights = {jax.tree_util.keystr(p): x for p, x in leaves if p[-1].key in ("w", "kernel")}
     convs = [k for k in weights if k.endswith("['w']")]
@@ -238,3 +256,139 @@ def test_diracnet_grad_step_has_no_kernel_constants():
         assert shapes and all("x" not in s for s in shapes), name
     assert constant_bytes(texts["diracnet"]) < 2 * constant_bytes(texts["plain"])
     assert len(texts["diracnet"]) <= 1.5 * len(texts["plain"])
+
+
+# ---------------------------------------------------------------- symmetric networks
+
+# The slides' ImageNet table: (model, kwargs) -> (ours, ours with triangular symmetry,
+# the slides' rounded figures). The rule (models._symmetry): conv1 of every residual
+# branch, MobileNet's square pointwise convs.
+SLIDES_TABLE = [
+    ("resnet", dict(depth=18), 11_689_512, 8_564_712, "11.8", "8.6"),
+    ("resnet", dict(depth=50), 25_557_032, 19_915_400, "25.6", "20.0"),
+    ("mobilenet", dict(), 4_231_976, 3_013_352, "4.2", "3.0"),
+    ("resnet", dict(depth=101), 44_549_160, 33_913_608, "44.7", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "ours", "ours_sym", "slides", "slides_sym"), SLIDES_TABLE
+)
+def test_slides_imagenet_table_counts(name, kwargs, ours, ours_sym, slides, slides_sym):
+    base = count_params(abstract_variables(get_model(name, **kwargs), 224)["params"])
+    sym = count_params(
+        abstract_variables(get_model(name, symmetry="triangular", **kwargs), 224)["params"]
+    )
+    assert (base, sym) == (ours, ours_sym)
+    # The saving is k*k*n(n-1)/2 for every symmetric (k, k, n, n) kernel, nothing else.
+    model = get_model(name, **kwargs)
+    shapes = abstract_variables(model, 224)["params"]
+    saving = 0
+    for path in model.symmetric_layers():
+        k, _, _, n = _layer(shapes, path)["w"].shape
+        saving += k * k * n * (n - 1) // 2
+    assert base - sym == saving
+    # Our counts against the slides' rounding: equal, except as the docstring states.
+    off = {"11.8": 0.12, "44.7": 0.16, "20.0": 0.09}
+    assert abs(base / 1e6 - float(slides)) <= off.get(slides, 0.05)
+    if slides_sym is not None:
+        assert abs(sym / 1e6 - float(slides_sym)) <= off.get(slides_sym, 0.05)
+    # Triangularizing every square 3x3 of ResNet-18 instead would miss the slides' 8.6M.
+    if kwargs.get("depth") == 18:
+        every_square = sum(
+            9 * x.shape[-1] * (x.shape[-1] - 1) // 2
+            for x in jax.tree.leaves(shapes)
+            if x.ndim == 4 and x.shape[:2] == (3, 3) and x.shape[2] == x.shape[3]
+        )
+        assert round((base - every_square) / 1e6, 1) == 7.0
+
+
+def _layer(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _is_symmetric(kernel, axis):
+    kernel = np.asarray(kernel)
+    ok = True
+    if axis in ("channel", "both"):
+        ok &= np.allclose(kernel, np.swapaxes(kernel, -1, -2), atol=1e-6)
+    if axis in ("spatial", "both"):
+        ok &= np.allclose(kernel, np.swapaxes(kernel, 0, 1), atol=1e-6)
+    return ok
+
+
+SMALL_NETS = [
+    ("wrn", dict(depth=10, width=0.25), 16, "channel"),
+    ("wrn", dict(depth=11, width=0.25, block="bottleneck"), 16, "both"),
+    ("resnet", dict(depth=18, width=1 / 16), 32, "spatial"),
+    ("resnet", dict(depth=50, width=1 / 16), 32, "channel"),
+    ("mobilenet", dict(width=0.125), 32, "channel"),
+    ("mobilenet", dict(width=0.125), 32, "both"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "axis"), SMALL_NETS)
+def test_symmetric_layers_are_exactly_the_convs_that_change(name, kwargs, size, axis):
+    hard = get_model(name, symmetry="triangular", symmetry_axis=axis, **kwargs)
+    free = get_model(name, symmetry_axis=axis, **kwargs)
+    hard_p, free_p = (abstract_variables(m, size)["params"] for m in (hard, free))
+    flat = {
+        tuple(k.key for k in path[:-1]): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(free_p)[0]
+    }
+    changed = set()
+    for path in flat:
+        hard_raw, free_raw = _layer(hard_p, path), _layer(free_p, path)
+        if jax.tree.map(lambda a: a.shape, hard_raw) != jax.tree.map(lambda a: a.shape, free_raw):
+            changed.add(path)
+            assert sorted(hard_raw) == ["v", "w"], path  # triangular's raw numbers
+    layers = hard.symmetric_layers()
+    assert changed == set(layers) and layers == free.symmetric_layers()
+    per_layer = {"channel", "spatial"} if name == "mobilenet" and axis == "both" else {axis}
+    assert set(layers.values()) == per_layer
+    if name == "mobilenet" and axis == "channel":  # the square pointwise convs only
+        assert all(p[-1] == "pw" for p in layers) and len(layers) == 8
+    if name != "mobilenet":  # conv1 of every residual block
+        assert all(p[-1] == "conv1" for p in layers)
+        assert len(layers) == len([k for k in free_p if "_block" in k])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "axis"), [SMALL_NETS[0], SMALL_NETS[1], SMALL_NETS[5]]
+)
+def test_hard_symmetry_is_the_unconstrained_net_with_symmetric_kernels(name, kwargs, size, axis):
+    """The symmetric model computes the plain model with `param.symmetric` kernels in its
+    symmetric layers."""
+    hard = get_model(name, symmetry="triangular", symmetry_axis=axis, num_classes=3, **kwargs)
+    free = get_model(name, symmetry_axis=axis, num_classes=3, **kwargs)
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    v = jax.jit(functools.partial(hard.init, train=False))(jax.random.key(0), x)
+    free_shapes = abstract_variables(free, size)["params"]
+    layers = hard.symmetric_layers()
+    params = jax.tree.map(lambda a: a, v["params"])
+    for path, layer_axis in layers.items():
+        raw = _layer(params, path)
+        assert sorted(raw) == ["v", "w"]  # triangular: diagonal and strict upper triangle.
+        shape = _layer(free_shapes, path)["w"].shape
+        kernel = param.symmetric(shape, kind="triangular", axis=layer_axis).apply(raw)
+        assert _is_symmetric(kernel, layer_axis)
+        _layer(params, path[:-1])[path[-1]] = {"w": kernel}
+    apply = jax.jit(lambda m, v: m.apply(v, x, train=False), static_argnums=0)
+    unconstrained = apply(free, {**v, "params": params})
+    np.testing.assert_allclose(apply(hard, v), unconstrained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", param.SYMMETRIC_KINDS)
+@pytest.mark.parametrize("axis", ["channel", "spatial", "both"])
+def test_every_kind_and_axis_builds_a_wrn(kind, axis):
+    # chunk4 needs a side divisible by 4; the 3x3 spatial square is not.
+    model = get_model("wrn", depth=10, width=0.25, symmetry=kind, symmetry_axis=axis)
+    if kind == "chunk4" and axis == "spatial":
+        with pytest.raises(ValueError, match="divisible by 4"):
+            abstract_variables(model, 8)
+        return
+    params = abstract_variables(model, 8)["params"]
+    free = abstract_variables(get_model("wrn", depth=10, width=0.25), 8)["params"]
+    assert count_params(params) <= count_params(free)

@@ -412,6 +412,15 @@ def test_symmetric_kernels_are_symmetric_with_closed_form_counts(kind, axis):
     assert t.num_params == expected
 
 
+@pytest.mark.parametrize("kind", ["triangular", "ldl", "triangulize4"])
+def test_spatial_symmetry_counts_non_square_channels(kind):
+    # A depthwise kernel (3, 3, 1, C): one spatial square per (in, out) pair.
+    t = param.symmetric((3, 3, 1, 8), kind=kind, axis="spatial")
+    raw = t.init(jax.random.key(0))
+    assert t.num_params == sum(v.size for v in jax.tree.leaves(raw))
+    assert is_sym(t.apply(raw), "spatial")
+
+
 def test_triangular_is_diag_plus_triu_plus_transpose():
     n = 5
     t = param.symmetric((1, n, n), kind="triangular")

@@ -37,8 +37,10 @@ from dirac_jax.models._layers import (
     kernel_factory,
     max_pool,
 )
+from dirac_jax.models._mobilenet import MOBILENET_BLOCKS, MobileNet, mobilenet_plan
 from dirac_jax.models._plainnet import PlainNet
-from dirac_jax.models._resnet import ResNet, WideResNet
+from dirac_jax.models._resnet import BLOCKS, RESNET_BLOCKS, ResNet, WideResNet
+from dirac_jax.models._symmetry import SYMMETRY_AXES, symmetrize_params, symmetry_penalty
 
 _MODELS = {
     "diracnet": (DiracNet, {"variant": "v2"}),
@@ -46,6 +48,7 @@ _MODELS = {
     "plain": (DiracNet, {"variant": "plain"}),
     "wrn": (WideResNet, {}),
     "resnet": (ResNet, {}),
+    "mobilenet": (MobileNet, {}),
     "plainnet": (PlainNet, {}),
 }
 MODEL_NAMES = tuple(_MODELS)
@@ -56,10 +59,13 @@ def get_model(name: str, **kwargs):
 
     Args:
       name: `"diracnet"` (v2), `"diracnet_v1"`, `"plain"` (the DiracNet
-        architecture without Dirac parameterization), `"wrn"`, `"resnet"` or
-        `"plainnet"`.
+        architecture without Dirac parameterization), `"wrn"` (basic or
+        bottleneck blocks), `"resnet"` (depth 18, 34, 50, 101),
+        `"mobilenet"` (v1) or `"plainnet"`.
       **kwargs: the module's attributes, e.g. `depth`, `width`, `num_classes`,
-        `stem` (DiracNets), `dirac_init_sigma` (WRN, ResNet), `dtype`.
+        `stem` (DiracNets), `block` (WRN), `dirac_init_sigma` (WRN, ResNet),
+        `symmetry` and `symmetry_axis` (WRN, ResNet, MobileNet: symmetric
+        kernels of the slides, see `symmetry_penalty`), `dtype`.
 
     Returns:
       A Flax module: `model.init(key, x, train=False)` returns
@@ -89,14 +95,19 @@ def count_params(params) -> int:
 
 
 __all__ = [
+    "BLOCKS",
     "BLOCK_KERNELS",
     "BN_EPSILON",
     "BN_MOMENTUM",
     "GROUP_BASES",
     "IMAGENET_BLOCKS",
+    "MOBILENET_BLOCKS",
     "MODEL_NAMES",
+    "RESNET_BLOCKS",
+    "SYMMETRY_AXES",
     "VARIANTS",
     "DiracNet",
+    "MobileNet",
     "ParamConv",
     "PlainNet",
     "ResNet",
@@ -108,4 +119,7 @@ __all__ = [
     "global_avg_pool",
     "kernel_factory",
     "max_pool",
+    "mobilenet_plan",
+    "symmetrize_params",
+    "symmetry_penalty",
 ]

@@ -262,7 +262,10 @@ def symmetric(kernel_shape: Sequence[int], *, kind: str, axis: str = "channel") 
         def apply(raw):
             return jnp.moveaxis(mat.apply(raw), (-2, -1), (0, 1))
 
-        return Transform(lambda key: mat.init(key, batch, std), apply, shape, n * n * mat.count)
+        # One spatial square per (in, out) pair; in != out is allowed (a depthwise conv).
+        return Transform(
+            lambda key: mat.init(key, batch, std), apply, shape, int(np.prod(batch)) * mat.count
+        )
     # axis == "both"
     mat = _matrix(kind, n)
     spatial_idx = _triangular_index(k)
