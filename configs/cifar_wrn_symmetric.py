@@ -14,8 +14,10 @@ basic, triangular over channels: 26.8M parameters instead of 36.5M); with
 `soft`, it is unconstrained and `symmetry_penalty * sum ||W - W^T||_1` (slides
 eq. 3) joins the loss, and every evaluation also reports the net projected by
 `param.symmetrize` (`test_accuracy_symmetrized`). lambda = 1e-4 is our default,
-not a figure of the slides. Bottleneck WRNs take depths 9n+2 (29 = 3 blocks per
-group). The recipe is cifar_wrn.py's.
+not a figure of the slides. Bottleneck WRNs take depths 9n+2, counting every
+conv (29 = 3 blocks per group): the slides' "WRN-16-1-bottleneck", two blocks per
+group with 219,482 parameters (172,106 triangular), is our depth 20, width 1.
+The recipe is cifar_wrn.py's.
 """
 
 from configs import cifar_wrn

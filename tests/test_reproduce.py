@@ -122,3 +122,42 @@ def test_every_plan_builds_valid_configs():
             for cell in plan.cells:
                 config = reproduce.cell_config(cell, seed=0)
                 train.validate_config(config)
+
+
+def test_symmetric_reports_params_at_test_and_the_projected_soft_net(out):
+    rows = {r["symmetry"]: r for r in json.loads((out / "symmetric.json").read_text())["rows"]}
+    soft, tri, none = rows["soft"], rows["triangular"], rows["none"]
+    # A soft run is trained in full and deployed projected: fewer parameters at test.
+    assert soft["test_params"] < soft["num_params"] and soft["test_accuracy_symmetrized"] > 0
+    assert tri["test_params"] == tri["num_params"] and none["test_params"] == none["num_params"]
+    assert none["test_accuracy_symmetrized"] is None
+    assert "symmetrized" in (out / "symmetric.md").read_text()
+
+
+def test_symmetric_paper_cells_have_the_slides_parameter_counts():
+    """The slides' WRN-16-1-bottleneck table, CIFAR-10: params trained / at test, per row."""
+    import jax
+    import jax.numpy as jnp
+
+    from dirac_jax import train
+    from dirac_jax.reproduce._experiments import test_time_params
+
+    slides = {  # thousands, as the slides round them
+        "none": (219, 219),
+        "soft": (219, 172),
+        "triangular": (172, 172),
+        "average": (219, 172),
+        "ldl": (172, 172),
+        "average-spatial": (219, 187),
+        "average-both": (219, 156),
+    }
+    cells = {c.key: c for c in reproduce.EXPERIMENTS["symmetric"].plan("paper").cells}
+    x = jnp.zeros((1, 32, 32, 3))
+    for name, (trained, at_test) in slides.items():
+        cell = cells[f"bottleneck-{name}"]
+        model = train.create_model(reproduce.cell_config(cell, seed=0), num_classes=10)
+        shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x))["params"]
+        count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+        assert round(count / 1000) == trained, name
+        assert round(test_time_params(cell.overrides, 10, 3) / 1000) == at_test, name
+    assert test_time_params(cells["bottleneck-none"].overrides, 10, 3) == 219_482

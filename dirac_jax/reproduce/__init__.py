@@ -7,13 +7,14 @@ seed, under `OUT/NAME/`), reported as the median over seeds beside the paper's
 figure in `OUT/NAME.md`, `OUT/NAME.json` and `OUT/NAME.png`. Rerunning skips
 finished runs and resumes interrupted ones. Experiments: `depth` (DiracNets v2
 fig. 1), `scales` (fig. 2), `init` (sec. 3.4), `plainnet` (Oyedotun et al.,
-Table 1); presets `smoke`, `cpu` and `paper` (see `PRESETS`).
+Table 1), `symmetric` (the slides' CIFAR table and figure); presets `smoke`,
+`cpu` and `paper` (see `PRESETS`).
 
 Example:
   >>> from dirac_jax import reproduce
   >>> plan = reproduce.EXPERIMENTS["depth"].plan("cpu")
   >>> len(plan.cells), tuple(plan.seeds)
-  (15, (0, 1, 2))
+  (18, (0, 1, 2))
 """
 
 from dirac_jax.reproduce._experiments import EXPERIMENTS, PRESETS, Experiment

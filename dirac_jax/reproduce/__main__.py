@@ -3,10 +3,11 @@ r"""Command line: `python -m dirac_jax.reproduce NAME --preset=PRESET --out=DIR`
   python -m dirac_jax.reproduce depth --preset=cpu --out=runs/reproduce
   python -m dirac_jax.reproduce all --preset=smoke --out=/tmp/smoke
 
-NAME is an experiment (`depth`, `scales`, `init`, `plainnet`) or `all`. Prints a
-line per run (which cell, how many are left), each run's progress bar, and at the
-end the table of `DIR/NAME.md`. Exit status 1 with one `error: ...` line for an
-unknown experiment or preset, missing data, or an unusable checkpoint.
+NAME is an experiment (`depth`, `scales`, `init`, `plainnet`, `symmetric`) or
+`all`. Prints a line per run (which cell, how many are left), each run's
+progress bar, and at the end the table of `DIR/NAME.md`. Exit status 1 with one
+`error: ...` line for an unknown experiment or preset, missing data, or an
+unusable checkpoint.
 """
 
 from __future__ import annotations

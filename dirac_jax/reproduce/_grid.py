@@ -233,6 +233,8 @@ def summarize(plan: Plan, results: dict, chance: float) -> list[dict]:
                 "test_accuracies": test,
                 "train_accuracy": median_or_none(metric("train_accuracy")),
                 "test_top5_accuracy": median_or_none(metric("test_top5_accuracy")),
+                # Soft symmetric runs: the net with its kernels projected (`param.symmetrize`).
+                "test_accuracy_symmetrized": median_or_none(metric("test_accuracy_symmetrized")),
                 "num_params": next((r["num_params"] for r in runs if "num_params" in r), None),
                 "diverged": sum(r["diverged"] for r in runs),
                 "wall_time_s": sum(r.get("wall_time_s", 0.0) for r in runs),

@@ -38,14 +38,23 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
     train = "train error %" if error else "train acc. %"
     paper = "paper train / test error %" if error else "paper test acc. %"
     ours = f"ours: {ours} (median [min, max])"
-    head = [*labels, "params", ours, train, paper, "runs", "diverged"]
+    # Symmetric experiment: parameters as deployed, and the soft runs' projected net.
+    test_params = any("test_params" in r for r in rows)
+    symmetrized = any(r.get("test_accuracy_symmetrized") is not None for r in rows)
+    head = [*labels, "params"]
+    head += ["params at test"] if test_params else []
+    head += [ours]
+    head += [("test error %" if error else "test acc. %") + ", symmetrized"] if symmetrized else []
+    head += [train, paper, "runs", "diverged"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     fmt = _err if error else _pct
     for r in rows:
         cells = [str(r[k]) for k in labels]
+        cells += ["-" if r["num_params"] is None else f"{r['num_params']:,}"]
+        cells += [f"{r['test_params']:,}"] if test_params else []
+        cells += [fmt(r["test_accuracy"]) + _spread(r, error)]
+        cells += [fmt(r.get("test_accuracy_symmetrized"))] if symmetrized else []
         cells += [
-            "-" if r["num_params"] is None else f"{r['num_params']:,}",
-            fmt(r["test_accuracy"]) + _spread(r, error),
             fmt(r["train_accuracy"]),
             r["paper"] or "-",
             f"{len(r['seeds'])}/{len(r['planned_seeds'])}",
@@ -58,7 +67,7 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
 _NOT_LABELS = {
     "key", "paper", "seeds", "planned_seeds", "test_accuracy", "test_accuracy_min",
     "test_accuracy_max", "test_accuracies", "train_accuracy", "test_top5_accuracy",
-    "num_params", "diverged", "wall_time_s",
+    "num_params", "diverged", "wall_time_s", "test_accuracy_symmetrized", "test_params",
 }  # fmt: skip
 
 
@@ -104,6 +113,54 @@ def _plot_bars(rows, path, error: bool, label_key):
     return fig
 
 
+def _plot_symmetric(rows):
+    """The slides' CIFAR figure as bars: per block type, test (solid) and train accuracy."""
+    plt = metrics.pyplot()
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    n = max(sum(r["block"] == b for r in rows) for b in blocks)
+    fig, axes = plt.subplots(
+        1, len(blocks), figsize=(5 * len(blocks), 0.4 * n + 1.8), sharex=True, squeeze=False
+    )
+    for ax, block in zip(axes[0], blocks, strict=True):
+        rs = [r for r in rows if r["block"] == block]
+
+        def pct(x):
+            return math.nan if x is None else 100 * x
+
+        y = range(len(rs))
+        ax.barh([i - 0.2 for i in y], [pct(r["test_accuracy"]) for r in rs], 0.4, label="test")
+        ax.barh(
+            [i + 0.2 for i in y],
+            [pct(r["train_accuracy"]) for r in rs],
+            0.4,
+            label="train",
+            fill=False,
+            hatch="//",
+        )
+        soft = [(i, r) for i, r in enumerate(rs) if r.get("test_accuracy_symmetrized") is not None]
+        if soft:
+            ax.plot(
+                [pct(r["test_accuracy_symmetrized"]) for _, r in soft],
+                [i - 0.2 for i, _ in soft],
+                "kx",
+                label="test, symmetrized",
+            )
+        base = next((r for r in rs if r["symmetry"] == "none"), None)
+        if base is not None and base["test_accuracy"] is not None:
+            ax.axvline(pct(base["test_accuracy"]), color="k", ls="--", lw=0.8)
+        ax.set_yticks(list(y))
+        ax.set_yticklabels([f"{r['symmetry']} ({r['num_params'] or 0:,})" for r in rs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(block, fontsize=9)
+        ax.set_xlabel("accuracy % (median over seeds)")
+        ax.grid(alpha=0.3, axis="x")
+    finite = [100 * r[k] for r in rows for k in ("test_accuracy", "train_accuracy") if r[k]]
+    if finite:
+        axes[0][0].set_xlim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
+    axes[0][-1].legend(fontsize=8)
+    return fig
+
+
 def plot(experiment: Experiment, plan: Plan, rows: list[dict], out: pathlib.Path, path):
     """The experiment's figure at `path`."""
     if experiment.name == "scales":
@@ -115,6 +172,8 @@ def plot(experiment: Experiment, plan: Plan, rows: list[dict], out: pathlib.Path
         return metrics.plot_dirac_scales(records, path, steps_per_epoch)
     if experiment.name == "depth":
         fig = _plot_depth(rows, path)
+    elif experiment.name == "symmetric":
+        fig = _plot_symmetric(rows)
     elif experiment.name == "init":
         fig = _plot_bars(rows, path, False, lambda r: r["init"])
     else:

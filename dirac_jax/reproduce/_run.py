@@ -7,7 +7,7 @@ import pathlib
 
 from dirac_jax import data
 from dirac_jax.reproduce import _report
-from dirac_jax.reproduce._experiments import EXPERIMENTS, PRESETS
+from dirac_jax.reproduce._experiments import EXPERIMENTS, PRESETS, test_time_params
 from dirac_jax.reproduce._grid import cell_config, collect, run_plan, summarize
 
 
@@ -45,6 +45,11 @@ def run(
     config = cell_config(plan.cells[0], plan.seeds[0], configs)
     chance = 1.0 / data.NUM_CLASSES.get(config.dataset.name, 1000)
     rows = summarize(plan, results, chance)
+    if name == "symmetric":
+        in_channels = data.image_shape(config.dataset.name)[-1]
+        num_classes = data.NUM_CLASSES.get(config.dataset.name, 1000)
+        for cell, row in zip(plan.cells, rows, strict=True):
+            row["test_params"] = test_time_params(cell.overrides, num_classes, in_channels)
     report = {
         "experiment": name,
         "preset": preset,
