@@ -25,7 +25,6 @@ On CPU the processes' collectives go through gloo.
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import pathlib
 import sys
@@ -68,13 +67,6 @@ def default_workdir(config_path: str) -> str:
       'runs/cifar_dirac'
     """
     return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
-
-
-def _own_info_only(record: std_logging.LogRecord) -> bool:
-    # Libraries log a lot at INFO (orbax: every stage of every save; jax: backends it
-    # did not find). Keep their warnings and errors, and this package's INFO lines.
-    own = f"{os.sep}dirac_jax{os.sep}" in record.pathname
-    return record.levelno >= std_logging.WARNING or own
 
 
 def _fail(error: BaseException) -> None:
@@ -121,7 +113,9 @@ def _init_distributed() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_own_info_only)
+    from dirac_jax import metrics
+
+    logging.get_absl_handler().addFilter(metrics.own_info_only)
     _init_distributed()
 
     from dirac_jax import checkpoint, data, train

@@ -24,7 +24,9 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pathlib
 import re
 from typing import Any
@@ -40,14 +42,30 @@ __all__ = [
     "MetricWriter",
     "ProgressBar",
     "dirac_scale_means",
+    "host_copy",
+    "layer_group",
+    "own_info_only",
     "plot_curves",
     "plot_dirac_scales",
+    "pyplot",
     "read_metrics",
 ]
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 DIRAC_SCALES_FILE = "dirac_scales.png"
+
+
+def own_info_only(record: logging.LogRecord) -> bool:
+    """A log filter for the command lines: this package's INFO lines, everyone's warnings.
+
+    Libraries log a lot at INFO (orbax: every stage of every save; jax: the
+    backends it did not find). Add it to the absl handler of a program, e.g.
+    `absl.logging.get_absl_handler().addFilter(own_info_only)`; the library
+    itself never installs it.
+    """
+    own = f"{os.sep}dirac_jax{os.sep}" in record.pathname
+    return record.levelno >= logging.WARNING or own
 
 
 def _natural_key(name: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging as std_logging
-import os
 import pathlib
 import sys
 
@@ -45,14 +44,11 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from absl import logging
 
-    from dirac_jax import checkpoint, data, reproduce, train
+    from dirac_jax import checkpoint, data, metrics, reproduce, train
 
-    # Keep this package's INFO lines (one per log step and eval) and everyone's warnings;
-    # libraries log every stage of every checkpoint save at INFO.
+    # This package's INFO lines (one per log step and eval) and everyone's warnings.
     logging.set_verbosity(logging.INFO)
-    std_logging.getLogger("absl").addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or f"{os.sep}dirac_jax{os.sep}" in r.pathname
-    )
+    std_logging.getLogger("absl").addFilter(metrics.own_info_only)
     names = sorted(reproduce.EXPERIMENTS) if args.name == "all" else [args.name]
     configs = pathlib.Path(args.configs) if args.configs else None
     expected = (ValueError, data.DataNotFoundError, checkpoint.CheckpointError, train.ConfigError)
