@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4  # coupled (PyTorch SGD) L2, on weight_decay_on's leaves
     config.weight_decay_on = "kernels"  # kernels: conv/linear kernels only (v2); all: v1 recipe
     config.max_norm = 0.0  # > 0: PlainNet max-norm projection of every kernel after each step
+    # > 0: lambda of the soft symmetry penalty (slides eq. 3) on the symmetric convs of a
+    # WRN/ResNet/MobileNet with model.symmetry=None; p is its norm.
+    config.symmetry_penalty = 0.0
+    config.symmetry_penalty_p = 1.0
     config.augment = True  # reflect-pad 4, random 32x32 crop, random horizontal flip
     config.half_precision = False  # True: bfloat16 compute, float32 params
 
@@ -49,5 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = -1  # -1: once per epoch (and always at the end)
     config.checkpoint_every_steps = 2000  # also at the end and on SIGTERM; 0: only then
     config.keep_checkpoints = 3
+    # At the end, max |folded - trained| logits over this many test images (0: no check).
+    config.fold_check_images = 1024
     config.async_checkpointing = True
     return config

@@ -8,8 +8,9 @@ Restores only the parameters and BatchNorm statistics of the latest checkpoint
 trained net (in the run's compute dtype, as during training) and of its
 float32 fold (DiracNets v2 sec. 1), which is what `dirac_jax.export` writes.
 Small datasets are fed as stored (uint8) through `workdir.preprocess`, the
-input side the exported models carry; ImageNet comes from the tf.data eval
-pipeline (needs TensorFlow).
+input side the exported models carry; ImageNet's validation split comes from
+the training input pipeline (`input_pipeline.StreamedInput`: Grain, the
+center crop, no TensorFlow).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dirac_jax import data, fold, models, train, workdir
+from dirac_jax import data, fold, input_pipeline, models, train, workdir
 
 __all__ = ["EVAL_FILE", "evaluate_workdir", "main", "metrics_of"]
 
@@ -57,13 +58,11 @@ def _small_batches(config, batch_size: int) -> Iterator[tuple]:
 
 
 def _imagenet_batches(config, batch_size: int) -> Iterator[tuple]:
-    ds = data.imagenet_tf_dataset(
-        "validation",
-        data_dir=config.dataset.get("data_dir"),
-        batch_size_per_host=batch_size,
-        train=False,
-    )
-    for batch in ds.as_numpy_iterator():
+    """The validation split streamed by the training input pipeline (Grain, uint8 crops)."""
+    config = config.copy_and_resolve_references()
+    config.eval_batch_size = batch_size
+    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    for (batch,) in inputs.eval_batches():
         yield batch["image"], batch["label"], batch["mask"]
 
 
@@ -87,10 +86,12 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
     Returns:
       `{"step", "dataset", "unfolded": {...}, "folded": {...} or None,
       "symmetrized": {...} or None}`, each with `top1`, `top5`, `loss` (mean
-      cross-entropy) and `count`. `folded` is None for models that do not fold
-      (WRN, ResNet, PlainNet); `symmetrized`, the net with its symmetric convs
-      projected by `param.symmetrize`, is None unless the run trained with the
-      soft symmetry penalty (`config.symmetry_penalty > 0`).
+      cross-entropy) and `count`. `folded` is the float32 net of
+      `fold.folded_apply` (a chain, or a WRN/ResNet with its kernels computed
+      once), None for a model that does not fold (PlainNet); `symmetrized`,
+      the net with its symmetric convs projected by `param.symmetrize`, is
+      None unless the run trained with the soft symmetry penalty
+      (`config.symmetry_penalty > 0`).
 
     Raises:
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
@@ -98,12 +99,16 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
     """
     model, variables, config, step = workdir.load_run(path)
     imagenet = config.dataset.name == train.IMAGENET
-    prepare: Callable = (lambda x: x) if imagenet else (lambda x: workdir.preprocess(x, config))
+    if imagenet:
+        prepare: Callable = lambda x: data.normalize(x, config.dataset.name)
+    else:
+        prepare = lambda x: workdir.preprocess(x, config)
     nets = {"unfolded": lambda v, x: model.apply(v, x, train=False)}
     params = {"unfolded": variables}
     if config.model.name in train.FOLDABLE_MODELS:
-        params["folded"] = jax.jit(lambda v: fold.fold(model, v))(variables)
-        nets["folded"] = fold.apply_folded
+        nets["folded"], params["folded"] = fold.folded_apply(
+            model.clone(dtype=jnp.float32), variables
+        )
     if config.get("symmetry_penalty", 0.0) > 0:
         projected = jax.jit(lambda p: models.symmetrize_params(model, p))(variables["params"])
         params["symmetrized"] = {**variables, "params": projected}

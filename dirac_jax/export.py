@@ -4,14 +4,17 @@ r"""Fold a trained workdir and write it as a deployable model.
   python -m dirac_jax.export --workdir=W --format=stablehlo --out=model.stablehlo
   python -m dirac_jax.export --workdir=W --format=reference --out=diracnet.pth
 
-The net is folded (DiracNets v2 sec. 1: the Dirac parameterization and
-BatchNorm become plain conv filters and biases) in float32, then written:
+The net is folded in float32 (DiracNets v2 sec. 1: the Dirac parameterization
+and BatchNorm become plain conv filters and biases; a residual WRN or ResNet
+keeps its shortcuts and BNs, and its symmetric or `I + W` kernels become plain
+kernels, `fold.fold_kernels`), then written:
 
-* `onnx`: the whole classifier, uint8 NHWC images at the stored size in
+* `onnx` (chains): the whole classifier, uint8 NHWC images at the stored size in
   (for ImageNet the 224x224 eval crop), logits out; padding and normalization
   inside the graph (`dirac_jax.onnx_export`).
-* `stablehlo`: the same classifier serialized with `jax.export`, any batch
-  size (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`).
+* `stablehlo` (every foldable net, residual ones too): the same classifier
+  serialized with `jax.export`, any batch size
+  (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`).
 * `reference`: the state dict of the published PyTorch `DiracNet` module
   (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
   `torch.save` file, or `.npz` when `--out` ends so. It holds weights only:
@@ -23,7 +26,6 @@ from __future__ import annotations
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,30 +37,33 @@ FORMATS = ("onnx", "stablehlo", "reference")
 
 
 def fold_workdir(path: str | pathlib.Path):
-    """The trained net of a workdir, folded in float32.
+    """The trained net of a workdir, folded in float32 (`fold.folded_apply`).
 
     Returns:
-      `(folded, config)`.
+      `(apply, folded, config)`: `apply(folded, images)` computes the logits of
+      normalized images. `folded` is a `fold.FoldedNet` for a chain (DiracNet,
+      MobileNet) and the variables of the kernel-folded net for a residual one
+      (WRN, ResNet: `fold.fold_kernels`).
 
     Raises:
-      ValueError: the run's model does not fold (a residual net: WRN, ResNet;
-        PlainNet).
+      ValueError: the run's model does not fold (PlainNet).
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
     config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in train.FOLDABLE_MODELS:
         raise ValueError(
-            f"the run in {path} trained a {config.model.name!r}, which does not fold into a "
-            f"conv-ReLU chain (residual nets have shortcuts); folding, and so export, needs one "
-            f"of {train.FOLDABLE_MODELS}. Evaluate it unfolded with python -m dirac_jax.evaluate."
+            f"the run in {path} trained a {config.model.name!r}, which does not fold; folding, "
+            f"and so export, needs one of {train.FOLDABLE_MODELS}. Evaluate it unfolded with "
+            "python -m dirac_jax.evaluate."
         )
     model, variables, config = workdir.load(path)
-    return jax.jit(lambda v: fold.fold(model, v))(variables), config
+    apply, folded = fold.folded_apply(model.clone(dtype=jnp.float32), variables)
+    return apply, folded, config
 
 
-def classifier(folded: fold.FoldedNet, config):
+def classifier(apply, folded, config):
     """`uint8 images at the stored size -> logits` of a folded net: the exported function."""
-    return lambda images: fold.apply_folded(folded, workdir.preprocess(images, config))
+    return lambda images: apply(folded, workdir.preprocess(images, config))
 
 
 def _pad(config) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -101,7 +106,15 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
-    folded, config = fold_workdir(path)
+    config = workdir.read_config(path)
+    chain = config.model.name in train.CHAIN_MODELS
+    if not chain and fmt != "stablehlo":
+        raise ValueError(
+            f"the run in {path} trained a {config.model.name!r}, a residual net: it folds its "
+            f"kernels (fold.fold_kernels) but keeps its shortcuts, and the {fmt} writer takes a "
+            "conv-ReLU chain. Write it with --format=stablehlo."
+        )
+    apply, folded, config = fold_workdir(path)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
@@ -112,10 +125,7 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
         out.write_bytes(model.SerializeToString())
     elif fmt == "stablehlo":
         blob = interop.export_stablehlo(
-            folded,
-            (1, *workdir.input_shape(config)),
-            dtype=jnp.uint8,
-            preprocess=lambda images: workdir.preprocess(images, config),
+            classifier(apply, folded, config), (1, *workdir.input_shape(config)), dtype=jnp.uint8
         )
         out.write_bytes(blob)
     else:

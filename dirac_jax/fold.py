@@ -22,7 +22,10 @@ MobileNet (v1) has no shortcut either, so it folds the same way: every
 `conv -> BN` (the depthwise ones as grouped convs, `FoldedStep` args
 `(strides, padding, groups)`) becomes one conv with bias, with its kernel from
 the model's own factories, symmetric ones included. Residual nets (WRN,
-ResNet) do not fold into a chain: `fold` raises for them.
+ResNet) do not fold into a chain: `fold` raises for them. `fold_kernels`
+folds what does fold in them, their kernel parameterizations (symmetric
+kernels, `I + W`): it returns the same residual net with every kernel a plain
+tensor, which `dirac_jax.export` writes.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -43,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -58,6 +62,8 @@ from dirac_jax.models import (
     VARIANTS,
     DiracNet,
     MobileNet,
+    ResNet,
+    WideResNet,
     global_avg_pool,
     kernel_factory,
     max_pool,
@@ -71,6 +77,8 @@ __all__ = [
     "apply_folded",
     "fold",
     "fold_conv_bn",
+    "fold_kernels",
+    "folded_apply",
     "num_params",
 ]
 
@@ -198,6 +206,10 @@ def _kernel(factory_name, raw, expected_shape, where, dtype):
     return _kernel_of(kernel_factory(factory_name), factory_name, raw, shape, where, dtype)
 
 
+def _symmetric(kind, axis):
+    return functools.partial(param.symmetric, kind=kind, axis=axis)
+
+
 def _kernel_of(factory, what, raw, shape, where, dtype):
     """The kernel `factory(shape).apply(raw)`, after checking `raw` is that transform's."""
     transform = factory(tuple(shape))
@@ -220,8 +232,12 @@ def _check_inputs(model, variables, dtype):
         raise ValueError(
             f"fold supports DiracNet variants ({VARIANTS}) and MobileNet, got "
             f"{type(model).__name__}: residual nets are not a chain, so their BN and shortcuts "
-            "cannot fold into one conv per layer."
+            "cannot fold into one conv per layer (fold_kernels folds their kernels)."
         )
+    _check_variables(variables, dtype)
+
+
+def _check_variables(variables, dtype):
     if not (isinstance(variables, Mapping) and "params" in variables):
         raise ValueError(
             "fold: variables must be the dict returned by model.init, with 'params' and "
@@ -287,6 +303,106 @@ def fold(model: DiracNet | MobileNet, variables: Any, *, dtype=jnp.float32) -> F
             "that belong to this model (same depth, stem and variant)."
         ) from e
     return FoldedNet(params=tuple(folded), steps=tuple(steps))
+
+
+def fold_kernels(model: WideResNet | ResNet, variables: Any, *, dtype=jnp.float32):
+    """A residual net with every kernel computed once: `(plain_model, plain_variables)`.
+
+    A WRN or ResNet keeps its shortcuts, so it does not fold into a chain
+    (`fold`), and its pre-activation BNs (WRN) sit behind a ReLU; but its kernel
+    parameterizations fold: each symmetric kernel (`symmetry`, the slides) and
+    each `I + W` kernel (`dirac_init_sigma`, DiracNets v2 sec. 3.4) is computed
+    by the model's own transform and stored as a plain kernel. The result is
+    the same architecture with `symmetry=None` and `dirac_init_sigma=None`, whose
+    convs are `param.plain` (`{"w": kernel}`) and compute exactly what the
+    trained net computes. BatchNorm statistics and the classifier are copied.
+    Pure: works under `jit`.
+
+    Args:
+      model: a `WideResNet` or `ResNet`, symmetric or not.
+      variables: `{"params", "batch_stats"}` of that model.
+      dtype: dtype of the computed kernels (the other leaves keep theirs).
+
+    Returns:
+      `(plain_model, plain_variables)`: `plain_model.apply(plain_variables, x)`
+      equals `model.apply(variables, x)` up to float rounding.
+
+    Raises:
+      ValueError: `model` is not a WRN or ResNet, or `variables` belong to
+        another model.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from dirac_jax.models import get_model
+      >>> model = get_model("wrn", depth=10, width=0.25, symmetry="triangular")
+      >>> x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> plain, plain_vars = fold_kernels(model, variables)
+      >>> plain.symmetry, plain_vars["params"]["group0_block0"]["conv1"]["w"].shape
+      (None, (3, 3, 4, 4))
+      >>> error = jnp.abs(plain.apply(plain_vars, x) - model.apply(variables, x)).max()
+      >>> bool(error < 1e-5)
+      True
+    """
+    if not isinstance(model, WideResNet | ResNet):
+        raise ValueError(
+            f"fold_kernels: expected a WideResNet or ResNet, got {type(model).__name__}; "
+            "DiracNets and MobileNets fold into a chain with fold()."
+        )
+    _check_variables(variables, dtype)
+    params = variables["params"]
+    twin = model.clone(symmetry=None, dirac_init_sigma=None)
+    try:
+        stem = params["conv"]["w"]
+    except KeyError as e:
+        raise ValueError(
+            "fold_kernels: variables have no stem conv 'conv'; pass this model's."
+        ) from e
+    # Parameter shapes do not depend on the image size (global pooling): a small input will do.
+    x = jax.ShapeDtypeStruct((1, 32, 32, stem.shape[-2]), jnp.float32)
+    shapes = jax.eval_shape(lambda x: twin.init(jax.random.key(0), x), x)["params"]
+    symmetric = model.symmetric_layers() if model.symmetry is not None else {}
+    sigma = model.dirac_init_sigma
+    base = (
+        kernel_factory("plain") if sigma is None else kernel_factory("dirac_residual", sigma=sigma)
+    )
+
+    def walk(shape_tree, raw_tree, path):
+        out = {}
+        for name, sub in shape_tree.items():
+            where = "/".join((*path, name))
+            if name not in raw_tree:
+                raise ValueError(f"fold_kernels: variables have no {where!r}; pass this model's.")
+            if isinstance(sub, Mapping) and set(sub) == {"w"}:  # a conv of the plain twin
+                axis = symmetric.get((*path, name))
+                factory = base if axis is None else _symmetric(model.symmetry, axis)
+                kernel = _kernel_of(factory, "kernel", raw_tree[name], sub["w"].shape, where, dtype)
+                out[name] = {"w": kernel}
+            elif isinstance(sub, Mapping):
+                out[name] = walk(sub, raw_tree[name], (*path, name))
+            else:
+                out[name] = raw_tree[name]
+        return out
+
+    return twin, {"params": walk(shapes, params, ()), "batch_stats": variables["batch_stats"]}
+
+
+def folded_apply(model, variables: Any, *, dtype=jnp.float32):
+    """The deployable net of a trained model: `(apply, folded)`, `apply(folded, images)`.
+
+    DiracNets and MobileNets fold into a chain (`fold`, `apply_folded`); WRNs
+    and ResNets keep their shortcuts and fold their kernels (`fold_kernels`).
+    This is the net `dirac_jax.export` writes and the training fold check
+    compares with the trained one.
+
+    Raises:
+      ValueError: a model that does not fold (e.g. PlainNet), or variables of
+        another model.
+    """
+    if isinstance(model, WideResNet | ResNet):
+        twin, twin_variables = fold_kernels(model, variables, dtype=dtype)
+        return (lambda v, x: twin.apply(v, x, train=False)), twin_variables
+    return apply_folded, fold(model, variables, dtype=dtype)
 
 
 def _walk(model, params, stats, dtype, emit):

@@ -616,7 +616,7 @@ def _serialization_hint(e: ImportError) -> ImportError:
 
 
 def export_stablehlo(
-    folded: FoldedNet,
+    folded: FoldedNet | Callable[[jax.Array], jax.Array],
     example_shape: Sequence[int],
     *,
     dtype=jnp.float32,
@@ -636,7 +636,9 @@ def export_stablehlo(
       logits = load_stablehlo(blob)(images)  # any batch size
 
     Args:
-      folded: a `FoldedNet`.
+      folded: a `FoldedNet`, or any pure function `images -> logits` (e.g. a
+        WRN with its kernels folded by `fold.fold_kernels`, its variables
+        closed over).
       example_shape: NHWC input shape `(batch, height, width, channels)`; height,
         width and channels are fixed in the artifact.
       dtype: input dtype.
@@ -666,7 +668,8 @@ def export_stablehlo(
     else:
         spec = tuple(int(d) for d in shape)
     prepare = preprocess if preprocess is not None else (lambda images: images)
-    fn = jax.jit(lambda images: apply_folded(folded, prepare(images)))
+    net = folded if callable(folded) else functools.partial(apply_folded, folded)
+    fn = jax.jit(lambda images: net(prepare(images)))
     exported = jax.export.export(fn, platforms=platforms)(jax.ShapeDtypeStruct(spec, dtype))
     try:
         return bytes(exported.serialize())

@@ -64,7 +64,9 @@ from dirac_jax.checkpoint import CheckpointError, NonFiniteLossError
 from dirac_jax.input_pipeline import put_replicated, shard_batch
 
 IMAGENET = "imagenet2012"
-FOLDABLE_MODELS = ("diracnet", "diracnet_v1", "plain", "mobilenet")
+# Chains fold whole (`fold.fold`); residual nets fold their kernels (`fold.fold_kernels`).
+CHAIN_MODELS = ("diracnet", "diracnet_v1", "plain", "mobilenet")
+FOLDABLE_MODELS = (*CHAIN_MODELS, "wrn", "resnet")
 # The fold check compares folded and unfolded logits on the first test images:
 # a thousand images exercise every layer with real statistics at a small cost.
 FOLD_CHECK_IMAGES = 1024
@@ -75,9 +77,11 @@ CONFIG_FILE = "config.json"
 _AUGMENT_STREAM = 0  # fold_in tag of the augmentation key, so other uses get other streams.
 
 __all__ = [
+    "CHAIN_MODELS",
     "CONFIG_DEFAULTS",
     "CheckpointError",
     "ConfigError",
+    "FOLDABLE_MODELS",
     "NonFiniteLossError",
     "TrainState",
     "compile_steps",
@@ -795,11 +799,14 @@ def evaluate(
 def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -> float:
     """max |folded logits - model logits| over `images`, both in float32.
 
-    The model is re-created in float32 for the comparison, so the number measures
-    the fold (DiracNets sec. 1/2), not bfloat16 rounding of a half-precision run.
+    The folded net is `fold.folded_apply`'s: the conv-ReLU chain of a DiracNet
+    or MobileNet (DiracNets sec. 1/2), or a WRN/ResNet with its kernels computed
+    once (symmetric and `I + W` kernels). The model is re-created in float32 for
+    the comparison, so the number measures the fold, not bfloat16 rounding of a
+    half-precision run.
 
     Args:
-      model: a DiracNet or MobileNet (names in `FOLDABLE_MODELS`).
+      model: a model named in `FOLDABLE_MODELS`.
       variables: `{"params", "batch_stats"}` on the host.
       images: normalized float images `(N, H, W, C)`.
       chunk: images per forward pass.
@@ -807,13 +814,12 @@ def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -
     from dirac_jax import fold as fold_lib
 
     model = model.clone(dtype=jnp.float32)
-    # Jitted, with the weights as arguments: one compile, and no weights baked into it.
-    folded = jax.jit(lambda v: fold_lib.fold(model, v))(variables)
+    apply, folded = fold_lib.folded_apply(model, variables)
 
-    @jax.jit
+    @jax.jit  # the weights are arguments: one compile, and no weights baked into it
     def error(variables, folded, x):
         unfolded = model.apply(variables, x, train=False)
-        return jnp.max(jnp.abs(fold_lib.apply_folded(folded, x) - unfolded))
+        return jnp.max(jnp.abs(apply(folded, x) - unfolded))
 
     chunks = range(0, len(images), chunk)
     return max(float(error(variables, folded, images[i : i + chunk])) for i in chunks)

@@ -63,28 +63,36 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def num_classes(config) -> int:
-    """Classifier outputs of a config's dataset."""
-    if config.dataset.name == train.IMAGENET:
-        return train.IMAGENET_CLASSES
-    return data.NUM_CLASSES[config.dataset.name]
+def num_classes(config, variables: dict | None = None) -> int:
+    """Classifier outputs of a run: its small dataset's classes, or its classifier's width.
+
+    A streamed dataset (ImageNet) counts its classes from the data at training
+    time (a folder tree may hold fewer than 1000), so the count is read from the
+    restored classifier `fc`; without `variables` it is 1000.
+    """
+    if config.dataset.name in data.NUM_CLASSES:
+        return data.NUM_CLASSES[config.dataset.name]
+    if variables is not None and "fc" in variables.get("params", {}):
+        return int(variables["params"]["fc"]["bias"].shape[-1])
+    return 1000
 
 
 def input_shape(config) -> tuple[int, int, int]:
     """`(H, W, C)` of the images the exported classifier takes: as the dataset stores them.
 
     Small datasets: their stored size (28x28x1 for MNIST-likes, 32x32x3 for
-    CIFAR); ImageNet: the eval crop, 224x224x3.
+    CIFAR); ImageNet: the eval crop, `config.dataset.image_size` (224 by default).
     """
-    if config.dataset.name == train.IMAGENET:
-        return (train.IMAGENET_SIZE, train.IMAGENET_SIZE, 3)
+    if config.dataset.name not in data.NUM_CLASSES:
+        size = int(config.dataset.get("image_size", 224))
+        return (size, size, 3)
     return data.image_shape(config.dataset.name)
 
 
 def model_input_shape(config) -> tuple[int, int, int]:
     """`(H, W, C)` of the model's input: the stored images padded as `data.prepare` does."""
     h, w, c = input_shape(config)
-    if config.dataset.name == train.IMAGENET:
+    if config.dataset.name not in data.NUM_CLASSES:
         return (h, w, c)
     size = max(h, w, 32)
     return (size, size, c)
@@ -185,8 +193,8 @@ class Run(NamedTuple):
 def load_run(workdir: str | pathlib.Path) -> Run:
     """`load`, plus the step of the checkpoint it restored."""
     config = read_config(workdir)
-    model = train.create_model(config, num_classes(config))
     variables, step = restore_variables(workdir)
+    model = train.create_model(config, num_classes(config, variables))
     shape = model_input_shape(config)
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32), train=False)

@@ -129,7 +129,7 @@ def test_stablehlo_export_is_the_whole_classifier(run_dir, test_split, tmp_path)
     out = export.export_workdir(run_dir, "stablehlo", tmp_path / "model.stablehlo")
     call = interop.load_stablehlo(out.read_bytes())
     images = test_split.images[:300]
-    folded, config = export.fold_workdir(run_dir)
+    _, _, config = export.fold_workdir(run_dir)
     model, variables, _ = workdir.load(run_dir)
     expected = model.apply(variables, workdir.preprocess(images, config), train=False)
     np.testing.assert_allclose(call(jnp.asarray(images)), expected, atol=1e-4, rtol=0)

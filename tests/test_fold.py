@@ -212,8 +212,58 @@ def test_apply_folded_jit_equals_eager():
     [("wrn", dict(depth=10, width=1)), ("resnet", dict(depth=18)), ("plainnet", {})],
 )
 def test_fold_rejects_non_diracnets(name, kwargs):
-    with pytest.raises(ValueError, match="DiracNet variants .* and MobileNet"):
+    with pytest.raises(ValueError, match="DiracNet variants .* and MobileNet.*fold_kernels"):
         fold(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("wrn", dict(depth=10, width=0.25, symmetry="triangular", symmetry_axis="both")),
+        ("wrn", dict(depth=11, width=0.25, block="bottleneck", symmetry="eigen")),
+        ("wrn", dict(depth=10, width=0.25, dirac_init_sigma=1e-2)),
+        ("resnet", dict(depth=18, width=0.125, symmetry="ldl")),
+        ("resnet", dict(depth=50, width=0.0625, dirac_init_sigma=0.1)),
+    ],
+)
+def test_fold_kernels_gives_a_plain_residual_net_with_the_same_logits(name, kwargs):
+    model = get_model(name, num_classes=5, **kwargs)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    # Non-trivial BN statistics: a fold that dropped them would show.
+    rng = np.random.default_rng(0)
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(
+            rng.uniform(0.5, 2.0, a.shape)
+            if path[-1].key == "var"
+            else 0.3 * rng.standard_normal(a.shape),
+            jnp.float32,
+        ),
+        variables["batch_stats"],
+    )
+    plain, plain_variables = fold_lib.fold_kernels(model, variables)
+    assert plain.symmetry is None and plain.dirac_init_sigma is None
+    convs = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(plain_variables["params"])
+        if path[-1].key == "w"
+    ]
+    assert convs and all(c.ndim == 4 for c in convs)
+    got = jax.jit(lambda v: plain.apply(v, x, train=False))(plain_variables)
+    want = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+    assert max_abs(got, want) < 1e-5 * max(1.0, float(jnp.abs(want).max()))
+
+
+def test_fold_kernels_rejects_chains_and_other_models_variables():
+    model, variables, _ = setup("v2-cifar-10")
+    with pytest.raises(ValueError, match=r"WideResNet or ResNet.*fold\(\)"):
+        fold_lib.fold_kernels(model, variables)
+    wrn = get_model("wrn", depth=10, width=0.25, num_classes=5, symmetry="triangular")
+    x = jnp.zeros((1, 32, 32, 3))
+    free = get_model("wrn", depth=10, width=0.25, num_classes=5)
+    other = jax.eval_shape(lambda: free.init(jax.random.key(0), x, train=False))
+    with pytest.raises(ValueError, match="same variant, width and symmetry"):
+        jax.eval_shape(lambda v: fold_lib.fold_kernels(wrn, v), other)
 
 
 def test_fold_rejects_bad_variables():

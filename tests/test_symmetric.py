@@ -2,10 +2,11 @@
 
 One tiny run (2 steps on real Fashion-MNIST, `train.train_and_evaluate`) is
 trained once per module: a WRN with the soft symmetry penalty, which the
-trainer evaluates as trained and symmetrized. A hard symmetric MobileNet folds
-and exports (ONNX, StableHLO). Every kind of
-`param.symmetric` takes SGD steps inside a tiny WRN through `train.train_step`,
-run eagerly: once the first kind has compiled the ops, a kind costs a second or
+trainer evaluates as trained and symmetrized, folds (`fold.fold_kernels`) and
+exports to StableHLO. A hard symmetric WRN trains through the CLI. A hard
+symmetric MobileNet folds and exports (ONNX, StableHLO). Every kind of
+`param.symmetric` takes SGD steps inside a tiny WRN through `train.train_step`
+and folds, run eagerly: once the first kind has compiled the ops, a kind costs a second or
 two, where a jitted step would compile a new program for each.
 """
 
@@ -175,15 +176,28 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, tes
         assert summary["test_accuracy" + suffix] == pytest.approx(accuracy, abs=1e-6)
         assert summary["test_loss" + suffix] == pytest.approx(float(losses.mean()), rel=1e-4)
     assert summary["test_loss_symmetrized"] != summary["test_loss"]
-    # The workdir evaluation reports the same two nets; a residual net does not fold.
+    # The workdir evaluation reports the same nets, and the kernel-folded one.
     result = evaluate.evaluate_workdir(path)
     assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert result["symmetrized"]["top1"] == pytest.approx(
         summary["test_accuracy_symmetrized"], abs=1e-6
     )
-    assert result["folded"] is None and summary["fold_max_abs_error"] is None
-    with pytest.raises(ValueError, match="does not fold.*residual nets"):
-        export.export_workdir(path, "onnx", path / "model.onnx")
+    assert result["folded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-3)
+    assert summary["fold_max_abs_error"] < 1e-4 and summary["fold_check_images"] == 64
+
+
+@needs_fashion
+def test_residual_run_exports_stablehlo_and_refuses_onnx_by_name(soft_run, test_split, tmp_path):
+    path, _ = soft_run
+    out = export.export_workdir(path, "stablehlo", tmp_path / "wrn.stablehlo")
+    call = interop.load_stablehlo(out.read_bytes())
+    model, variables, config = workdir.load(path)
+    images = test_split.images[:200]
+    expected = model.apply(variables, workdir.preprocess(images, config), train=False)
+    np.testing.assert_allclose(call(jnp.asarray(images)), expected, atol=1e-4, rtol=0)
+    for fmt in ("onnx", "reference"):
+        with pytest.raises(ValueError, match="residual net.*--format=stablehlo"):
+            export.export_workdir(path, fmt, tmp_path / "m")
 
 
 # ---------------------------------------------------------------- hard symmetry
@@ -228,6 +242,17 @@ def test_every_kind_trains_in_a_wrn_and_stays_symmetric(kind):
         shape = _layer(shapes, path)["w"].shape
         kernel = param.symmetric(shape, kind=kind, axis=layer_axis).apply(raw)
         assert _invariant(kernel, kind, layer_axis), path
+    # It folds: the same WRN with plain kernels computes the trained net's logits.
+    variables = {"params": new.params, "batch_stats": new.batch_stats}
+    plain, plain_variables = fold.fold_kernels(model, variables)
+    folded_kernel = _layer(plain_variables["params"], ("group1_block0", "conv1"))["w"]
+    assert _invariant(folded_kernel, kind, axis)
+    np.testing.assert_allclose(
+        plain.apply(plain_variables, batch["image"]),
+        model.apply(variables, batch["image"]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
@@ -242,11 +267,30 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
 
 
 @pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
-def test_residual_runs_refuse_to_export_before_reading_a_checkpoint(module, tmp_path):
+def test_residual_runs_refuse_onnx_before_reading_a_checkpoint(module, tmp_path):
     # config.json only: the refusal comes before any checkpoint is read.
     (tmp_path / train.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
-    with pytest.raises(ValueError, match="does not fold.*residual nets.*dirac_jax.evaluate"):
+    with pytest.raises(ValueError, match="residual net.*--format=stablehlo"):
         export.export_workdir(tmp_path, "onnx", tmp_path / "model.onnx")
+
+
+@needs_fashion
+def test_hard_symmetric_wrn_trains_through_the_cli_and_folds(tmp_path):
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    args = [f"--config.{k}={v}" for k, v in {**TINY, "dataset.name": "fashion_mnist"}.items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dirac_jax.main", "--config=configs/cifar_wrn_symmetric.py",
+         f"--workdir={tmp_path}", "--config.model.symmetry=ldl", "--config.augment=False",
+         *args],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / train.SUMMARY_FILE).read_text())
+    assert summary["symmetry"] == "ldl" and summary["step"] == 2
+    assert summary["fold_max_abs_error"] < 1e-4 and summary["fold_check_images"] == 64
 
 
 # ---------------------------------------------------------------- fold and export
