@@ -167,6 +167,14 @@ def _init_plan(preset: str) -> Plan:
             },
         )
         cells.append(Cell(name, "fashion_mnist_dirac.py", overrides, {"init": label}, paper))
+    if preset == "cpu":
+        # He against the extreme sigmas at 3x the budget, one seed: does I + W catch up?
+        for cell in [c for c in cells if c.key in ("he", "sigma1e-08", "sigma1")]:
+            steps = 3 * 300
+            overrides = {**cell.overrides, "num_train_steps": steps}
+            labels = {"init": f"{cell.labels['init']}, {steps} steps"}
+            cells.append(Cell(f"{cell.key}-{steps}steps", cell.config, overrides, labels,
+                              cell.paper, (0,)))  # fmt: skip
     seeds = {"smoke": (0,), "cpu": (0, 1, 2), "paper": (0, 1, 2, 3, 4)}[preset]
     return Plan("init", preset, cells, seeds)
 
