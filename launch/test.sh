@@ -19,6 +19,9 @@ fi
 cd "$ROOT"
 RUFF="$VENV/bin/ruff" bash launch/lint.sh
 # One rerun for a test whose worker process dies: XLA's CPU runtime has aborted a worker
-# ("Fatal Python error: Aborted") a few times in hundreds of runs, never twice in a row;
-# a test that fails on its own merits fails twice and stays failed.
-exec "$PY" -m pytest -n 2 --reruns 1 --durations=15 "$@"
+# ("Fatal Python error: Aborted") a few times in hundreds of runs, never twice in a row,
+# and once hung a training step (every thread waiting, nothing running). A test that runs
+# past 600 s (the slowest takes under 100 s alone, about 220 s on a loaded machine) has
+# its worker stopped with every thread's stack printed, then gets its one rerun. A test
+# that fails on its own merits fails twice and stays failed.
+exec "$PY" -m pytest -n 2 --reruns 1 --timeout=600 --timeout-method=thread --durations=15 "$@"
