@@ -9,14 +9,15 @@ and BatchNorm become plain conv filters and biases; a residual WRN or ResNet
 keeps its shortcuts and BNs, and its symmetric or `I + W` kernels become plain
 kernels, `fold.fold_kernels`), then written:
 
-* `onnx` (chains): the whole classifier, uint8 NHWC images at the stored size in
-  (for ImageNet the 224x224 eval crop), logits out; padding and normalization
-  inside the graph (`dirac_jax.onnx_export`).
+* `onnx`: the whole classifier, uint8 NHWC images at the stored size in (for
+  ImageNet the eval crop), logits out; padding and normalization inside the
+  graph (`dirac_jax.onnx_export`: `to_onnx` for chains, `residual_to_onnx` for
+  WRN and ResNet).
 * `stablehlo` (every foldable net, residual ones too): the same classifier
   serialized with `jax.export`, any batch size
   (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`).
-* `reference`: the state dict of the published PyTorch `DiracNet` module
-  (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
+* `reference` (DiracNet chains): the state dict of the published PyTorch
+  `DiracNet` module (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
   `torch.save` file, or `.npz` when `--out` ends so. It holds weights only:
   the PyTorch module expects normalized float input.
 """
@@ -108,16 +109,28 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
     config = workdir.read_config(path)
     chain = config.model.name in train.CHAIN_MODELS
-    if not chain and fmt != "stablehlo":
+    if not chain and fmt == "reference":
         raise ValueError(
-            f"the run in {path} trained a {config.model.name!r}, a residual net: it folds its "
-            f"kernels (fold.fold_kernels) but keeps its shortcuts, and the {fmt} writer takes a "
-            "conv-ReLU chain. Write it with --format=stablehlo."
+            f"the run in {path} trained a {config.model.name!r}, a residual net; the reference "
+            "format is the published PyTorch DiracNet. Write it with --format=onnx or "
+            "--format=stablehlo."
         )
     apply, folded, config = fold_workdir(path)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
+    if fmt == "onnx" and not chain:
+        mean, std = data.MEAN_STD[config.dataset.name]
+        model, variables, _ = workdir.load(path)
+        model = onnx_export.residual_to_onnx(
+            model.clone(dtype=jnp.float32),
+            variables,
+            input_shape=workdir.input_shape(config),
+            pad=_pad(config),
+            mean=mean,
+            std=std,
+        )
+        out.write_bytes(model.SerializeToString())
+    elif fmt == "onnx":
         mean, std = data.MEAN_STD[config.dataset.name]
         model = onnx_export.to_onnx(
             folded, input_shape=workdir.input_shape(config), pad=_pad(config), mean=mean, std=std

@@ -24,7 +24,7 @@ import numpy as np
 
 from dirac_jax.fold import FoldedNet
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "to_onnx"]
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "residual_to_onnx", "to_onnx"]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -39,6 +39,81 @@ def _import_onnx():
             f"the ONNX export needs the onnx package ({e}): pip install onnx onnxruntime."
         ) from e
     return onnx
+
+
+class _Builder:
+    """An ONNX graph under construction, from the uint8 NHWC input to NCHW float features.
+
+    The input side of every exported classifier: Cast, zero Pad (as
+    `data.prepare`), scaling to [0, 1], per-channel normalization and the
+    NHWC-to-NCHW transpose. `x` is the name of the normalized NCHW tensor.
+    """
+
+    def __init__(self, input_shape, pad, mean, std):
+        self.onnx = _import_onnx()
+        from onnx import TensorProto, helper, numpy_helper
+
+        self._helper, self._numpy_helper, self._tensor = helper, numpy_helper, TensorProto
+        self.h, self.w, self.c = (int(v) for v in input_shape)
+        if len(mean) != self.c or len(std) != self.c:
+            raise ValueError(
+                f"to_onnx: mean {tuple(mean)} and std {tuple(std)} need one entry per channel "
+                f"({self.c})."
+            )
+        self.nodes, self.inits = [], []
+        self._counter = iter(range(1_000_000))
+        x = self.node("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
+        (top, bottom), (left, right) = pad
+        if top or bottom or left or right:
+            pads = [0, top, left, 0, 0, bottom, right, 0]
+            x = self.node("Pad", [x, self.const(pads, np.int64), self.const(0.0)], mode="constant")
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        x = self.node("Div", [x, self.const(255.0)])
+        x = self.node("Div", [self.node("Sub", [x, self.const(mean)]), self.const(std)])
+        self.x = self.node("Transpose", [x], perm=[0, 3, 1, 2])
+
+    def const(self, array, dtype=np.float32) -> str:
+        tensor_name = f"c{next(self._counter)}"
+        self.inits.append(self._numpy_helper.from_array(np.asarray(array, dtype), tensor_name))
+        return tensor_name
+
+    def node(self, op, inputs, **attrs) -> str:
+        out = f"t{next(self._counter)}"
+        self.nodes.append(self._helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def conv(self, x, kernel_hwio, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), groups=1):
+        kernel = np.asarray(kernel_hwio, np.float32).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        inputs = [x, self.const(kernel)] + ([] if bias is None else [self.const(bias)])
+        (pt, pb), (pl, pr) = pads
+        return self.node(
+            "Conv",
+            inputs,
+            strides=[int(v) for v in strides],
+            pads=[int(pt), int(pl), int(pb), int(pr)],
+            kernel_shape=list(kernel.shape[2:]),
+            group=int(groups),
+        )
+
+    def finish(self, x, classes: int, name: str):
+        helper, tensor = self._helper, self._tensor
+        self.nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME]))
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [
+                helper.make_tensor_value_info(
+                    INPUT_NAME, tensor.UINT8, ["batch", self.h, self.w, self.c]
+                )
+            ],
+            [helper.make_tensor_value_info(OUTPUT_NAME, tensor.FLOAT, ["batch", classes])],
+            initializer=self.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dirac_jax"
+        )
+        self.onnx.checker.check_model(model, full_check=True)
+        return model
 
 
 def to_onnx(
@@ -73,49 +148,13 @@ def to_onnx(
         differ from `input_shape`'s.
       ImportError: onnx is not installed.
     """
-    onnx = _import_onnx()
-    from onnx import TensorProto, helper, numpy_helper
-
-    h, w, c = (int(s) for s in input_shape)
-    if len(mean) != c or len(std) != c:
-        raise ValueError(
-            f"to_onnx: mean {tuple(mean)} and std {tuple(std)} need one entry per channel ({c})."
-        )
-    nodes, inits = [], []
-    counter = iter(range(1_000_000))
-
-    def const(array, dtype=np.float32) -> str:
-        tensor_name = f"c{next(counter)}"
-        inits.append(numpy_helper.from_array(np.asarray(array, dtype), tensor_name))
-        return tensor_name
-
-    def node(op, inputs, **attrs) -> str:
-        out = f"t{next(counter)}"
-        nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
-        return out
-
-    x = node("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
-    (top, bottom), (left, right) = pad
-    if top or bottom or left or right:
-        pads = [0, top, left, 0, 0, bottom, right, 0]
-        x = node("Pad", [x, const(pads, np.int64), const(0.0)], mode="constant")
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    x = node("Div", [x, const(255.0)])
-    x = node("Div", [node("Sub", [x, const(mean)]), const(std)])
-    x = node("Transpose", [x], perm=[0, 3, 1, 2])
+    b = _Builder(input_shape, pad, mean, std)
+    node, const, x = b.node, b.const, b.x
 
     for step, p in zip(folded.steps, folded.params, strict=True):
         if step.kind == "conv":
-            (sh, sw), ((pt, pb), (pl, pr)), *groups = step.args
-            kernel = np.asarray(p["kernel"], np.float32).transpose(3, 2, 0, 1)  # HWIO -> OIHW
-            x = node(
-                "Conv",
-                [x, const(kernel), const(p["bias"])],
-                strides=[int(sh), int(sw)],
-                pads=[int(pt), int(pl), int(pb), int(pr)],
-                kernel_shape=list(kernel.shape[2:]),
-                group=int(groups[0]) if groups else 1,
-            )
+            strides, pads, *groups = step.args
+            x = b.conv(x, p["kernel"], p["bias"], strides, pads, groups[0] if groups else 1)
         elif step.kind == "relu":
             x = node("Relu", [x])
         elif step.kind == "ncrelu":
@@ -138,18 +177,111 @@ def to_onnx(
             x = node("Gemm", [x, const(p["kernel"]), const(p["bias"])])
         else:
             raise ValueError(f"to_onnx: unknown folded step kind {step.kind!r}.")
-    nodes.append(helper.make_node("Identity", [x], [OUTPUT_NAME]))
+    return b.finish(x, int(np.shape(folded.params[-1]["bias"])[0]), name)
 
-    classes = int(np.shape(folded.params[-1]["bias"])[0])
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", h, w, c])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dirac_jax"
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
+
+def residual_to_onnx(
+    model,
+    variables,
+    *,
+    input_shape: Sequence[int],
+    pad: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+    mean: Sequence[float],
+    std: Sequence[float],
+    name: str = "dirac_jax",
+):
+    """The whole classifier `uint8 images -> logits` of a WRN or ResNet, as an ONNX model.
+
+    The net's symmetric and `I + W` kernels are folded first
+    (`fold.fold_kernels`); the graph then follows the module structure of
+    `models.WideResNet` (pre-activation blocks, basic or bottleneck) or
+    `models.ResNet` (post-activation, max-pool stem) node by node: Conv,
+    BatchNormalization with the running statistics, Relu, Add, MaxPool,
+    GlobalAveragePool and Gemm, after the same uint8 input side as `to_onnx`.
+
+    Args:
+      model: a `WideResNet` or `ResNet`.
+      variables: its `{"params", "batch_stats"}`.
+      input_shape, pad, mean, std, name: as `to_onnx`.
+
+    Returns:
+      An `onnx.ModelProto`, as `to_onnx`'s.
+
+    Raises:
+      ValueError: another model, or variables of another model.
+      ImportError: onnx is not installed.
+    """
+    from dirac_jax import fold, models
+
+    if not isinstance(model, models.WideResNet | models.ResNet):
+        raise ValueError(
+            f"residual_to_onnx: expected a WideResNet or ResNet, got {type(model).__name__}; "
+            "chains (DiracNet, MobileNet) go through fold() and to_onnx()."
+        )
+    plain, variables = fold.fold_kernels(model, variables)
+    params, stats = variables["params"], variables["batch_stats"]
+    b = _Builder(input_shape, pad, mean, std)
+
+    def conv(x, path, strides=1, pad=None):
+        kernel = np.asarray(_at(params, path)["w"])
+        k = kernel.shape[0] if pad is None else 0
+        same = ((k // 2, k // 2), (k // 2, k // 2)) if pad is None else pad
+        return b.conv(x, kernel, None, (strides, strides), same)
+
+    def bn(x, path):
+        p, s = _at(params, path), _at(stats, path)
+        inputs = [b.const(p["scale"]), b.const(p["bias"]), b.const(s["mean"]), b.const(s["var"])]
+        return b.node("BatchNormalization", [x, *inputs], epsilon=float(models.BN_EPSILON))
+
+    def relu(x):
+        return b.node("Relu", [x])
+
+    valid = ((0, 0), (0, 0))
+    x = b.x
+    if isinstance(plain, models.WideResNet):
+        n, _ = plain.validate()
+        x = conv(x, ("conv",))
+        for g in range(3):
+            for i in range(n):
+                blk, stride = f"group{g}_block{i}", (2 if g and i == 0 else 1)
+                o = relu(bn(x, (blk, "bn0")))
+                shortcut = x
+                if "shortcut" in params[blk]:
+                    shortcut = conv(o, (blk, "shortcut"), stride, valid)
+                if plain.block == "basic":
+                    y = relu(bn(conv(o, (blk, "conv0"), stride), (blk, "bn1")))
+                    y = conv(y, (blk, "conv1"))
+                else:
+                    y = relu(bn(conv(o, (blk, "conv0"), 1, valid), (blk, "bn1")))
+                    y = relu(bn(conv(y, (blk, "conv1"), stride), (blk, "bn2")))
+                    y = conv(y, (blk, "conv2"), 1, valid)
+                x = b.node("Add", [y, shortcut])
+        x = relu(bn(x, ("bn",)))
+    else:
+        kind, blocks, _ = plain.validate()
+        x = relu(bn(conv(x, ("conv",), 2), ("bn",)))
+        x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+        for g, count in enumerate(blocks):
+            for i in range(count):
+                blk, stride = f"group{g}_block{i}", (2 if g and i == 0 else 1)
+                shortcut = x
+                if "shortcut" in params[blk]:
+                    shortcut = bn(conv(x, (blk, "shortcut"), stride, valid), (blk, "shortcut_bn"))
+                if kind == "basic":
+                    y = relu(bn(conv(x, (blk, "conv0"), stride), (blk, "bn0")))
+                    y = bn(conv(y, (blk, "conv1")), (blk, "bn1"))
+                else:
+                    y = relu(bn(conv(x, (blk, "conv0"), 1, valid), (blk, "bn0")))
+                    y = relu(bn(conv(y, (blk, "conv1"), stride), (blk, "bn1")))
+                    y = bn(conv(y, (blk, "conv2"), 1, valid), (blk, "bn2"))
+                x = relu(b.node("Add", [y, shortcut]))
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1)
+    fc = params["fc"]
+    x = b.node("Gemm", [x, b.const(fc["kernel"]), b.const(fc["bias"])])
+    return b.finish(x, int(np.shape(fc["bias"])[0]), name)
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree

@@ -187,17 +187,22 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, tes
 
 
 @needs_fashion
-def test_residual_run_exports_stablehlo_and_refuses_onnx_by_name(soft_run, test_split, tmp_path):
-    path, _ = soft_run
+def test_residual_run_exports_onnx_and_stablehlo(soft_run, test_split, tmp_path):
+    import onnxruntime as ort
+
+    path, summary = soft_run
+    model, variables, config = workdir.load(path)
+    images = test_split.images[:500]
+    expected = model.apply(variables, workdir.preprocess(images, config), train=False)
     out = export.export_workdir(path, "stablehlo", tmp_path / "wrn.stablehlo")
     call = interop.load_stablehlo(out.read_bytes())
-    model, variables, config = workdir.load(path)
-    images = test_split.images[:200]
-    expected = model.apply(variables, workdir.preprocess(images, config), train=False)
     np.testing.assert_allclose(call(jnp.asarray(images)), expected, atol=1e-4, rtol=0)
-    for fmt in ("onnx", "reference"):
-        with pytest.raises(ValueError, match="residual net.*--format=stablehlo"):
-            export.export_workdir(path, fmt, tmp_path / "m")
+    out = export.export_workdir(path, "onnx", tmp_path / "wrn.onnx")
+    session = ort.InferenceSession(str(out))
+    logits = session.run(None, {onnx_export.INPUT_NAME: np.asarray(images)})[0]
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="residual net.*--format=onnx"):
+        export.export_workdir(path, "reference", tmp_path / "m")
 
 
 # ---------------------------------------------------------------- hard symmetry
@@ -267,11 +272,51 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
 
 
 @pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
-def test_residual_runs_refuse_onnx_before_reading_a_checkpoint(module, tmp_path):
+def test_residual_runs_refuse_the_reference_format_before_reading_a_checkpoint(module, tmp_path):
     # config.json only: the refusal comes before any checkpoint is read.
     (tmp_path / train.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
-    with pytest.raises(ValueError, match="residual net.*--format=stablehlo"):
-        export.export_workdir(tmp_path, "onnx", tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="residual net.*published PyTorch DiracNet"):
+        export.export_workdir(tmp_path, "reference", tmp_path / "model.pth")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("wrn", dict(depth=10, width=0.25, symmetry="triangular", symmetry_axis="both")),
+        ("wrn", dict(depth=11, width=0.25, block="bottleneck", symmetry="eigen")),
+        ("resnet", dict(depth=18, width=0.125, symmetry="ldl")),
+        ("resnet", dict(depth=50, width=0.0625, dirac_init_sigma=0.1)),
+    ],
+)
+def test_residual_onnx_computes_the_model_in_onnxruntime(name, kwargs):
+    import onnxruntime as ort
+
+    model = models.get_model(name, num_classes=5, **kwargs)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    rng = np.random.default_rng(0)  # non-trivial BN statistics
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.asarray(
+            rng.uniform(0.5, 2, a.shape) if p[-1].key == "var" else 0.3 * rng.normal(size=a.shape),
+            jnp.float32,
+        ),
+        variables["batch_stats"],
+    )
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    proto = onnx_export.residual_to_onnx(
+        model, variables, input_shape=(28, 28, 3), pad=((2, 2), (2, 2)), mean=mean, std=std
+    )
+    images = rng.integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"images": images})[0]
+    padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))).astype(jnp.float32)
+    want = model.apply(variables, (padded / 255 - jnp.array(mean)) / jnp.array(std), train=False)
+    scale = max(1.0, float(jnp.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+    with pytest.raises(ValueError, match="chains .* go through fold"):
+        onnx_export.residual_to_onnx(
+            models.get_model("diracnet", depth=10, width=0.25), variables,
+            input_shape=(28, 28, 3), mean=mean, std=std,
+        )  # fmt: skip
 
 
 @needs_fashion
