@@ -9,9 +9,13 @@ images goes in front of it: uint8 NHWC input, cast, zero padding, per-channel
 normalization and the NHWC-to-NCHW transpose, so a deployment feeds the images
 as the dataset stores them and reads logits.
 
+A residual WRN or ResNet (`residual_to_onnx`) keeps its shortcuts: its kernels
+are folded (`fold.fold_kernels`) and the graph follows the model's blocks,
+with BatchNormalization and Add nodes beside the chain's ops.
+
 jax2onnx converts JAX functions in general, but its releases pin
-orbax-checkpoint below the version this project trains with, and the chain
-needs only seven ONNX op types; `onnx` itself is the smaller dependency.
+orbax-checkpoint below the version this project trains with, and these nets
+need only a dozen ONNX op types; `onnx` itself is the smaller dependency.
 
 Requires `pip install onnx` (and onnxruntime to run the model).
 """
