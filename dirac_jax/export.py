@@ -50,6 +50,13 @@ def fold_workdir(path: str | pathlib.Path):
       ValueError: the run's model does not fold (PlainNet).
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
+    model, variables, config = _load_foldable(path)
+    apply, folded = fold.folded_apply(model, variables)
+    return apply, folded, config
+
+
+def _load_foldable(path):
+    """`(model in float32, variables, config)` of a run whose model folds; else ValueError."""
     config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in train.FOLDABLE_MODELS:
         raise ValueError(
@@ -58,8 +65,7 @@ def fold_workdir(path: str | pathlib.Path):
             "python -m dirac_jax.evaluate."
         )
     model, variables, config = workdir.load(path)
-    apply, folded = fold.folded_apply(model.clone(dtype=jnp.float32), variables)
-    return apply, folded, config
+    return model.clone(dtype=jnp.float32), variables, config
 
 
 def classifier(apply, folded, config):
@@ -109,20 +115,20 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
     config = workdir.read_config(path)
     chain = config.model.name in train.CHAIN_MODELS
-    if not chain and fmt == "reference":
+    residual = config.model.name in train.FOLDABLE_MODELS and not chain
+    if residual and fmt == "reference":
         raise ValueError(
             f"the run in {path} trained a {config.model.name!r}, a residual net; the reference "
             "format is the published PyTorch DiracNet. Write it with --format=onnx or "
             "--format=stablehlo."
         )
-    apply, folded, config = fold_workdir(path)
+    model, variables, config = _load_foldable(path)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx" and not chain:
+    if fmt == "onnx" and residual:  # the residual writer folds the kernels itself
         mean, std = data.MEAN_STD[config.dataset.name]
-        model, variables, _ = workdir.load(path)
         model = onnx_export.residual_to_onnx(
-            model.clone(dtype=jnp.float32),
+            model,
             variables,
             input_shape=workdir.input_shape(config),
             pad=_pad(config),
@@ -130,7 +136,9 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
             std=std,
         )
         out.write_bytes(model.SerializeToString())
-    elif fmt == "onnx":
+        return out
+    apply, folded = fold.folded_apply(model, variables)
+    if fmt == "onnx":
         mean, std = data.MEAN_STD[config.dataset.name]
         model = onnx_export.to_onnx(
             folded, input_shape=workdir.input_shape(config), pad=_pad(config), mean=mean, std=std

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -206,10 +205,6 @@ def _kernel(factory_name, raw, expected_shape, where, dtype):
     return _kernel_of(kernel_factory(factory_name), factory_name, raw, shape, where, dtype)
 
 
-def _symmetric(kind, axis):
-    return functools.partial(param.symmetric, kind=kind, axis=axis)
-
-
 def _kernel_of(factory, what, raw, shape, where, dtype):
     """The kernel `factory(shape).apply(raw)`, after checking `raw` is that transform's."""
     transform = factory(tuple(shape))
@@ -361,11 +356,6 @@ def fold_kernels(model: WideResNet | ResNet, variables: Any, *, dtype=jnp.float3
     # Parameter shapes do not depend on the image size (global pooling): a small input will do.
     x = jax.ShapeDtypeStruct((1, 32, 32, stem.shape[-2]), jnp.float32)
     shapes = jax.eval_shape(lambda x: twin.init(jax.random.key(0), x), x)["params"]
-    symmetric = model.symmetric_layers() if model.symmetry is not None else {}
-    sigma = model.dirac_init_sigma
-    base = (
-        kernel_factory("plain") if sigma is None else kernel_factory("dirac_residual", sigma=sigma)
-    )
 
     def walk(shape_tree, raw_tree, path):
         out = {}
@@ -374,8 +364,7 @@ def fold_kernels(model: WideResNet | ResNet, variables: Any, *, dtype=jnp.float3
             if name not in raw_tree:
                 raise ValueError(f"fold_kernels: variables have no {where!r}; pass this model's.")
             if isinstance(sub, Mapping) and set(sub) == {"w"}:  # a conv of the plain twin
-                axis = symmetric.get((*path, name))
-                factory = base if axis is None else _symmetric(model.symmetry, axis)
+                factory = model.kernel_factory_of((*path, name))
                 kernel = _kernel_of(factory, "kernel", raw_tree[name], sub["w"].shape, where, dtype)
                 out[name] = {"w": kernel}
             elif isinstance(sub, Mapping):

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dirac_jax import fold, models
 from dirac_jax.fold import FoldedNet
 
 __all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "residual_to_onnx", "to_onnx"]
@@ -215,8 +216,6 @@ def residual_to_onnx(
       ValueError: another model, or variables of another model.
       ImportError: onnx is not installed.
     """
-    from dirac_jax import fold, models
-
     if not isinstance(model, models.WideResNet | models.ResNet):
         raise ValueError(
             f"residual_to_onnx: expected a WideResNet or ResNet, got {type(model).__name__}; "

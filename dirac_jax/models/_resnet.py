@@ -67,6 +67,12 @@ def _factories(sigma, symmetry, axis):
     return factory, factory if symmetry is None else symmetric_factory(symmetry, axis)
 
 
+def _kernel_factory_of(model, path: tuple[str, ...]):
+    """The factory of the conv at module `path` of a WRN or ResNet (see `_factories`)."""
+    factory, symmetric = _factories(model.dirac_init_sigma, model.symmetry, model.symmetry_axis)
+    return symmetric if path in model.symmetric_layers() else factory
+
+
 def _block_layers(model, blocks_per_group) -> dict[tuple[str, ...], str]:
     return {
         (f"group{g}_block{i}", SYMMETRIC_CONV): model.symmetry_axis
@@ -193,6 +199,10 @@ class WideResNet(nn.Module):
         n, _ = self.validate()
         return _block_layers(self, (n, n, n))
 
+    def kernel_factory_of(self, path: tuple[str, ...]):
+        """The kernel factory of the conv at module `path`, e.g. `("group0_block0", "conv1")`."""
+        return _kernel_factory_of(self, tuple(path))
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         n, widths = self.validate()
@@ -305,6 +315,10 @@ class ResNet(nn.Module):
         """The convs that carry the symmetry: `{module path: axis}` (`conv1` of every block)."""
         _, blocks, _ = self.validate()
         return _block_layers(self, blocks)
+
+    def kernel_factory_of(self, path: tuple[str, ...]):
+        """The kernel factory of the conv at module `path`, e.g. `("group0_block0", "conv1")`."""
+        return _kernel_factory_of(self, tuple(path))
 
     @nn.compact
     def __call__(self, x, train: bool = False):
