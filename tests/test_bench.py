@@ -1,5 +1,6 @@
 """The benchmark commands at tiny sizes: they run, report what they claim, and fail clearly."""
 
+import json
 import math
 
 import jax
@@ -22,14 +23,26 @@ def test_constant_bytes_counts_literals_by_type():
     assert bench_compile.constant_bytes(text) == 4 + 4 * 288 + 10
 
 
-def test_bench_compile_reports_ratios_of_one_run(capsys):
+def test_bench_compile_reports_ratios_of_one_run(capsys, tmp_path):
     bench_compile.main(
-        ["--models", "cifar", "--depth", "10", "--width", "0.25", "--batch", "2", "--repeats", "1"]
+        ["--models", "cifar", "--depth", "10", "--width", "0.25", "--batch", "8", "--repeats", "1"]
+        + ["--programs", "grad", "train", "--json", str(tmp_path / "c.json")]
     )
     out = capsys.readouterr().out
-    assert "| DiracNet-10-0.25 (cifar) | program text |" in out
-    assert "| DiracNet-10-0.25 (cifar) | temp memory |" in out
-    assert "plain twin of DiracNet-10-0.25 (cifar)" in out
+    for program in ("grad", "train"):
+        label = f"DiracNet-10-0.25 (cifar) {program}"
+        assert f"| {label} | program text |" in out
+        assert f"| {label} | temp memory |" in out
+        assert f"plain twin of {label}" in out
+    models = json.loads((tmp_path / "c.json").read_text())["models"]
+    grad, step = (models[f"DiracNet-10-0.25 (cifar) {p}"]["summary"] for p in ("grad", "train"))
+    for name in ("diracnet", "plain"):
+        # The train step holds the gradient program and the update: more code, and the
+        # whole new state out (parameters, momentum, BN statistics), not the gradient alone.
+        assert step[name]["fusions"] > grad[name]["fusions"]
+        assert step[name]["output_bytes"] > 2 * grad[name]["output_bytes"]
+    # The Dirac kernels are computed in the program: no kernel-sized literal in either.
+    assert all(m["summary"]["diracnet"]["constant_bytes"] < 10_000 for m in models.values())
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def test_deltas_under_x64():
 
 
 def host_dirac_apply(raw, delta, weight_norm=True):
-    """DiracNets eq. 5 as computed with a host delta and `maximum` in the norm."""
+    """DiracNets eq. 5 as written: a host delta, `w / max(||w||, eps)`, plain autodiff."""
     w = raw["w"]
     if weight_norm:
         norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(w.ndim - 1)), keepdims=True))
@@ -165,35 +165,97 @@ def host_dirac_apply(raw, delta, weight_norm=True):
     return raw["a"] * jnp.asarray(delta) + raw["b"] * w
 
 
-@pytest.mark.parametrize(
-    "shape,kwargs",
-    [
-        ((3, 3, 8, 8), {}),
-        ((3, 3, 4, 12), {"groups": 3}),
-        ((3, 3, 6, 4), {}),
-        ((3, 3, 16, 8), {"mode": "repeat", "per_channel": False}),
-        ((1, 3, 4, 12), {"mode": "repeat", "weight_norm": False}),
-    ],
-)
-def test_dirac_apply_and_grads_bit_equal_host_delta(shape, kwargs):
-    # The traced delta changes how the kernel is built, not one bit of it or its gradient.
+DIRAC_CASES = [
+    ((3, 3, 8, 8), {}),
+    ((3, 3, 4, 12), {"groups": 3}),
+    ((3, 3, 6, 4), {}),
+    ((3, 3, 4, 6), {}),
+    ((1, 5, 5, 5), {}),
+    ((3, 3, 16, 8), {"mode": "repeat", "per_channel": False}),
+    ((1, 3, 4, 12), {"mode": "repeat", "weight_norm": False}),
+]
+
+
+def _dirac_case(shape, kwargs):
+    """The transform, raw params with varied `a`, `b`, and the eq. 5 kernel as written."""
     t = param.dirac(shape, **kwargs)
     raw = t.init(jax.random.key(1))
     scale = jnp.linspace(-2.0, 3.0, shape[-1]) if raw["a"].ndim else jnp.float32(-1.5)
     raw = {"w": raw["w"], "a": scale, "b": 0.3 * scale + 0.1}
-    mode, groups = kwargs.get("mode", "truncate"), kwargs.get("groups", 1)
-    delta = host_delta(shape, mode, groups)
+    delta = host_delta(shape, kwargs.get("mode", "truncate"), kwargs.get("groups", 1))
 
     def host(r):
         return host_dirac_apply(r, delta, kwargs.get("weight_norm", True))
 
+    return t, raw, host
+
+
+def _close(got, want, rtol, name=""):
+    """`got == want` within `rtol` of the largest magnitude of `want` (float32 rounding)."""
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("shape,kwargs", DIRAC_CASES)
+def test_dirac_apply_and_grads_equal_eq5_autodiff(shape, kwargs):
+    # The kernel and its gradient equal DiracNets eq. 5 with a host delta, differentiated
+    # by autodiff, to float32 rounding; the identity taps are exact.
+    t, raw, host = _dirac_case(shape, kwargs)
     probe = jax.random.normal(jax.random.key(2), shape)
+    delta = host_delta(shape, kwargs.get("mode", "truncate"), kwargs.get("groups", 1))
     for f, g in [(t.apply, host), (jax.jit(t.apply), jax.jit(host))]:
-        np.testing.assert_array_equal(np.asarray(f(raw)), np.asarray(g(raw)))
+        _close(f(raw), g(raw), 1e-6)
+        # With b = 0 the kernel is exactly diag(a) delta, bit for bit.
+        zero_b = {**raw, "b": jnp.zeros_like(raw["b"])}
+        np.testing.assert_array_equal(np.asarray(f(zero_b)), np.asarray(g(zero_b)))
         ga = jax.grad(lambda r, f=f: jnp.sum(probe * f(r)))(raw)
         gb = jax.grad(lambda r, g=g: jnp.sum(probe * g(r)))(raw)
         for name in raw:
-            np.testing.assert_array_equal(np.asarray(ga[name]), np.asarray(gb[name]), name)
+            _close(ga[name], gb[name], 1e-5, name)
+    # The gradient of `a` is the probe at the delta's ones, summed per filter, exactly.
+    ga = jax.grad(lambda r: jnp.sum(probe * t.apply(r)))(raw)["a"]
+    want = np.sum(np.asarray(probe) * delta, axis=tuple(range(len(shape) - 1)))
+    if not kwargs.get("per_channel", True):
+        want = want.sum()
+    np.testing.assert_allclose(np.asarray(ga), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,kwargs", DIRAC_CASES[:1] + DIRAC_CASES[-2:-1])
+def test_dirac_forward_mode_and_second_order_equal_eq5(shape, kwargs):
+    # The hand-written derivative serves forward mode and Hessian-vector products too.
+    t, raw, host = _dirac_case(shape, kwargs)
+    tangent = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), raw)
+    _, jt = jax.jvp(t.apply, (raw,), (tangent,))
+    _, jh = jax.jvp(host, (raw,), (tangent,))
+    _close(jt, jh, 1e-5)
+    probe = jax.random.normal(jax.random.key(2), shape)
+
+    def hvp(f):
+        def loss(r):
+            return jnp.sum(jnp.sin(probe * f(r)))
+
+        return jax.jvp(jax.grad(loss), (raw,), (tangent,))[1]
+
+    got, want = hvp(t.apply), hvp(host)
+    for name in raw:
+        _close(got[name], want[name], 1e-4, name)
+
+
+def test_dirac_zero_filter_has_finite_gradient():
+    # A filter at the norm's floor scales by 1 / eps, so its gradient is b / eps times the
+    # incoming one, with no term through the (constant) floor: finite, never NaN.
+    t = param.dirac((3, 3, 2, 2))
+    raw = t.init(jax.random.key(0))
+    raw["w"] = raw["w"].at[..., 1].set(0.0)
+    kernel = t.apply(raw)
+    np.testing.assert_array_equal(
+        np.asarray(kernel[..., 1]), np.asarray(param.dirac_delta((3, 3, 2, 2))[..., 1])
+    )
+    probe = jnp.ones((3, 3, 2, 2)) * 1e-13
+    g = jax.grad(lambda r: jnp.sum(probe * t.apply(r)))(raw)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in g.values())
+    np.testing.assert_allclose(np.asarray(g["w"][..., 1]), 0.1 * 1e-13 / 1e-12, rtol=1e-5)
+    assert float(g["b"][1]) == 0.0
 
 
 def test_dirac_kernels_compile_without_constants():

@@ -18,6 +18,10 @@ the program. For each it reports
 
 and the DiracNet / plain ratios, against the goals: program size <= 1.5x (the
 Dirac ops themselves add a little), compile time and temporary memory <= 1.1x.
+
+`--programs grad train` also measures the program users compile: the trainer's
+own jitted step (`train.compile_steps`: forward, backward, SGD with momentum and
+weight decay, BN statistics, metrics), lowered with an abstract state and batch.
 """
 
 from __future__ import annotations
@@ -30,12 +34,25 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from dirac_jax import train
 from dirac_jax.bench import _timing
 from dirac_jax.models import get_model
 
-__all__ = ["CASES", "GOALS", "constant_bytes", "grad_step", "main", "measure", "report", "run"]
+__all__ = [
+    "CASES",
+    "GOALS",
+    "PROGRAMS",
+    "constant_bytes",
+    "grad_step",
+    "main",
+    "measure",
+    "report",
+    "run",
+    "train_step",
+]
 
 # The shapes of the goals: DiracNet-28-10 on CIFAR and DiracNet-34 on ImageNet.
 CASES = {
@@ -43,6 +60,8 @@ CASES = {
     "imagenet": {"depth": 34, "width": 1.0, "stem": "imagenet", "num_classes": 1000, "size": 224},
 }
 GOALS = {"program text": 1.5, "compile time": 1.1, "temp memory": 1.1}
+# grad: `jax.jit(jax.grad(loss))`, the issue's measure; train: the trainer's jitted step.
+PROGRAMS = ("grad", "train")
 _ITEM_BYTES = {"i1": 1, "i8": 1, "ui8": 1, "bf16": 2, "f16": 2, "i16": 2, "f64": 8, "i64": 8}
 _CONSTANT = re.compile(r"stablehlo\.constant .*: tensor<([0-9x]*?)x?([a-z]+[0-9]*)>\s*$")
 
@@ -100,6 +119,58 @@ def grad_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple
     return jax.jit(jax.grad(loss)), args
 
 
+def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple]:
+    """The trainer's jitted train step of model `name` and its abstract arguments.
+
+    The step of `train.compile_steps` for a streamed batch: uint8 CIFAR images
+    (augmented and normalized in the step) or float ImageNet crops, SGD with
+    momentum 0.9 and weight decay 5e-4, a piecewise-constant learning rate.
+
+    Returns:
+      `(train_fn, (state, batch))` with `state` and `batch` as `ShapeDtypeStruct`s.
+    """
+    imagenet = case["stem"] == "imagenet"
+    config = ml_collections.ConfigDict(
+        {
+            "model": {
+                "name": name,
+                "depth": case["depth"],
+                "width": case["width"],
+                "stem": case["stem"],
+            },
+            "dataset": {"name": "imagenet" if imagenet else "cifar10", "source": "synthetic"},
+            "batch_size": batch,
+            "num_epochs": 1,
+            "num_train_steps": 1000,
+            "learning_rate": 0.1,
+            "weight_decay": 5e-4,
+            "lr_boundaries": (0.3, 0.6, 0.8),
+            "lr_decay": 0.2,
+            "seed": 0,
+            "half_precision": dtype == jnp.bfloat16,
+        }
+    )
+    mesh = train.make_mesh()
+    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
+    model = train.create_model(config, num_classes=case["num_classes"])
+    image_shape = (case["size"], case["size"], 3)
+    state = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.key(0), image_shape, lr_fn)
+    )
+    train_fn, _ = train.compile_steps(config, mesh, lr_fn, config.dataset.name, in_memory=False)
+    images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32 if imagenet else jnp.uint8)
+    batch_ = {"image": images, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    return train_fn, (state, batch_)
+
+
+_PROGRAM_FNS = {"grad": grad_step, "train": train_step}
+_PROGRAM_TEXT = (
+    "grad = jax.jit(jax.grad(loss)).lower(params, batch_stats, images, labels); "
+    "train = the trainer's jitted step (train.compile_steps) lowered on an abstract state "
+    "and batch"
+)
+
+
 def measure(fn: Callable, args: tuple) -> dict:
     """Lowers and compiles `fn` once; returns sizes, seconds and XLA's memory analysis."""
     start = time.perf_counter()
@@ -136,6 +207,13 @@ def _parse(argv):
     p.add_argument("--batch", type=int, default=128, help="batch of the compiled step.")
     p.add_argument("--repeats", type=int, default=3, help="compiles per model, interleaved.")
     p.add_argument("--half-precision", action="store_true", help="bf16 compute, f32 params.")
+    p.add_argument(
+        "--programs",
+        nargs="+",
+        choices=PROGRAMS,
+        default=["grad"],
+        help="grad: jax.jit(jax.grad(loss)) of the model; train: the trainer's jitted step.",
+    )
     p.add_argument("--json", help="also write the results to this JSON file.")
     return p.parse_args(argv)
 
@@ -164,35 +242,44 @@ def _run(args) -> dict:
     for key in args.models:
         case = dict(CASES[key])
         case.update({k: v for k, v in (("depth", args.depth), ("width", args.width)) if v})
-        steps = {name: grad_step(name, case, args.batch, dtype) for name in ("diracnet", "plain")}
-        runs = {name: [] for name in steps}
-        for r in range(args.repeats):  # Interleaved, the order rotated, as `_timing` does.
-            for name in list(steps)[r % 2 :] + list(steps)[: r % 2]:
-                fn, fn_args = grad_step(name, case, args.batch, dtype)
-                runs[name].append(measure(fn, fn_args))
-        summary = {}
-        for name, rs in runs.items():
-            summary[name] = dict(rs[0])
-            for k in ("lower_s", "compile_s"):
-                summary[name][k] = sorted(r[k] for r in rs)[len(rs) // 2]
-        compile_times = {n: [r["compile_s"] for r in rs] for n, rs in runs.items()}
-        dirac, plain = summary["diracnet"], summary["plain"]
-        compile_ratio = _timing.paired_ratio(compile_times, "diracnet", "plain")
-        ratios = {
-            "program text": dirac["text_bytes"] / plain["text_bytes"],
-            "compile time": compile_ratio["ratio"],
-            "XLA fusions": dirac["fusions"] / plain["fusions"],
-            "temp memory": dirac["temp_bytes"] / plain["temp_bytes"],
-            "argument memory": dirac["argument_bytes"] / plain["argument_bytes"],
-            "output memory": dirac["output_bytes"] / plain["output_bytes"],
-        }
-        results[_label(case)] = {
-            "case": case,
-            "summary": summary,
-            "ratios": ratios,
-            "compile_round_quartiles": (compile_ratio["round_q1"], compile_ratio["round_q3"]),
-        }
+        for program in args.programs:
+            make = _PROGRAM_FNS[program]
+            results[f"{_label(case)} {program}"] = {
+                "case": case,
+                "program": program,
+                **_compare(make, case, args.batch, dtype, args.repeats),
+            }
     return {"environment": _timing.environment(), "args": vars(args), "models": results}
+
+
+def _compare(make: Callable, case: dict, batch: int, dtype, repeats: int) -> dict:
+    """DiracNet against the plain net: `repeats` interleaved compiles of `make`'s program."""
+    runs = {"diracnet": [], "plain": []}
+    for r in range(repeats):  # Interleaved, the order rotated, as `_timing` does.
+        for name in list(runs)[r % 2 :] + list(runs)[: r % 2]:
+            fn, fn_args = make(name, case, batch, dtype)
+            runs[name].append(measure(fn, fn_args))
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = dict(rs[0])
+        for k in ("lower_s", "compile_s"):
+            summary[name][k] = sorted(r[k] for r in rs)[len(rs) // 2]
+    compile_times = {n: [r["compile_s"] for r in rs] for n, rs in runs.items()}
+    dirac, plain = summary["diracnet"], summary["plain"]
+    compile_ratio = _timing.paired_ratio(compile_times, "diracnet", "plain")
+    ratios = {
+        "program text": dirac["text_bytes"] / plain["text_bytes"],
+        "compile time": compile_ratio["ratio"],
+        "XLA fusions": dirac["fusions"] / plain["fusions"],
+        "temp memory": dirac["temp_bytes"] / plain["temp_bytes"],
+        "argument memory": dirac["argument_bytes"] / plain["argument_bytes"],
+        "output memory": dirac["output_bytes"] / plain["output_bytes"],
+    }
+    return {
+        "summary": summary,
+        "ratios": ratios,
+        "compile_round_quartiles": (compile_ratio["round_q1"], compile_ratio["round_q3"]),
+    }
 
 
 def report(results: dict) -> str:
@@ -224,8 +311,8 @@ def report(results: dict) -> str:
     return "\n".join(
         [
             f"Machine: {_timing.describe(results['environment'])}.",
-            f"jax.jit(jax.grad(loss)).lower(params, batch_stats, images, labels), batch "
-            f"{args['batch']}, {'bf16' if args['half_precision'] else 'float32'} compute; "
+            f"Programs: {_PROGRAM_TEXT}. Batch {args['batch']}, "
+            f"{'bf16' if args['half_precision'] else 'float32'} compute; "
             f"median of {args['repeats']} interleaved compiles, persistent cache off.",
             "",
             _timing.markdown_table(
