@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bn import random_bn_stats
 
 from dirac_jax import fold as fold_lib
 from dirac_jax.fold import FoldedNet, apply_folded, fold, num_params
@@ -230,17 +231,7 @@ def test_fold_kernels_gives_a_plain_residual_net_with_the_same_logits(name, kwar
     model = get_model(name, num_classes=5, **kwargs)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-    # Non-trivial BN statistics: a fold that dropped them would show.
-    rng = np.random.default_rng(0)
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.asarray(
-            rng.uniform(0.5, 2.0, a.shape)
-            if path[-1].key == "var"
-            else 0.3 * rng.standard_normal(a.shape),
-            jnp.float32,
-        ),
-        variables["batch_stats"],
-    )
+    variables["batch_stats"] = random_bn_stats(variables["batch_stats"])
     plain, plain_variables = fold_lib.fold_kernels(model, variables)
     assert plain.symmetry is None and plain.dirac_init_sigma is None
     convs = [

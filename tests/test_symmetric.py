@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _bn import random_bn_stats
 
 from configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
 from dirac_jax import (
@@ -294,19 +295,12 @@ def test_residual_onnx_computes_the_model_in_onnxruntime(name, kwargs):
     model = models.get_model(name, num_classes=5, **kwargs)
     x = jnp.zeros((1, 32, 32, 3))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-    rng = np.random.default_rng(0)  # non-trivial BN statistics
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda p, a: jnp.asarray(
-            rng.uniform(0.5, 2, a.shape) if p[-1].key == "var" else 0.3 * rng.normal(size=a.shape),
-            jnp.float32,
-        ),
-        variables["batch_stats"],
-    )
+    variables["batch_stats"] = random_bn_stats(variables["batch_stats"])
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
     proto = onnx_export.residual_to_onnx(
         model, variables, input_shape=(28, 28, 3), pad=((2, 2), (2, 2)), mean=mean, std=std
     )
-    images = rng.integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
     got = ort.InferenceSession(proto.SerializeToString()).run(None, {"images": images})[0]
     padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))).astype(jnp.float32)
     want = model.apply(variables, (padded / 255 - jnp.array(mean)) / jnp.array(std), train=False)
@@ -348,16 +342,7 @@ def test_hard_symmetric_mobilenet_folds_into_a_chain():
     )
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0, impl="rbg"), x[:1], train=False)
-    rng = np.random.default_rng(0)
-    variables["batch_stats"] = jax.tree_util.tree_map_with_path(  # make the BN fold matter
-        lambda path, v: jnp.asarray(
-            np.abs(rng.normal(1.0, 0.3, v.shape))
-            if path[-1].key == "var"
-            else rng.normal(0.0, 0.1, v.shape),
-            jnp.float32,
-        ),
-        variables["batch_stats"],
-    )
+    variables["batch_stats"] = random_bn_stats(variables["batch_stats"])
     folded = jax.jit(lambda v: fold.fold(model, v))(variables)
     grouped = [s.args[2] for s in folded.steps if s.kind == "conv" and len(s.args) == 3]
     assert len(grouped) == 13  # the depthwise convs
