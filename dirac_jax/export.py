@@ -125,26 +125,18 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
     model, variables, config = _load_foldable(path)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx" and residual:  # the residual writer folds the kernels itself
-        mean, std = data.MEAN_STD[config.dataset.name]
-        model = onnx_export.residual_to_onnx(
-            model,
-            variables,
-            input_shape=workdir.input_shape(config),
-            pad=_pad(config),
-            mean=mean,
-            std=std,
-        )
-        out.write_bytes(model.SerializeToString())
-        return out
-    apply, folded = fold.folded_apply(model, variables)
     if fmt == "onnx":
         mean, std = data.MEAN_STD[config.dataset.name]
-        model = onnx_export.to_onnx(
-            folded, input_shape=workdir.input_shape(config), pad=_pad(config), mean=mean, std=std
-        )
-        out.write_bytes(model.SerializeToString())
-    elif fmt == "stablehlo":
+        side = {"input_shape": workdir.input_shape(config), "pad": _pad(config)}
+        side.update(mean=mean, std=std)  # the uint8 input side of either writer
+        if residual:  # the residual writer folds the kernels itself
+            proto = onnx_export.residual_to_onnx(model, variables, **side)
+        else:
+            proto = onnx_export.to_onnx(fold.folded_apply(model, variables)[1], **side)
+        out.write_bytes(proto.SerializeToString())
+        return out
+    apply, folded = fold.folded_apply(model, variables)
+    if fmt == "stablehlo":
         blob = interop.export_stablehlo(
             classifier(apply, folded, config), (1, *workdir.input_shape(config)), dtype=jnp.uint8
         )

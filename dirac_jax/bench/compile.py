@@ -34,11 +34,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from dirac_jax import train
 from dirac_jax.bench import _timing
+from dirac_jax.bench import train as bench_train
 from dirac_jax.models import get_model
 
 __all__ = [
@@ -130,26 +130,16 @@ def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tupl
       `(train_fn, (state, batch))` with `state` and `batch` as `ShapeDtypeStruct`s.
     """
     imagenet = case["stem"] == "imagenet"
-    config = ml_collections.ConfigDict(
-        {
-            "model": {
-                "name": name,
-                "depth": case["depth"],
-                "width": case["width"],
-                "stem": case["stem"],
-            },
-            "dataset": {"name": "imagenet" if imagenet else "cifar10", "source": "synthetic"},
-            "batch_size": batch,
-            "num_epochs": 1,
-            "num_train_steps": 1000,
-            "learning_rate": 0.1,
-            "weight_decay": 5e-4,
-            "lr_boundaries": (0.3, 0.6, 0.8),
-            "lr_decay": 0.2,
-            "seed": 0,
-            "half_precision": dtype == jnp.bfloat16,
-        }
+    # The config `bench train` times, with this case's stem and dataset.
+    shape = argparse.Namespace(
+        depth=case["depth"],
+        width=case["width"],
+        batch=batch,
+        half_precision=dtype == jnp.bfloat16,
     )
+    config = bench_train._config(name, shape)
+    config.model.stem = case["stem"]
+    config.dataset.name = "imagenet" if imagenet else "cifar10"
     mesh = train.make_mesh()
     lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
     model = train.create_model(config, num_classes=case["num_classes"])

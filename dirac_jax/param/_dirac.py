@@ -245,8 +245,8 @@ def _scaled_unit_jvp(eps, primals, tangents):
     coef = jnp.where(free, scale * inv * inv, jnp.zeros_like(inv))
     dot = jnp.sum(w * dw, axis=tuple(range(w.ndim - 1)))
     along_w = db * inv - coef * dot
-    tangent = w * _per_filter(along_w, w.shape) + dw * _per_filter(scale, w.shape)
-    return w * _per_filter(scale, w.shape), tangent
+    scale = _per_filter(scale, w.shape)
+    return w * scale, w * _per_filter(along_w, w.shape) + dw * scale
 
 
 def _identity(a: Array, shape: tuple[int, ...], mode: str, groups: int) -> Array:
@@ -264,10 +264,7 @@ def _identity(a: Array, shape: tuple[int, ...], mode: str, groups: int) -> Array
     *spatial, n_in, n_out = shape
     if a.ndim == 1 and mode == "truncate" and groups == 1:
         m = min(n_in, n_out)
-        centre = 0
-        for k in spatial:
-            centre = centre * k + k // 2
-        centre *= n_in * n_out
+        centre = int(np.ravel_multi_index([k // 2 for k in spatial], spatial)) * n_in * n_out
         length = m + (m - 1) * n_out
         high = size(shape) - centre - length
         flat = jax.lax.pad(a[:m], jnp.zeros((), a.dtype), [(centre, high, n_out)])
