@@ -41,6 +41,12 @@ def test_bench_compile_reports_ratios_of_one_run(capsys, tmp_path):
         # whole new state out (parameters, momentum, BN statistics), not the gradient alone.
         assert step[name]["fusions"] > grad[name]["fusions"]
         assert step[name]["output_bytes"] > 2 * grad[name]["output_bytes"]
+    # The control computes its kernels in the step: XLA kept those ops (more fusions than
+    # the plain net's), and they are fewer than the Dirac kernels' own.
+    control = models["DiracNet-10-0.25 (cifar) grad"]["summary"]["control"]
+    assert grad["plain"]["fusions"] < control["fusions"] < grad["diracnet"]["fusions"]
+    assert "control" not in models["DiracNet-10-0.25 (cifar) train"]["summary"]
+    assert "| compile time, DiracNet / control |" in out
     # The Dirac kernels are computed in the program: no kernel-sized literal in either.
     assert all(m["summary"]["diracnet"]["constant_bytes"] < 10_000 for m in models.values())
 

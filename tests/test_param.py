@@ -258,6 +258,21 @@ def test_dirac_zero_filter_has_finite_gradient():
     assert float(g["b"][1]) == 0.0
 
 
+def test_normalize_zero_filter_has_finite_gradient():
+    # Autodiff through sqrt(0) would give NaN; a filter at the floor is w / eps instead.
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 3)).at[..., 2].set(0.0)
+    probe = jax.random.normal(jax.random.key(2), w.shape)
+    g = jax.grad(lambda v: jnp.sum(probe * param.normalize(v, eps=1e-6)))(w)
+    np.testing.assert_allclose(np.asarray(g[..., 2]), np.asarray(probe[..., 2]) / 1e-6, rtol=1e-6)
+    # The other filters' gradient is the projection of the probe off the unit filter.
+    u = w[..., :2] / jnp.linalg.norm(w[..., :2].reshape(-1, 2), axis=0)
+    p = probe[..., :2]
+    want = (p - u * jnp.sum(p * u, axis=(0, 1, 2))) / jnp.linalg.norm(
+        w[..., :2].reshape(-1, 2), axis=0
+    )
+    np.testing.assert_allclose(np.asarray(g[..., :2]), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
 def test_dirac_kernels_compile_without_constants():
     # The delta is computed in the program: no literal larger than a scalar in the HLO.
     for t in [

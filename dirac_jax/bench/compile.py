@@ -19,6 +19,13 @@ the program. For each it reports
 and the DiracNet / plain ratios, against the goals: program size <= 1.5x (the
 Dirac ops themselves add a little), compile time and temporary memory <= 1.1x.
 
+The gradient program has a control besides (`--no-control` skips it): the plain
+net whose conv kernels are computed in the step as `w * s`, one elementwise op
+forward and one backward per conv. No kernel parameterization computed in the
+step costs less, so the control / plain ratio is the floor of the compile-time
+overhead on the machine at hand, and DiracNet / control what the Dirac
+computation adds above that floor.
+
 `--programs grad train` also measures the program users compile: the trainer's
 own jitted step (`train.compile_steps`: forward, backward, SGD with momentum and
 weight decay, BN statistics, metrics), lowered with an abstract state and batch.
@@ -43,6 +50,7 @@ from dirac_jax.models import get_model
 
 __all__ = [
     "CASES",
+    "CONTROL",
     "GOALS",
     "PROGRAMS",
     "constant_bytes",
@@ -60,6 +68,8 @@ CASES = {
     "imagenet": {"depth": 34, "width": 1.0, "stem": "imagenet", "num_classes": 1000, "size": 224},
 }
 GOALS = {"program text": 1.5, "compile time": 1.1, "temp memory": 1.1}
+# The control of the gradient program: the plain net with kernels `w * s` (`grad_step`).
+CONTROL = "control"
 # grad: `jax.jit(jax.grad(loss))`, the issue's measure; train: the trainer's jitted step.
 PROGRAMS = ("grad", "train")
 _ITEM_BYTES = {"i1": 1, "i8": 1, "ui8": 1, "bf16": 2, "f16": 2, "i16": 2, "f64": 8, "i64": 8}
@@ -90,12 +100,20 @@ def constant_bytes(hlo_text: str) -> int:
 def grad_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple]:
     """The loss-gradient function of model `name` and its abstract arguments.
 
+    `name` is a model name, or `CONTROL`: the plain net whose conv kernels are
+    computed in the step as `w * s`, with `s` a scalar argument (not
+    differentiated). That is the least any in-step kernel parameterization
+    adds, one elementwise op forward and one backward per conv, so it shows the
+    share of the compile-time overhead that no parameterization computed in
+    the step can avoid.
+
     Returns:
       `(jax.jit(jax.grad(loss)), args)` with `args` the `ShapeDtypeStruct`s of
-      `(params, batch_stats, images, labels)`.
+      `(params, batch_stats, images, labels)`, and of the scale `s` for `CONTROL`.
     """
+    control = name == CONTROL
     model = get_model(
-        name,
+        "plain" if control else name,
         depth=case["depth"],
         width=case["width"],
         stem=case["stem"],
@@ -109,13 +127,19 @@ def grad_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple
         jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32),
     )
 
-    def loss(params, batch_stats, x, y):
+    def loss(params, batch_stats, x, y, *scale):
+        if scale:  # CONTROL: every conv kernel (a `ParamConv`'s raw "w") becomes w * s.
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, v: v * scale[0] if path[-1].key == "w" else v, params
+            )
         logits, _ = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     args = (variables["params"], variables["batch_stats"], images, labels)
+    if control:
+        args += (jax.ShapeDtypeStruct((), jnp.float32),)
     return jax.jit(jax.grad(loss)), args
 
 
@@ -204,6 +228,13 @@ def _parse(argv):
         default=["grad"],
         help="grad: jax.jit(jax.grad(loss)) of the model; train: the trainer's jitted step.",
     )
+    p.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the grad program's control, the plain net with kernels w * s computed "
+        "in the step (the overhead any in-step parameterization pays).",
+    )
     p.add_argument("--json", help="also write the results to this JSON file.")
     return p.parse_args(argv)
 
@@ -234,42 +265,60 @@ def _run(args) -> dict:
         case.update({k: v for k, v in (("depth", args.depth), ("width", args.width)) if v})
         for program in args.programs:
             make = _PROGRAM_FNS[program]
+            names = ["diracnet", "plain"]
+            if program == "grad" and args.control:
+                names.append(CONTROL)
             results[f"{_label(case)} {program}"] = {
                 "case": case,
                 "program": program,
-                **_compare(make, case, args.batch, dtype, args.repeats),
+                **_compare(make, case, args.batch, dtype, args.repeats, names),
             }
     return {"environment": _timing.environment(), "args": vars(args), "models": results}
 
 
-def _compare(make: Callable, case: dict, batch: int, dtype, repeats: int) -> dict:
-    """DiracNet against the plain net: `repeats` interleaved compiles of `make`'s program."""
-    runs = {"diracnet": [], "plain": []}
+def _compare(make: Callable, case: dict, batch: int, dtype, repeats: int, names) -> dict:
+    """DiracNet against the plain net (and `CONTROL`): interleaved compiles of `make`'s program."""
+    runs = {name: [] for name in names}
     for r in range(repeats):  # Interleaved, the order rotated, as `_timing` does.
-        for name in list(runs)[r % 2 :] + list(runs)[: r % 2]:
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             fn, fn_args = make(name, case, batch, dtype)
             runs[name].append(measure(fn, fn_args))
     summary = {}
     for name, rs in runs.items():
         summary[name] = dict(rs[0])
-        for k in ("lower_s", "compile_s"):
-            summary[name][k] = sorted(r[k] for r in rs)[len(rs) // 2]
+        for key in ("lower_s", "compile_s"):
+            summary[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
     compile_times = {n: [r["compile_s"] for r in rs] for n, rs in runs.items()}
     dirac, plain = summary["diracnet"], summary["plain"]
-    compile_ratio = _timing.paired_ratio(compile_times, "diracnet", "plain")
+    # (ratio, per-round quartiles or None) per measure; DiracNet / plain unless named.
     ratios = {
-        "program text": dirac["text_bytes"] / plain["text_bytes"],
-        "compile time": compile_ratio["ratio"],
-        "XLA fusions": dirac["fusions"] / plain["fusions"],
-        "temp memory": dirac["temp_bytes"] / plain["temp_bytes"],
-        "argument memory": dirac["argument_bytes"] / plain["argument_bytes"],
-        "output memory": dirac["output_bytes"] / plain["output_bytes"],
+        "program text": (dirac["text_bytes"] / plain["text_bytes"], None),
+        "compile time": _compile_ratio(compile_times, "diracnet", "plain"),
+        "XLA fusions": (dirac["fusions"] / plain["fusions"], None),
+        "temp memory": (dirac["temp_bytes"] / plain["temp_bytes"], None),
+        "argument memory": (dirac["argument_bytes"] / plain["argument_bytes"], None),
+        "output memory": (dirac["output_bytes"] / plain["output_bytes"], None),
     }
+    if CONTROL in runs:
+        ratios[f"compile time, {CONTROL} / plain"] = _compile_ratio(compile_times, CONTROL, "plain")
+        ratios[f"compile time, DiracNet / {CONTROL}"] = _compile_ratio(
+            compile_times, "diracnet", CONTROL
+        )
+    return {"summary": summary, "ratios": ratios}
+
+
+def _compile_ratio(times: dict, num: str, den: str) -> tuple[float, tuple[float, float]]:
+    r = _timing.paired_ratio(times, num, den)
+    return r["ratio"], (r["round_q1"], r["round_q3"])
+
+
+def _row_label(name: str, label: str) -> str:
     return {
-        "summary": summary,
-        "ratios": ratios,
-        "compile_round_quartiles": (compile_ratio["round_q1"], compile_ratio["round_q3"]),
-    }
+        "diracnet": label,
+        "plain": f"plain twin of {label}",
+        CONTROL: f"control: plain twin of {label}, kernels w * s",
+    }[name]
 
 
 def report(results: dict) -> str:
@@ -280,7 +329,7 @@ def report(results: dict) -> str:
         for name, s in r["summary"].items():
             rows.append(
                 [
-                    label if name == "diracnet" else f"plain twin of {label}",
+                    _row_label(name, label),
                     s["fusions"],
                     f"{s['text_bytes'] * mb:.3g}",
                     f"{s['constant_bytes'] * mb:.3g}",
@@ -291,12 +340,10 @@ def report(results: dict) -> str:
                     f"{s['output_bytes'] * mb:.4g}",
                 ]
             )
-        for what, ratio in r["ratios"].items():
+        for what, (ratio, quartiles) in r["ratios"].items():
             goal = GOALS.get(what)
             met = "-" if goal is None else ("yes" if ratio <= goal else "NO")
-            spread = "-"
-            if what == "compile time":
-                spread = "{:.3g} - {:.3g}".format(*r["compile_round_quartiles"])
+            spread = "-" if quartiles is None else "{:.3g} - {:.3g}".format(*quartiles)
             ratio_rows.append([label, what, ratio, spread, f"<= {goal}" if goal else "-", met])
     return "\n".join(
         [
@@ -321,7 +368,14 @@ def report(results: dict) -> str:
             ),
             "",
             _timing.markdown_table(
-                ["model", "DiracNet / plain", "ratio", "per-round quartiles", "goal", "met"],
+                [
+                    "model",
+                    "measure (DiracNet / plain unless named)",
+                    "ratio",
+                    "per-round quartiles",
+                    "goal",
+                    "met",
+                ],
                 ratio_rows,
             ),
         ]

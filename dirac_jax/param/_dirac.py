@@ -191,7 +191,9 @@ def normalize(w: Array, eps: float = 1e-12) -> Array:
       eps: lower bound of the norm, so all-zero filters stay zero.
 
     Returns:
-      An array like `w` whose filters have norm 1 (or are zero).
+      An array like `w` whose filters have norm 1 (or are zero). The gradient is
+      finite everywhere: a filter with norm at most `eps`, all-zero ones
+      included, gets that of `v / eps`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -200,11 +202,15 @@ def normalize(w: Array, eps: float = 1e-12) -> Array:
       [[0.6000000238418579, 0.0], [0.800000011920929, 0.0]]
     """
     v = w.astype(jnp.promote_types(w.dtype, jnp.float32))
-    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(w.ndim - 1)), keepdims=True))
-    # `select`, not `maximum`: the same values, but a gradient of a few ops (maximum
-    # splits ties) in every layer of every compiled train step.
+    ss = jnp.sum(jnp.square(v), axis=tuple(range(w.ndim - 1)), keepdims=True)
+    # The square root of 1, not of 0, for all-zero filters: the gradient of `sqrt` at 0
+    # is infinite and times 0 it is NaN, even through the unselected branch. A filter at
+    # the floor then gets the finite derivative of `v / eps`. Nonzero filters keep
+    # `sqrt(ss)` exactly. `select`, not `maximum`: maximum's gradient splits ties.
+    nonzero = ss > 0
+    norm = jnp.sqrt(jax.lax.select(nonzero, ss, jnp.ones_like(ss)))
     floor = jnp.full_like(norm, eps)
-    return (v / jax.lax.select(norm > floor, norm, floor)).astype(w.dtype)
+    return (v / jax.lax.select(nonzero & (norm > floor), norm, floor)).astype(w.dtype)
 
 
 def _inverse_norm(w: Array, eps: float) -> tuple[Array, Array]:
