@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 from collections.abc import Callable, Iterator
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 
 from dirac_jax import data, fold, input_pipeline, models, train, workdir
+from dirac_jax._cli import run_workdir_command
 
 __all__ = ["EVAL_FILE", "evaluate_workdir", "main", "metrics_of"]
 
@@ -145,22 +145,17 @@ def _line(name: str, m: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
     flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
     flags.mark_flags_as_required(["workdir"])
 
     def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore stage at INFO
         f = flags.FLAGS
-        try:
-            result = evaluate_workdir(f.workdir, batch_size=f.batch_size)
-        except (OSError, ValueError, ImportError, train.CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        result = run_workdir_command(
+            argv, lambda: evaluate_workdir(f.workdir, batch_size=f.batch_size)
+        )
         print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
         for name in ("unfolded", "folded", "symmetrized"):
             if result[name] is not None:

@@ -25,12 +25,12 @@ kernels, `fold.fold_kernels`), then written:
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
 from dirac_jax import data, fold, interop, onnx_export, train, workdir
+from dirac_jax._cli import run_workdir_command
 
 __all__ = ["FORMATS", "classifier", "export_workdir", "fold_workdir", "main"]
 
@@ -147,7 +147,7 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
     flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
@@ -155,15 +155,8 @@ def main(argv=None) -> None:
     flags.mark_flags_as_required(["workdir", "out"])
 
     def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore stage at INFO
         f = flags.FLAGS
-        try:
-            written = export_workdir(f.workdir, f.format, f.out)
-        except (ValueError, ImportError, OSError, train.CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        written = run_workdir_command(argv, lambda: export_workdir(f.workdir, f.format, f.out))
         print(f"wrote the folded {f.format} model of {f.workdir} to {written}", flush=True)
 
     app.run(run, argv)
