@@ -12,6 +12,7 @@ as diverged in the report (it is not retried: training is deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -68,21 +69,42 @@ def configs_dir() -> pathlib.Path:
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file; its folder's parent goes on `sys.path`.
+    """`get_config()` of a config file, with the `configs` package of its own folder.
 
-    Variants import their base as `from configs import cifar_dirac`, as the
-    flax examples do, so the folder above `configs/` must be importable.
+    Variants import their base as `from configs import cifar_dirac`, as the flax
+    examples do. While the file runs, the folder above its `configs/` is first on
+    `sys.path` and no other `configs` package is imported; afterwards `sys.path`
+    and the imported modules are as they were. So configs from two trees load
+    side by side, each with its own bases.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")
     root = str(path.resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"_reproduce_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    with _configs_package_of(root):
+        spec.loader.exec_module(module)
+        return module.get_config()
+
+
+@contextlib.contextmanager
+def _configs_package_of(root: str):
+    """Makes `import configs` resolve under `root` for the duration of the block."""
+
+    def ours(name: str) -> bool:
+        return name == "configs" or name.startswith("configs.")
+
+    saved_path = list(sys.path)
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
