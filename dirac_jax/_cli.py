@@ -1,8 +1,13 @@
-"""What the workdir command lines (`evaluate`, `export`) share around their work."""
+"""What the command lines (`main`, `evaluate`, `export`) share around their work."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,16 +23,85 @@ USER_ERRORS = (OSError, ValueError, ImportError, train.CheckpointError)
 def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:
     """Runs `work()` for an absl command line that takes flags only.
 
-    Quiets orbax (it logs every restore stage at INFO) and turns a user error
+    Quiets orbax (it logs every restore stage at INFO, and a failed restore
+    echoes from its threads: `orbax_echoes_dropped`) and turns a user error
     into one line on stderr and exit status 1.
     """
-    from absl import app, logging
+    from absl import app
+    from absl import logging as absl_logging
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        return work()
+        with orbax_echoes_dropped():
+            return work()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _DropClosedLoopRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_is_closed_loop(exc) or "exception was never retrieved" in str(record.msg))
+
+
+@contextlib.contextmanager
+def orbax_echoes_dropped(settle_s: float = 0.2, limit_s: float = 5.0):
+    """Drops the echoes of a failed orbax restore, while a command runs and settles.
+
+    The cause is in orbax: it runs a restore's reads on a fresh asyncio loop and
+    closes that loop as soon as the first read fails, while the other reads
+    (tensorstore futures) are still in flight. Each of them then reports
+    `RuntimeError('Event loop is closed')` from a tensorstore thread (an
+    unraisable exception or a thread's exception) and asyncio logs "Future
+    exception was never retrieved"; all of it would bury the one
+    `CheckpointError`. This drops exactly those reports, and only until the
+    abandoned reads have settled (no echo for `settle_s`, at most `limit_s`
+    after a failure); then the previous hooks are back.
+
+    It replaces `sys.unraisablehook` and `threading.excepthook` for its
+    duration, so only the command lines use it, around their whole work: a
+    library does not touch the process's hooks.
+    """
+    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+    last_echo = [time.monotonic()]
+
+    def unraisable_hook(unraisable):
+        if _is_closed_loop(unraisable.exc_value):
+            last_echo[0] = time.monotonic()
+        else:
+            previous_unraisable(unraisable)
+
+    def thread_hook(args):
+        if _is_closed_loop(args.exc_value):
+            last_echo[0] = time.monotonic()
+        else:
+            previous_thread(args)
+
+    record_filter = _DropClosedLoopRecords()
+    loggers = [logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
+    sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+    for logger in loggers:
+        logger.addFilter(record_filter)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if failed:
+            deadline = time.monotonic() + limit_s
+            last_echo[0] = time.monotonic()
+            while time.monotonic() - last_echo[0] < settle_s and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(settle_s / 4)
+        sys.unraisablehook, threading.excepthook = previous_unraisable, previous_thread
+        for logger in loggers:
+            logger.removeFilter(record_filter)

@@ -42,14 +42,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import logging
 import pathlib
 import signal
-import sys
 import threading
-import time
 from typing import Any
 
 import jax
@@ -152,7 +147,10 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
     Raises:
       CheckpointError: the latest checkpoint cannot be restored, or an unfinished
         save was left in the directory. The message names the step directory and
-        what to do; nothing is deleted.
+        what to do; nothing is deleted. After a failed restore orbax's abandoned
+        reads may still report `RuntimeError('Event loop is closed')` from their
+        threads for a moment; this module leaves the process's hooks alone, and
+        the command lines drop those reports (`dirac_jax._cli`).
     """
     directory = pathlib.Path(mngr.directory)
     mngr.wait_until_finished()  # this manager's own saves in flight are not partial ones
@@ -169,10 +167,9 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     failure = None
     try:
-        with _closed_loop_echoes_dropped():
-            restored = mngr.restore(
-                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
-            )
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+        )
         state = restored[STATE_ITEM]
     except Exception as e:
         # orbax and tensorstore raise many types here (ValueError, FileNotFoundError, ...),
@@ -188,68 +185,6 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
             "checkpoint, or start a new --workdir."
         )
     return state, int(step)
-
-
-def _is_closed_loop(exc: BaseException | None) -> bool:
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-
-class _DropClosedLoopRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (_is_closed_loop(exc) or "exception was never retrieved" in str(record.msg))
-
-
-@contextlib.contextmanager
-def _closed_loop_echoes_dropped(settle_s: float = 0.2, limit_s: float = 5.0):
-    """Drops the echoes of a failed orbax restore, while the restore runs and settles.
-
-    The cause is in orbax: it runs a restore's reads on a fresh asyncio loop and
-    closes that loop as soon as the first read fails, while the other reads
-    (tensorstore futures) are still in flight. Each of them then reports
-    `RuntimeError('Event loop is closed')` from a tensorstore thread (an
-    unraisable exception or a thread's exception) and asyncio logs "Future
-    exception was never retrieved"; all of it would bury the one
-    `CheckpointError`. This drops exactly those reports, and only until the
-    abandoned reads have settled (no echo for `settle_s`, at most `limit_s`
-    after a failure); then the previous hooks are back.
-    """
-    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
-    last_echo = [time.monotonic()]
-
-    def unraisable_hook(unraisable):
-        if _is_closed_loop(unraisable.exc_value):
-            last_echo[0] = time.monotonic()
-        else:
-            previous_unraisable(unraisable)
-
-    def thread_hook(args):
-        if _is_closed_loop(args.exc_value):
-            last_echo[0] = time.monotonic()
-        else:
-            previous_thread(args)
-
-    record_filter = _DropClosedLoopRecords()
-    loggers = [logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
-    sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-    for logger in loggers:
-        logger.addFilter(record_filter)
-    failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        if failed:
-            deadline = time.monotonic() + limit_s
-            last_echo[0] = time.monotonic()
-            while time.monotonic() - last_echo[0] < settle_s and time.monotonic() < deadline:
-                gc.collect()
-                time.sleep(settle_s / 4)
-        sys.unraisablehook, threading.excepthook = previous_unraisable, previous_thread
-        for logger in loggers:
-            logger.removeFilter(record_filter)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: Any = None) -> None:

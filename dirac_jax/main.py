@@ -125,8 +125,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
+    from dirac_jax._cli import orbax_echoes_dropped
+
     try:
-        summary = train.train_and_evaluate(config, workdir)
+        with orbax_echoes_dropped():
+            summary = train.train_and_evaluate(config, workdir)
     except (*expected, checkpoint.NonFiniteLossError) as e:
         _fail(e)
     if summary.get("preempted"):
