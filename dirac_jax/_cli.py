@@ -9,15 +9,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
-
-from dirac_jax import train
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
-# The errors a user can cause and fix: a wrong path or flag, a missing optional
-# dependency, a corrupt checkpoint. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, ImportError, train.CheckpointError)
+
+def fail(error: BaseException) -> NoReturn:
+    """Exits with status 1 and the error on stderr, without a traceback."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:
@@ -30,15 +30,18 @@ def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:
     from absl import app
     from absl import logging as absl_logging
 
+    from dirac_jax.checkpoint import CheckpointError
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         with orbax_echoes_dropped():
             return work()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    # The errors a user can cause and fix: a wrong path or flag, a missing optional
+    # dependency, a corrupt checkpoint. Anything else is a bug and keeps its traceback.
+    except (OSError, ValueError, ImportError, CheckpointError) as e:
+        fail(e)
 
 
 def _is_closed_loop(exc: BaseException | None) -> bool:

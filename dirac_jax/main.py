@@ -32,6 +32,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dirac_jax._cli import fail, orbax_echoes_dropped
+
 __all__ = [
     "config_root",
     "default_workdir",
@@ -69,12 +71,6 @@ def default_workdir(config_path: str) -> str:
     return str(pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem)
 
 
-def _fail(error: BaseException) -> None:
-    """Exits with status 1 and the error on stderr, without a traceback."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def _init_distributed() -> None:
     """`jax.distributed.initialize` from the flags; exits with one message on bad flags."""
     explicit = {
@@ -87,9 +83,9 @@ def _init_distributed() -> None:
         return
     if given and len(given) < 3:
         missing = ", ".join(name for name in explicit if name not in given)
-        _fail(ValueError(f"{', '.join(given)} also needs {missing} (or use --multihost alone)."))
+        fail(ValueError(f"{', '.join(given)} also needs {missing} (or use --multihost alone)."))
     if given and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-        _fail(
+        fail(
             ValueError(
                 f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes="
                 f"{_NUM_PROCESSES.value})."
@@ -125,13 +121,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
-    from dirac_jax._cli import orbax_echoes_dropped
-
     try:
         with orbax_echoes_dropped():
             summary = train.train_and_evaluate(config, workdir)
     except (*expected, checkpoint.NonFiniteLossError) as e:
-        _fail(e)
+        fail(e)
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
         return

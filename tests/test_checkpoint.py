@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import _image_data
@@ -121,8 +122,6 @@ def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
 
 def test_restore_leaves_the_process_hooks_alone(tmp_path, monkeypatch):
     # Library code must not swap sys.unraisablehook or threading.excepthook, even briefly.
-    import threading
-
     mngr = checkpoint.create_manager(tmp_path)
     state = {"x": jnp.arange(3.0)}
     checkpoint.save(mngr, 1, state)

@@ -14,7 +14,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -86,6 +86,20 @@ def warm_up(fn: Callable[[], Any], times: int = 2) -> float:
     return first
 
 
+def round_robin(names: Sequence[str], repeats: int) -> Iterator[str]:
+    """`names`, `repeats` rounds of them, each round's order rotated by one.
+
+    So no candidate always runs first (after an idle gap) or last.
+
+    Examples:
+      >>> list(round_robin(["a", "b", "c"], 2))
+      ['a', 'b', 'c', 'b', 'c', 'a']
+    """
+    for r in range(repeats):
+        for i in range(len(names)):
+            yield names[(r + i) % len(names)]
+
+
 def interleaved_times(
     candidates: Mapping[str, Callable[[], Any]], repeats: int
 ) -> dict[str, list[float]]:
@@ -107,14 +121,11 @@ def interleaved_times(
         raise ValueError("interleaved_times: no candidates to time.")
     if repeats < 1:
         raise ValueError(f"interleaved_times: repeats must be >= 1, got {repeats}.")
-    names = list(candidates)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            start = time.perf_counter()
-            jax.block_until_ready(candidates[name]())
-            times[name].append(time.perf_counter() - start)
+    times = {name: [] for name in candidates}
+    for name in round_robin(list(candidates), repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(candidates[name]())
+        times[name].append(time.perf_counter() - start)
     return times
 
 

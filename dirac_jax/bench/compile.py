@@ -279,11 +279,9 @@ def _run(args) -> dict:
 def _compare(make: Callable, case: dict, batch: int, dtype, repeats: int, names) -> dict:
     """DiracNet against the plain net (and `CONTROL`): interleaved compiles of `make`'s program."""
     runs = {name: [] for name in names}
-    for r in range(repeats):  # Interleaved, the order rotated, as `_timing` does.
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            fn, fn_args = make(name, case, batch, dtype)
-            runs[name].append(measure(fn, fn_args))
+    for name in _timing.round_robin(names, repeats):
+        fn, fn_args = make(name, case, batch, dtype)
+        runs[name].append(measure(fn, fn_args))
     summary = {}
     for name, rs in runs.items():
         summary[name] = dict(rs[0])

@@ -270,10 +270,10 @@ def _identity(a: Array, shape: tuple[int, ...], mode: str, groups: int) -> Array
     *spatial, n_in, n_out = shape
     if a.ndim == 1 and mode == "truncate" and groups == 1:
         m = min(n_in, n_out)
-        centre = int(np.ravel_multi_index([k // 2 for k in spatial], spatial)) * n_in * n_out
+        offset = int(np.ravel_multi_index([k // 2 for k in spatial], spatial)) * n_in * n_out
         length = m + (m - 1) * n_out
-        high = size(shape) - centre - length
-        flat = jax.lax.pad(a[:m], jnp.zeros((), a.dtype), [(centre, high, n_out)])
+        high = size(shape) - offset - length
+        flat = jax.lax.pad(a[:m], jnp.zeros((), a.dtype), [(offset, high, n_out)])
         return flat.reshape(shape)
     centre = _channel_delta(n_in, n_out, mode, groups)
     a = _per_filter(a, (n_in, n_out))
