@@ -32,6 +32,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that decide how fast XLA's and onnxruntime's CPU kernels run.
+SIMD_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_features(wanted: Sequence[str] = SIMD_FEATURES) -> list[str]:
+    """Those of `wanted` that the CPU reports in /proc/cpuinfo (Linux; else empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
 def environment() -> dict[str, Any]:
     """Describes the machine and software a measurement ran on.
 
@@ -53,6 +70,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
+        "cpu_features": cpu_features(),
         "python": sys.version.split()[0],
         "system": platform.system(),
     }
@@ -63,7 +81,8 @@ def describe(env: Mapping[str, Any]) -> str:
     return (
         f"jax {env['jax']}, {env['backend']} backend ({env['device_kind']}, "
         f"{env['device_count']} device(s)), {env['cpu_count']} core(s) of {env['cpu_model']}, "
-        f"{env['machine']} {env['system']}, Python {env['python']}"
+        f"{env['machine']} {env['system']}, Python {env['python']}, "
+        f"CPU features: {' '.join(env.get('cpu_features') or ['(none listed)'])}"
     )
 
 
