@@ -1,9 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench {bf16,compile,fold,input,train} [--flags]`."""
+"""Entry point: `python -m dirac_jax.bench SUITE [--flags]`, SUITE one of `_SUITES`."""
 
 import importlib
 import sys
 
-_SUITES = ("bf16", "compile", "fold", "input", "train")
+_SUITES = ("bf16", "compile", "cpu_flags", "fold", "input", "train")
 
 
 def main(argv=None):
@@ -11,6 +11,9 @@ def main(argv=None):
     if not argv or argv[0] not in _SUITES:
         print(f"usage: python -m dirac_jax.bench {{{','.join(_SUITES)}}} [--help]", file=sys.stderr)
         return 2
+    from dirac_jax import xla_cpu
+
+    xla_cpu.apply()
     suite = importlib.import_module(f"dirac_jax.bench.{argv[0]}")
     return suite.main(argv[1:])
 

@@ -71,6 +71,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_features": cpu_features(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "python": sys.version.split()[0],
         "system": platform.system(),
     }
@@ -82,7 +83,8 @@ def describe(env: Mapping[str, Any]) -> str:
         f"jax {env['jax']}, {env['backend']} backend ({env['device_kind']}, "
         f"{env['device_count']} device(s)), {env['cpu_count']} core(s) of {env['cpu_model']}, "
         f"{env['machine']} {env['system']}, Python {env['python']}, "
-        f"CPU features: {' '.join(env.get('cpu_features') or ['(none listed)'])}"
+        f"CPU features: {' '.join(env.get('cpu_features') or ['(none listed)'])}, "
+        f"XLA_FLAGS: {env.get('xla_flags') or '(none)'}"
     )
 
 
