@@ -163,4 +163,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from dirac_jax import xla_cpu
+
+    xla_cpu.apply()  # before JAX starts its CPU backend
     main()

@@ -165,6 +165,9 @@ def config_root(argv: list[str]) -> str | None:
 
 
 def run() -> None:
+    from dirac_jax import xla_cpu
+
+    xla_cpu.apply()  # before JAX starts its CPU backend
     root = config_root(sys.argv)
     if root is not None and root not in sys.path:
         sys.path.insert(0, root)

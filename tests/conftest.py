@@ -1,11 +1,16 @@
-"""Test set-up: 8 fake CPU devices, set before JAX is first imported."""
+"""Test set-up: 8 fake CPU devices and the command lines' XLA:CPU flags, before JAX starts."""
 
 import os
 import tempfile
 
+from dirac_jax import xla_cpu
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The XLA:CPU flags the command lines set (YNNPACK fusions off on the affected jaxlib), so
+# the tests run what users run; the subprocesses the tests start inherit them.
+xla_cpu.apply()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by the test processes and the subprocesses they
 # start: they compile the same tiny programs many times (threefry-heavy inits take seconds).

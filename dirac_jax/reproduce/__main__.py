@@ -65,4 +65,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from dirac_jax import xla_cpu
+
+    xla_cpu.apply()  # before JAX starts its CPU backend
     sys.exit(main())
