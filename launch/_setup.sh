@@ -1,10 +1,14 @@
 # Shared set-up, sourced by the launch scripts: Debian data package, venv, the project.
-# Usage: source launch/_setup.sh [pip extras, e.g. "[test]"]
+# Usage: source launch/_setup.sh [pip extras, e.g. "[test]"] [pip constraints file]
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 EXTRAS="${1:-}"
+# CI pins every dependency to the versions the suite last passed with (launch/constraints.txt);
+# users get pyproject.toml's ranges.
+CONSTRAINTS=()
+if [ -n "${2:-}" ]; then CONSTRAINTS=(--constraint "$2"); fi
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -22,4 +26,4 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
 echo "[setup] installing dirac_jax$EXTRAS"
-"$PY" -m pip install -q --disable-pip-version-check -e "$ROOT$EXTRAS"
+"$PY" -m pip install -q --disable-pip-version-check ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} -e "$ROOT$EXTRAS"
