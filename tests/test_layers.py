@@ -141,6 +141,7 @@ _IDENTITY_CASES = [
 
 
 # The geometries cycle over the kernel cases (9 tests, not 24); the first case meets two.
+@pytest.mark.accelerator
 @pytest.mark.parametrize(
     "factory, cin, cout, groups, window, strides, padding, dilation",
     [(*c, *_GEOMETRIES[i % 3]) for i, c in enumerate(_IDENTITY_CASES + _IDENTITY_CASES[:1])],
@@ -184,6 +185,7 @@ def _centre_only_dirac(channels, b):
     return t, raw
 
 
+@pytest.mark.accelerator
 def test_bf16_dirac_conv_keeps_the_w_term_at_the_centre_taps():
     b = 0.0038
     t, raw = _centre_only_dirac(16, b)
@@ -211,6 +213,7 @@ def test_bf16_dirac_conv_keeps_the_w_term_at_the_centre_taps():
     assert np.mean(cast == rounded) < 0.2
 
 
+@pytest.mark.accelerator
 def test_bf16_dirac_conv_matches_float32_for_trained_like_weights():
     # A random W: the bf16 conv differs from float32 by bf16 rounding only, and less than
     # the cast-then-conv on the identity-dominated outputs.

@@ -32,6 +32,7 @@ def conv(x, kernel, groups=1):
 # ---------------------------------------------------------------- dirac_delta
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_delta_conv_is_exact_identity(nd, k):
@@ -196,6 +197,7 @@ def _close(got, want, rtol, name=""):
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max(), err_msg=name)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("shape,kwargs", DIRAC_CASES)
 def test_dirac_apply_and_grads_equal_eq5_autodiff(shape, kwargs):
     # The kernel and its gradient equal DiracNets eq. 5 with a host delta, differentiated
@@ -220,6 +222,7 @@ def test_dirac_apply_and_grads_equal_eq5_autodiff(shape, kwargs):
     np.testing.assert_allclose(np.asarray(ga), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("shape,kwargs", DIRAC_CASES[:1] + DIRAC_CASES[-2:-1])
 def test_dirac_forward_mode_and_second_order_equal_eq5(shape, kwargs):
     # The hand-written derivative serves forward mode and Hessian-vector products too.

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-_SUITES = ("bf16", "compile", "cpu_flags", "fold", "input", "train")
+_SUITES = ("bf16", "compile", "cpu_flags", "device_check", "fold", "input", "train")
 
 
 def main(argv=None):

@@ -51,6 +51,12 @@ _DRAWS = {
 }
 
 
+# How far the folded net may be from the net it folds, relative to the logits: float32
+# rounding on CPUs; elsewhere the convolutions' default precision rounds their inputs
+# (TF32 on NVIDIA GPUs, 10 mantissa bits; one bfloat16 pass on TPUs), on both sides.
+_FOLD_RTOL = {"cpu": 1e-3}
+
+
 def random_variables(model, images, seed: int):
     """Trained-looking variables without running `model.init`.
 
@@ -175,7 +181,7 @@ def run(args) -> dict:
         want_y = candidates[want]()
         err = float(jnp.max(jnp.abs(candidates[got]() - want_y)))
         scale = float(jnp.max(jnp.abs(want_y)))
-        if not err <= 1e-3 * max(1.0, scale):
+        if not err <= _FOLD_RTOL.get(jax.default_backend(), 3e-2) * max(1.0, scale):
             raise AssertionError(f"{got} differs from {want} by {err:.3g} (logits ~{scale:.3g}).")
 
     times = _timing.interleaved_times(candidates, args.repeats)

@@ -1,0 +1,154 @@
+"""launch/device_check.sh: the smoke run writes every section; the host set-up plans wheels."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+from dirac_jax.bench import _host_deps, device_check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_section(tmp_path):
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SITE": str(tmp_path / "site")}
+    done = subprocess.run(
+        ["bash", "launch/device_check.sh", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["smoke"] and list(report["sections"]) == [s.name for s in device_check.SECTIONS]
+    markdown = (out / "report.md").read_text()
+    for section in device_check.SECTIONS:
+        entry = report["sections"][section.name]
+        assert entry["status"] == "ok", (section.name, entry.get("output_tail"))
+        assert entry["markdown"] and entry["summary"] and entry["wall_s"] > 0
+        assert f"## {section.title}" in markdown
+    s = report["sections"]
+    assert s["environment"]["data"]["environment"]["backend"] == "cpu"
+    tests = s["correctness"]["data"]["tests"]
+    assert tests and all(t["outcome"] == "passed" for t in tests)
+    assert any("tensorfloat32" in t["test"] for t in tests)
+    # Throughput: the JAX pair and the PyTorch variants of the smoke run, one paired ratio.
+    train = s["train_bfloat16"]["data"]
+    assert "DiracNet / plain (step time)" in train["ratios"]
+    assert "augmentation on / off (step time)" in train["ratios"]
+    assert set(s["imagenet"]["data"]["candidates"]) == {"DiracNet-18 (JAX, bf16)"}
+    assert set(s["deploy"]["data"]) == {"batch 1", "batch 8"}
+    with tarfile.open(out / s["profile"]["data"]["file"]) as tar:
+        assert any(n.endswith(".xplane.pb") for n in tar.getnames())
+    # At most 8 files come back from a device machine's output folder.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "device_check.log",
+        "profile.tar.gz",
+        "report.json",
+        "report.md",
+    ]
+
+
+def test_sections_import_without_the_streamed_input_stack():
+    # A GPU host may lack Grain, TFDS and ArrayRecord: nothing the sections import needs them.
+    blocked = "grain", "tensorflow_datasets", "array_record"
+    program = (
+        "import sys\n"
+        + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+        + "import dirac_jax.bench.train, dirac_jax.bench.fold, dirac_jax.main, dirac_jax.export\n"
+        + "import dirac_jax.bench.device_check\n"
+        + "print('imported')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+
+
+def _wheel(folder, name, version, requires=(), tag="py3-none-any"):
+    path = folder / f"{name}-{version}-{tag}.whl"
+    meta = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(
+            f"{name}-{version}.dist-info/METADATA", f"Name: {name}\nVersion: {version}\n{meta}"
+        )
+    return path
+
+
+def test_host_deps_plans_the_missing_wheels_and_their_missing_requirements(tmp_path):
+    top = _wheel(tmp_path, "dj_fake_top", "1.0", ["dj-fake-sub>=2", 'dj-fake-extra; extra == "x"'])
+    _wheel(tmp_path, "dj_fake_sub", "1.5")
+    sub = _wheel(tmp_path, "dj_fake_sub", "2.1", ["pip"])  # pip: installed, so not planned
+    _wheel(tmp_path, "dj_fake_sub", "3.0", tag="cp27-cp27m-win32")  # not for this interpreter
+    plan = _host_deps.plan(["dj-fake-top", "pip"], tmp_path)
+    assert plan.wheels == [top, sub] and plan.unmet == [] and plan.outdated == []
+    # The extra's requirement counts only when the extra is asked for.
+    plan = _host_deps.plan(["dj-fake-top[x]"], tmp_path)
+    assert plan.unmet == ['dj-fake-extra; extra == "x"']
+    # Nothing in range: absent is unmet, installed out of range is kept with a warning.
+    plan = _host_deps.plan(["dj-fake-sub>=4", "pip<1"], tmp_path)
+    assert plan.wheels == [] and plan.unmet == ["dj-fake-sub>=4"]
+    assert plan.outdated and plan.outdated[0].startswith("pip<1 (installed: ")
+
+
+def test_host_deps_leaves_out_the_streamed_input_stack():
+    names = [r.split(">")[0].split("[")[0] for r in _host_deps.project_requirements()]
+    assert "ml-collections" in names and "pytest" in names and "onnxruntime" in names
+    assert not set(names) & {"grain", "tensorflow-datasets", "array-record"}
+
+
+def test_report_keeps_a_cut_off_section_and_its_output():
+    report = {
+        "command": "python -m dirac_jax.bench device_check --smoke",
+        "started_utc": "2026-01-01 00:00:00",
+        "smoke": True,
+        "budget_s": 100.0,
+        "wall_s": 42.0,
+        "sections": {
+            "environment": {
+                "title": "1. Environment",
+                "status": "ok",
+                "wall_s": 3.0,
+                "summary": "1 x cpu",
+                "markdown": "| a | b |",
+            },
+            "correctness": {
+                "title": "2. Correctness",
+                "status": "timed out after 39 s",
+                "wall_s": 39.0,
+                "output_tail": "tests/test_x.py::test_y PASSED",
+            },
+        },
+    }
+    text = device_check.render(report)
+    assert "| 2. Correctness | timed out after 39 s | 39.0 |" in text
+    assert "tests/test_x.py::test_y PASSED" in text and "| a | b |" in text
+    assert "## 1. Environment" in text and "Last output:" in text
+    lines = ["tests/test_x.py::test_y[1] PASSED [ 50%]", "noise", "tests/a.py::b FAILED"]
+    assert [(t["test"], t["outcome"]) for t in device_check._verbose_results(lines)] == [
+        ("test_x::test_y[1]", "passed"),
+        ("a::b", "failed"),
+    ]
+
+
+def test_bad_arguments_fail_clearly(capsys):
+    with pytest.raises(SystemExit):
+        device_check.main(["--budget", "0"])
+    assert "--budget must be > 0" in capsys.readouterr().err
+    done = subprocess.run(
+        ["bash", "launch/device_check.sh", "--wheels", "/nonexistent/wheels"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "is not a folder" in done.stderr
