@@ -216,7 +216,12 @@ def test_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(tmp_path, ima
 
 
 def _check_sigterm_resume(tmp_path, command, num_steps, interrupt_after, streamed=False):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The checkout first; a PYTHONPATH set outside stays (launch/device_check.sh puts the
+    # wheels a host lacked there).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     run = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     full = subprocess.Popen(command(tmp_path / "full", num_steps), **run)
     broken = subprocess.Popen(command(tmp_path / "broken", num_steps), **run)

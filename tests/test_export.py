@@ -60,7 +60,12 @@ def _summary(path) -> dict:
 
 
 def _cli(module, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The checkout first; a PYTHONPATH set outside stays (launch/device_check.sh puts the
+    # wheels a host lacked there).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
