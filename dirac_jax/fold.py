@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dirac_jax import param
 from dirac_jax.layers import conv
@@ -78,10 +79,11 @@ __all__ = [
     "fold_conv_bn",
     "fold_kernels",
     "folded_apply",
+    "identity_term",
     "num_params",
 ]
 
-KINDS = ("conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
+KINDS = ("conv", "dirac_conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
 
 # Conv args `(strides, padding)` of every folded 3x3 block conv: stride 1, SAME.
 BLOCK_CONV_ARGS = ((1, 1), ((1, 1), (1, 1)))
@@ -93,8 +95,10 @@ class FoldedStep(NamedTuple):
     kind: one of `KINDS`. args: for `"conv"`, `(strides, padding)` with
     `strides = (sh, sw)` and `padding = ((top, bottom), (left, right))`, or
     `(strides, padding, groups)` for a grouped (depthwise) conv; for
-    `"max_pool"`, `(window, stride, pad)` (padding with `-inf`); otherwise `()`.
-    `"avg_pool"` is a global mean over H and W.
+    `"dirac_conv"` (`fold(..., identity_apart=True)`), `(strides, padding,
+    sources)` with `sources` the `param.Identity.sources` rows as a tuple of
+    tuples; for `"max_pool"`, `(window, stride, pad)` (padding with `-inf`);
+    otherwise `()`. `"avg_pool"` is a global mean over H and W.
     """
 
     kind: str
@@ -107,7 +111,9 @@ class FoldedNet:
 
     Attributes:
       params: one dict per step: `{"kernel", "bias"}` for `"conv"` (HWIO kernel)
-        and `"dense"` (`(in, out)` kernel), `{}` for the other kinds. A pytree.
+        and `"dense"` (`(in, out)` kernel), `{"kernel", "scale", "bias"}` for
+        `"dirac_conv"` (the kernel without its identity, and the identity's
+        per-output-channel scale), `{}` for the other kinds. A pytree.
       steps: the static `FoldedStep`s (not a pytree node, so `jit` treats them as
         constants).
     """
@@ -248,7 +254,13 @@ def _check_variables(variables, dtype):
         raise ValueError(f"fold: dtype must be a floating dtype, got {dtype!r}.")
 
 
-def fold(model: DiracNet | MobileNet, variables: Any, *, dtype=jnp.float32) -> FoldedNet:
+def fold(
+    model: DiracNet | MobileNet,
+    variables: Any,
+    *,
+    dtype=jnp.float32,
+    identity_apart: bool = False,
+) -> FoldedNet:
     """Folds Dirac parameterization and BatchNorm into plain convs with bias.
 
     DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so
@@ -271,6 +283,12 @@ def fold(model: DiracNet | MobileNet, variables: Any, *, dtype=jnp.float32) -> F
       variables: `{"params", "batch_stats"}` as returned by `model.init` or training.
       dtype: dtype of every computation and of the folded parameters; use
         `jnp.float64` under `jax.enable_x64(True)` for a tighter fold.
+      identity_apart: keep the identity of every Dirac kernel apart: a block
+        conv `BN(conv(x, diag(a) I + diag(b) W_norm))` (DiracNets eq. 5) becomes
+        a `"dirac_conv"` step, `conv(x, s b W_norm) + s a x + bias'` with `s`
+        the BN scale, instead of one `"conv"` of the summed kernel. Same
+        function; an INT8 deploy then quantizes `s b W_norm` on its own scale
+        instead of one set by the centre tap `s a` (`dirac_jax.quantize`).
 
     Returns:
       A `FoldedNet`; run it with `apply_folded`.
@@ -291,7 +309,7 @@ def fold(model: DiracNet | MobileNet, variables: Any, *, dtype=jnp.float32) -> F
 
     walk = _walk_mobilenet if isinstance(model, MobileNet) else _walk
     try:
-        walk(model, params, stats, dtype, emit)
+        walk(model, params, stats, dtype, emit, identity_apart)
     except KeyError as e:
         raise ValueError(
             f"fold: variables have no entry {e} that the model's plan needs; pass the variables "
@@ -394,7 +412,21 @@ def folded_apply(model, variables: Any, *, dtype=jnp.float32):
     return apply_folded, fold(model, variables, dtype=dtype)
 
 
-def _walk(model, params, stats, dtype, emit):
+def _split_fold(name, raw, shape, where, bn_params, bn_stats, dtype):
+    """`(params, sources)` of a `"dirac_conv"`: the kernel's identity and rest, BN folded."""
+    _kernel(name, raw, shape, where, dtype)  # the same shape and parameter checks
+    identity = kernel_factory(name)(tuple(shape)).identity
+    raw = {k: v.astype(dtype) for k, v in raw.items()}
+    folded = _bn_fold(identity.rest(raw).astype(dtype), bn_params, bn_stats, dtype)
+    s = jnp.asarray(bn_params["scale"], dtype) / jnp.sqrt(
+        jnp.asarray(bn_stats["var"], dtype) + BN_EPSILON
+    )
+    scale = jnp.broadcast_to(jnp.asarray(identity.scale(raw), dtype), s.shape) * s
+    sources = tuple(tuple(int(i) for i in row) for row in identity.sources)
+    return {"kernel": folded["kernel"], "scale": scale, "bias": folded["bias"]}, sources
+
+
+def _walk(model, params, stats, dtype, emit, identity_apart=False):
     """Emits the folded steps of `model.plan()`, one `bn` folded into each conv."""
     pending = None  # (kernel, conv args) of a conv awaiting its BN.
     for step in model.plan():
@@ -417,10 +449,15 @@ def _walk(model, params, stats, dtype, emit):
                 n_in = ni if i == 0 else no
                 n_in = 2 * n_in if act == "ncrelu" else n_in  # NCReLU doubles channels.
                 where = f"{step.name}.block{i}.conv"
-                kernel = _kernel(
-                    BLOCK_KERNELS[model.variant], block_p["conv"], (3, 3, n_in, no), where, dtype
-                )
+                name, shape = BLOCK_KERNELS[model.variant], (3, 3, n_in, no)
                 emit(act)
+                if identity_apart and kernel_factory(name)(shape).identity is not None:
+                    p, sources = _split_fold(
+                        name, block_p["conv"], shape, where, block_p["bn"], block_s["bn"], dtype
+                    )
+                    emit("dirac_conv", (*BLOCK_CONV_ARGS, sources), p)
+                    continue
+                kernel = _kernel(name, block_p["conv"], shape, where, dtype)
                 emit("conv", BLOCK_CONV_ARGS, _bn_fold(kernel, block_p["bn"], block_s["bn"], dtype))
         elif step.kind == "dense":
             fc = params[step.name]
@@ -433,8 +470,11 @@ def _walk(model, params, stats, dtype, emit):
             raise AssertionError(f"fold: unexpected plan step {step!r}")
 
 
-def _walk_mobilenet(model, params, stats, dtype, emit):
-    """Emits the folded steps of a MobileNet: every `conv -> BN -> ReLU` as `conv, relu`."""
+def _walk_mobilenet(model, params, stats, dtype, emit, identity_apart=False):
+    """Emits the folded steps of a MobileNet: every `conv -> BN -> ReLU` as `conv, relu`.
+
+    Its kernels have no identity part, so `identity_apart` changes nothing.
+    """
     stem, blocks = model.validate()
     same, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
 
@@ -493,6 +533,10 @@ def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
             strides, padding, *groups = step.args
             groups = groups[0] if groups else 1
             x = conv(x, p["kernel"], strides=strides, padding=padding, groups=groups) + p["bias"]
+        elif step.kind == "dirac_conv":
+            strides, padding, sources = step.args
+            y = conv(x, p["kernel"], strides=strides, padding=padding) + p["bias"]
+            x = y + identity_term(x, p["scale"], sources)
         elif step.kind == "relu":
             x = jax.nn.relu(x)
         elif step.kind == "ncrelu":
@@ -508,6 +552,24 @@ def apply_folded(folded: FoldedNet, images: jax.Array) -> jax.Array:
                 f"apply_folded: unknown step kind {step.kind!r}; expected one of {KINDS}."
             )
     return x
+
+
+def identity_term(x: jax.Array, scale: jax.Array, sources) -> jax.Array:
+    """The identity part of a Dirac conv (stride 1, SAME) on NHWC `x`, without a conv.
+
+    Output channel `j` is `scale[j]` times the sum of the input channels
+    `sources[j]` (`param.Identity.sources`; `-1` pads a row): the centre tap
+    of `scale * delta` (DiracNets eq. 2) as a channel selection.
+    """
+    src = np.asarray(sources, np.int32).reshape(len(sources), -1)
+    if src.shape == (x.shape[-1], 1) and (src[:, 0] == np.arange(len(src))).all():
+        return x * scale  # a square delta: the input itself
+    total = 0
+    for k in range(src.shape[1]):
+        column = src[:, k]
+        keep = jnp.asarray(column >= 0, x.dtype)
+        total = total + jnp.take(x, np.maximum(column, 0), axis=-1) * keep
+    return total * scale
 
 
 def num_params(folded: FoldedNet) -> int:

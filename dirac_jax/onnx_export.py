@@ -29,11 +29,21 @@ import numpy as np
 from dirac_jax import fold, models
 from dirac_jax.fold import FoldedNet
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "residual_to_onnx", "to_onnx"]
+__all__ = [
+    "IDENTITY_PREFIX",
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "identity_nodes",
+    "residual_to_onnx",
+    "to_onnx",
+]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 OPSET = 17
+# Node names of the identity path of a `"dirac_conv"` step (its Gather and Mul).
+IDENTITY_PREFIX = "dirac_identity"
 
 
 def _import_onnx():
@@ -82,9 +92,10 @@ class _Builder:
         self.inits.append(self._numpy_helper.from_array(np.asarray(array, dtype), tensor_name))
         return tensor_name
 
-    def node(self, op, inputs, **attrs) -> str:
-        out = f"t{next(self._counter)}"
-        self.nodes.append(self._helper.make_node(op, list(inputs), [out], **attrs))
+    def node(self, op, inputs, name=None, **attrs) -> str:
+        index = next(self._counter)
+        out, name = f"t{index}", f"{name or op}_{index}"
+        self.nodes.append(self._helper.make_node(op, list(inputs), [out], name=name, **attrs))
         return out
 
     def conv(self, x, kernel_hwio, bias=None, strides=(1, 1), pads=((0, 0), (0, 0)), groups=1):
@@ -160,6 +171,11 @@ def to_onnx(
         if step.kind == "conv":
             strides, pads, *groups = step.args
             x = b.conv(x, p["kernel"], p["bias"], strides, pads, groups[0] if groups else 1)
+        elif step.kind == "dirac_conv":
+            strides, pads, sources = step.args
+            y = b.conv(x, p["kernel"], p["bias"], strides, pads)
+            scale, n_in = np.asarray(p["scale"], np.float32), np.shape(p["kernel"])[2]
+            x = node("Add", [y, _identity(b, x, n_in, scale, sources)])
         elif step.kind == "relu":
             x = node("Relu", [x])
         elif step.kind == "ncrelu":
@@ -282,6 +298,28 @@ def residual_to_onnx(
     fc = params["fc"]
     x = b.node("Gemm", [x, b.const(fc["kernel"]), b.const(fc["bias"])])
     return b.finish(x, int(np.shape(fc["bias"])[0]), name)
+
+
+def _identity(b: _Builder, x: str, n_in: int, scale: np.ndarray, sources) -> str:
+    """`fold.identity_term` on NCHW `x`: Gather of the source channels, Mul by the scale."""
+    src = np.asarray(sources, np.int64).reshape(len(sources), -1)
+    name = IDENTITY_PREFIX
+    total = None
+    for k in range(src.shape[1]):
+        column = src[:, k]
+        factor = np.where(column >= 0, scale, 0.0).reshape(1, -1, 1, 1)
+        picked = x
+        if not (len(column) == n_in and (column == np.arange(n_in)).all()):
+            indices = b.const(np.maximum(column, 0), np.int64)
+            picked = b.node("Gather", [x, indices], name=name, axis=1)
+        term = b.node("Mul", [picked, b.const(factor)], name=name)
+        total = term if total is None else b.node("Add", [total, term], name=name)
+    return total
+
+
+def identity_nodes(model) -> list[str]:
+    """Names of the nodes of `model`'s Dirac identity paths (`IDENTITY_PREFIX`)."""
+    return [n.name for n in model.graph.node if n.name.startswith(IDENTITY_PREFIX)]
 
 
 def _at(tree, path):

@@ -1,0 +1,222 @@
+"""INT8 fidelity of trained runs: `python -m dirac_jax.bench int8 --workdirs W [W ...]`.
+
+For each training workdir (a chain: DiracNet, its plain twin, MobileNet) this
+writes the float32 ONNX export and INT8 versions of it (onnxruntime
+`quantize_static`, QDQ, uint8 activations calibrated on training images,
+int8 weights) and runs them all in onnxruntime on the whole test split:
+
+* `naive`: the float32 export as is, every Dirac kernel folded into one
+  `s (a I + b W_norm)` (DiracNets eq. 5, `s` the BN scale);
+* `apart` (DiracNets only): the identity kept apart, an INT8 conv of
+  `s b W_norm` plus the exact float32 `s a x` (`fold.fold(...,
+  identity_apart=True)`; the default of `dirac_jax.export --quantize=int8`);
+
+each with per-channel and per-tensor weight scales and the calibrations
+asked for. Reported: top-1, the share of test predictions equal to the
+float32 model's, the relative logit error `||L_int8 - L_f32|| / ||L_f32||`,
+the file size against float32, and per Dirac layer the share of the `W`
+taps that int8 rounds to zero (`quantize.zero_tap_shares`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from dirac_jax import data, export, fold, quantize, train, workdir
+from dirac_jax.bench import _timing
+
+__all__ = ["main", "measure_workdir", "report", "run"]
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _logits(path, images, batch_size=1000):
+    session = _session(path)
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [
+            session.run(None, {name: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
+    """Every INT8 candidate of one run against its float32 export, on the test split."""
+    model, variables, config = workdir.load(path)
+    model = model.clone(dtype=jnp.float32)
+    if config.model.name not in train.CHAIN_MODELS:
+        raise ValueError(f"bench int8 measures chains {train.CHAIN_MODELS}; {path} is not one.")
+    source = config.dataset.get("source", "auto") or "auto"
+    test = data.load(config.dataset.name, source=source, split="test")
+    images, labels = np.asarray(test.images), np.asarray(test.labels)
+    calib = export.calibration_images(config, calibration_count, seed=config.seed)
+    tmp = pathlib.Path(tmp)
+    graphs = {"naive": export.onnx_model(model, variables, config)}
+    split = fold.fold(model, variables, identity_apart=True)
+    dirac = any(s.kind == "dirac_conv" for s in split.steps)
+    if dirac:
+        graphs["apart"] = export.onnx_model(model, variables, config, identity_apart=True)
+    float_path = tmp / "float.onnx"
+    float_path.write_bytes(graphs["naive"].SerializeToString())
+    reference = _logits(float_path, images)
+    result = {
+        "workdir": str(path),
+        "model": config.model.name,
+        "depth": config.model.depth,
+        "width": config.model.width,
+        "float_top1": float(np.mean(reference.argmax(-1) == labels)),
+        "float_bytes": float_path.stat().st_size,
+        "rows": [],
+        "zero_taps": {},
+    }
+    if dirac:
+        result["zero_taps"] = {
+            "per_channel": quantize.zero_tap_shares(split, per_channel=True),
+            "per_tensor": quantize.zero_tap_shares(split, per_channel=False),
+        }
+    for variant, graph in graphs.items():
+        for per_channel in (True, False):
+            for calibration in calibrations:
+                out = tmp / f"{variant}-{per_channel}-{calibration}.onnx"
+                start = time.perf_counter()
+                quantize.quantize_onnx(
+                    graph, out, calib, per_channel=per_channel, calibration=calibration
+                )
+                seconds = time.perf_counter() - start
+                logits = _logits(out, images)
+                result["rows"].append(
+                    {
+                        "variant": variant,
+                        "weights": "per-channel" if per_channel else "per-tensor",
+                        "calibration": calibration,
+                        "top1": float(np.mean(logits.argmax(-1) == labels)),
+                        "agree": quantize.agreement(logits, reference),
+                        "logit_error": quantize.logit_error(logits, reference),
+                        "size": out.stat().st_size / result["float_bytes"],
+                        "quantize_s": seconds,
+                    }
+                )
+                print(result["model"], result["width"], result["rows"][-1], flush=True)
+    return result
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m dirac_jax.bench int8",
+        description="INT8 (onnxruntime QDQ) vs float32 of trained chain runs, on the test split.",
+    )
+    p.add_argument("--workdirs", nargs="+", required=True, help="training workdirs.")
+    p.add_argument(
+        "--calibrations",
+        nargs="+",
+        default=["minmax"],
+        choices=quantize.CALIBRATIONS,
+        help="activation range rules (default minmax).",
+    )
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
+    args = p.parse_args(argv)
+    if args.calibration_images < 1:
+        p.error(f"--calibration-images must be >= 1, got {args.calibration_images}.")
+    return args
+
+
+def run(args) -> dict:
+    """Measures every workdir; returns the results dict."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, path in enumerate(args.workdirs):
+            sub = pathlib.Path(tmp) / str(i)
+            sub.mkdir()
+            runs.append(
+                measure_workdir(
+                    path,
+                    calibrations=args.calibrations,
+                    calibration_count=args.calibration_images,
+                    tmp=sub,
+                )
+            )
+    return {"environment": _timing.environment(), "runs": runs}
+
+
+def _name(r) -> str:
+    kind = {"diracnet": "DiracNet", "plain": "plain twin"}.get(r["model"], r["model"])
+    return f"{kind}-{r['depth']}-{r['width']:g}"
+
+
+def report(results) -> str:
+    """Markdown: the INT8 table, then the per-layer shares of `W` taps rounded to zero."""
+    rows = []
+    for r in results["runs"]:
+        for q in r["rows"]:
+            rows.append(
+                [
+                    _name(r),
+                    f"{100 * r['float_top1']:.2f}",
+                    q["variant"],
+                    q["weights"],
+                    q["calibration"],
+                    f"{100 * q['top1']:.2f}",
+                    f"{100 * (q['top1'] - r['float_top1']):+.2f}",
+                    f"{100 * q['agree']:.2f}",
+                    f"{100 * q['logit_error']:.2f}",
+                    f"{q['size']:.2f}",
+                ]
+            )
+    header = [
+        "model",
+        "float32 top-1 %",
+        "graph",
+        "weights",
+        "calibration",
+        "INT8 top-1 %",
+        "points",
+        "agree %",
+        "logit error %",
+        "size / float32",
+    ]
+    lines = [_timing.describe(results["environment"]), "", _timing.markdown_table(header, rows)]
+    taps = []
+    for r in results["runs"]:
+        shares = r["zero_taps"]
+        for c, t in zip(shares.get("per_channel", []), shares.get("per_tensor", []), strict=True):
+            taps.append(
+                [
+                    _name(r),
+                    c["layer"],
+                    "x".join(str(v) for v in c["shape"]),
+                    f"{c['centre_ratio']:.0f}",
+                    f"{100 * c['naive']:.1f}",
+                    f"{100 * c['apart']:.1f}",
+                    f"{100 * t['naive']:.1f}",
+                    f"{100 * t['apart']:.1f}",
+                ]
+            )
+    if taps:
+        header = [
+            "model",
+            "step",
+            "kernel",
+            "centre / max W tap",
+            "W taps to 0, naive per-channel %",
+            "apart per-channel %",
+            "naive per-tensor %",
+            "apart per-tensor %",
+        ]
+        lines += ["", _timing.markdown_table(header, taps)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return _timing.cli(argv, _parse, run, report)

@@ -1,0 +1,232 @@
+"""INT8 deployment of an exported classifier, with onnxruntime's static quantization.
+
+A folded Dirac kernel is `s (a I + b W_norm)` (DiracNets eq. 5, `s` the BN
+scale). Its centre diagonal tap carries `s a`, of order one; every other tap
+`s b W_norm`, of order `0.1 / sqrt(fan_in)`. Symmetric int8 gives each output
+filter (per channel) or each tensor (per tensor) one step, `max |w| / 127`, and
+the centre tap sets it, so in a wide layer most of the learned `W` taps round
+to zero (`zero_tap_shares`). A plain net of the same shape has no such outlier.
+
+The deploy path here keeps the identity apart (`fold.fold(...,
+identity_apart=True)`): each Dirac block is an INT8 conv of `s b W_norm`, which
+gets a step of its own, plus the exact per-channel scaled input `s a x` in
+float32 (Gather and Mul, left unquantized), plus the bias. Everything else
+(convs, the classifier, adds, pools) is quantized by onnxruntime's
+`quantize_static` in QDQ format: int8 symmetric weights, uint8 activations
+calibrated on training images. The choice between this and quantizing the
+summed kernel was made by measurement (RESULTS.md, `python -m dirac_jax.bench
+int8`).
+
+No int8 kernels are written here: onnxruntime computes, calibrates and inserts
+the QuantizeLinear/DequantizeLinear pairs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from dirac_jax import onnx_export
+from dirac_jax.fold import FoldedNet
+
+__all__ = [
+    "CALIBRATIONS",
+    "agreement",
+    "logit_error",
+    "quantize_onnx",
+    "zero_tap_shares",
+]
+
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+def _import_quantization():
+    try:
+        from onnxruntime import quantization
+    except ImportError as e:
+        raise ImportError(
+            f"INT8 export needs onnxruntime's quantization tools ({e}): pip install onnxruntime."
+        ) from e
+    return quantization
+
+
+def _batches(images: np.ndarray, batch_size: int) -> Iterator[dict]:
+    for start in range(0, len(images), batch_size):
+        yield {onnx_export.INPUT_NAME: images[start : start + batch_size]}
+
+
+def quantize_onnx(
+    model,
+    out: str | pathlib.Path,
+    calibration_images: np.ndarray,
+    *,
+    per_channel: bool = True,
+    calibration: str = "minmax",
+    float_identity: bool = True,
+    batch_size: int = 64,
+) -> pathlib.Path:
+    """Writes the INT8 (QDQ) version of an exported float32 classifier to `out`.
+
+    onnxruntime's `quantize_static`: weights int8 symmetric (per output channel,
+    or one scale per tensor), activations uint8 with ranges calibrated by
+    running `calibration_images` through the float model. The uint8 image input
+    and the float32 logits stay as they are.
+
+    Args:
+      model: an `onnx.ModelProto` from `onnx_export.to_onnx` (or
+        `residual_to_onnx`).
+      out: the file to write.
+      calibration_images: uint8 `(N, H, W, C)` images at the model's input size,
+        e.g. drawn from the training split.
+      per_channel: one weight scale per output channel (else per tensor).
+      calibration: one of `CALIBRATIONS`: the activation range is the min and
+        max seen, the one that minimizes the KL divergence of the quantized
+        histogram (`entropy`), or the 99.999th percentile.
+      float_identity: leave the Dirac identity paths (`onnx_export.IDENTITY_PREFIX`
+        nodes, present when the net was folded with `identity_apart=True`) in
+        float32, so `s a x` is added exactly.
+      batch_size: images per calibration batch.
+
+    Returns:
+      `out` (a path; local, or in a bucket with an `epath.Path`).
+
+    Raises:
+      ValueError: an unknown calibration, or no calibration images.
+      ImportError: onnxruntime is not installed.
+    """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; expected one of {CALIBRATIONS}.")
+    images = np.asarray(calibration_images)
+    if images.ndim != 4 or len(images) == 0 or images.dtype != np.uint8:
+        raise ValueError(
+            "quantize_onnx: calibration_images must be a non-empty uint8 (N, H, W, C) array, "
+            f"got {images.dtype} {images.shape}."
+        )
+    q = _import_quantization()
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self._it = _batches(images, batch_size)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    method = {
+        "minmax": q.CalibrationMethod.MinMax,
+        "entropy": q.CalibrationMethod.Entropy,
+        "percentile": q.CalibrationMethod.Percentile,
+    }[calibration]
+    out = out if hasattr(out, "write_bytes") else pathlib.Path(out)  # a local or bucket path
+    excluded = onnx_export.identity_nodes(model) if float_identity else []
+    with tempfile.TemporaryDirectory() as tmp:
+        # quantize_static writes its shape-inferred copy and calibration model next to the input.
+        src, dst = pathlib.Path(tmp) / "float.onnx", pathlib.Path(tmp) / "int8.onnx"
+        src.write_bytes(model.SerializeToString())
+        q.quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            calibrate_method=method,
+            nodes_to_exclude=excluded,
+            calibration_providers=["CPUExecutionProvider"],
+        )
+        quantized = onnx_export._import_onnx().load(str(dst))
+    _compact(quantized)
+    out.write_bytes(quantized.SerializeToString())
+    return out
+
+
+def _compact(model) -> None:
+    """Drops what a small INT8 file need not carry: shape annotations, long names.
+
+    The quantizer names every tensor it adds after its source
+    (`..._DequantizeLinear_Output`) and keeps the inferred shapes; in a net of
+    a few hundred thousand weights that is a tenth of the file. Tensors get
+    short names (the graph's input and output keep theirs), nodes none.
+    """
+    graph = model.graph
+    del graph.value_info[:]
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        return names.setdefault(name, f"{len(names):x}")
+
+    for tensor in graph.initializer:
+        tensor.name = short(tensor.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+
+
+def zero_tap_shares(folded: FoldedNet, *, per_channel: bool = True) -> list[dict]:
+    """Per Dirac block conv, the share of its `W` taps that symmetric int8 rounds to zero.
+
+    `folded` must come from `fold.fold(..., identity_apart=True)`, so each
+    `"dirac_conv"` step holds the identity scale `s a` and the rest
+    `s b W_norm` apart. A tap of the rest rounds to zero when it is below half
+    a step, `max |w| / 254`, where the max runs over the output filter
+    (`per_channel`) or the whole kernel, of:
+
+    * `naive`: the summed kernel `s (a I + b W_norm)`, as a plain export
+      quantizes it;
+    * `apart`: the rest alone, as the identity-apart export quantizes it.
+
+    Returns:
+      One `{"layer", "shape", "naive", "apart", "centre_ratio"}` per Dirac
+      conv; `centre_ratio` is the median over filters of `|s a|` over the
+      largest `|s b W_norm|` tap.
+    """
+    rows = []
+    for index, (step, p) in enumerate(zip(folded.steps, folded.params, strict=True)):
+        if step.kind != "dirac_conv":
+            continue
+        rest = np.asarray(p["kernel"], np.float64)
+        scale = np.asarray(p["scale"], np.float64)
+        sources = step.args[2]
+        total = rest.copy()
+        k_h, k_w = rest.shape[0] // 2, rest.shape[1] // 2
+        for j, row in enumerate(sources):
+            for i in row:
+                if i >= 0:
+                    total[k_h, k_w, i, j] += scale[j]
+        rest_max = np.abs(rest).max(axis=(0, 1, 2))
+        ratio = np.abs(scale) / np.maximum(rest_max, 1e-30)
+        rows.append(
+            {
+                "layer": index,
+                "shape": tuple(int(v) for v in rest.shape),
+                "naive": _rounded_to_zero(rest, total, per_channel),
+                "apart": _rounded_to_zero(rest, rest, per_channel),
+                "centre_ratio": float(np.median(ratio)),
+            }
+        )
+    return rows
+
+
+def _rounded_to_zero(taps: np.ndarray, kernel: np.ndarray, per_channel: bool) -> float:
+    """The share of `taps` below half the int8 step of `kernel` (symmetric, max / 127)."""
+    axes = (0, 1, 2) if per_channel else (0, 1, 2, 3)
+    half_step = np.abs(kernel).max(axis=axes, keepdims=True) / 254.0
+    return float(np.mean(np.abs(taps) < half_step))
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """The share of examples whose top-1 class is the reference's."""
+    return float(np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)))
+
+
+def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Relative logit error `||logits - reference||_F / ||reference||_F`."""
+    reference = np.asarray(reference, np.float64)
+    return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))

@@ -1,0 +1,236 @@
+"""Tests for the INT8 deploy: the identity-apart fold, its ONNX graph, onnxruntime's QDQ file.
+
+The quick tests use untrained nets with non-trivial BN statistics; the slow
+ones train a DiracNet and its plain twin for a few dozen steps on real
+Fashion-MNIST and go through the user's commands.
+"""
+
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _bn import random_bn_stats
+
+from configs import fashion_mnist_dirac
+from dirac_jax import data, export, fold, models, onnx_export, quantize, train
+from dirac_jax.bench.fold import random_variables
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+SIDE = {"input_shape": (28, 28, 1), "pad": ((2, 2), (2, 2)), "mean": (0.3,), "std": (0.35,)}
+
+
+def _variables(model, seed=0):
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 1)), train=False)
+    params = jax.tree.map(  # away from init: a != 1, b != 0.1, a non-zero classifier
+        lambda v: v + 0.2 * jax.random.normal(jax.random.key(seed + 1), v.shape, v.dtype),
+        variables["params"],
+    )
+    return {"params": params, "batch_stats": random_bn_stats(variables["batch_stats"], seed)}
+
+
+def _run(model_proto, images):
+    session = ort.InferenceSession(
+        model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {onnx_export.INPUT_NAME: images})[0]
+
+
+@pytest.mark.parametrize("name", ["diracnet", "diracnet_v1"])
+def test_identity_apart_fold_and_onnx_compute_the_folded_net(name):
+    model = models.get_model(name, depth=10, width=0.25, num_classes=7)
+    variables = _variables(model)
+    whole = fold.fold(model, variables)
+    apart = fold.fold(model, variables, identity_apart=True)
+    kinds = [s.kind for s in apart.steps]
+    # Every block conv of a Dirac net keeps its identity apart; the stem conv has none.
+    assert kinds.count("dirac_conv") == 6 and kinds.count("conv") == 1
+    assert [k.replace("dirac_conv", "conv") for k in kinds] == [s.kind for s in whole.steps]
+    x = jax.random.normal(jax.random.key(3), (3, 32, 32, 1))
+    expected = fold.apply_folded(whole, x)
+    np.testing.assert_allclose(fold.apply_folded(apart, x), expected, atol=2e-5, rtol=1e-5)
+    # The kernel apart is the whole kernel less the scaled delta: the largest tap goes.
+    k_whole, k_apart = whole.params[3]["kernel"], apart.params[3]["kernel"]
+    assert float(jnp.abs(k_apart).max()) < 0.5 * float(jnp.abs(k_whole).max())
+
+    proto = onnx_export.to_onnx(apart, **SIDE)
+    assert onnx_export.identity_nodes(proto)  # Mul (and Gather) of the identity, named
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    mean, std = jnp.asarray(SIDE["mean"]), jnp.asarray(SIDE["std"])
+    xx = (jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))) / 255.0 - mean) / std
+    np.testing.assert_allclose(
+        _run(proto, images), fold.apply_folded(whole, xx), atol=2e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("plain", dict(depth=10, width=0.25)), ("mobilenet", dict(width=0.125))],
+)
+def test_identity_apart_changes_nothing_without_an_identity(name, kwargs):
+    model = models.get_model(name, num_classes=5, **kwargs)
+    variables = _variables(model)
+    whole = fold.fold(model, variables)
+    apart = fold.fold(model, variables, identity_apart=True)
+    assert apart.steps == whole.steps
+    for p, q in zip(apart.params, whole.params, strict=True):
+        assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), p, q))
+
+
+def test_identity_term_selects_and_scales_source_channels():
+    x = jnp.arange(2 * 1 * 1 * 3, dtype=jnp.float32).reshape(2, 1, 1, 3) + 1
+    scale = jnp.asarray([2.0, 3.0, 5.0, 7.0])
+    # out 0 and 1 read inputs 0 and 1; out 2 reads 2 and 0 (a repeat delta); out 3 nothing.
+    sources = ((0, -1), (1, -1), (2, 0), (-1, -1))
+    got = fold.identity_term(x, scale, sources)
+    want = jnp.stack([x[..., 0] * 2, x[..., 1] * 3, (x[..., 2] + x[..., 0]) * 5, 0 * x[..., 0]], -1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_zero_tap_shares_count_the_taps_the_centre_step_erases():
+    model = models.get_model("diracnet", depth=10, width=1.0, num_classes=10)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 1)), 0)
+    split = fold.fold(model, variables, identity_apart=True)
+    rows = quantize.zero_tap_shares(split)
+    assert len(rows) == 6
+    for row in rows:
+        assert 0.0 <= row["apart"] <= row["naive"] <= 1.0
+    # A tap below half the step of the summed kernel rounds to zero, by definition:
+    index = [s.kind for s in split.steps].index("dirac_conv")
+    step, p = split.steps[index], split.params[index]
+    p = {**p, "scale": jnp.full_like(p["scale"], 1e6)}  # an identity that dwarfs every W tap
+    net = fold.FoldedNet(params=(p,), steps=(step,))
+    (row,) = quantize.zero_tap_shares(net)
+    assert row["naive"] == 1.0 and row["apart"] < 0.01
+
+
+def test_int8_file_is_quantized_and_small(tmp_path):
+    # Untrained DiracNet-10-1 (the size does not depend on training): QDQ with int8 weights.
+    model = models.get_model("diracnet", depth=10, width=1.0, num_classes=10)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 1)), 0)
+    float_proto = onnx_export.to_onnx(fold.fold(model, variables), **SIDE)
+    apart = onnx_export.to_onnx(fold.fold(model, variables, identity_apart=True), **SIDE)
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
+    out = quantize.quantize_onnx(apart, tmp_path / "q.onnx", calib)
+    q = onnx.load(str(out))
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    inits = {t.name: t for t in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 8
+    for conv in convs:  # every weight is an int8 initializer behind a DequantizeLinear
+        dq = producers[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+    # The identity's Mul stays float32: its constant is a float initializer, not dequantized.
+    muls = [n for n in q.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 6
+    assert all(inits[m.input[1]].data_type == onnx.TensorProto.FLOAT for m in muls)
+    assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert out.stat().st_size <= 0.3 * len(float_proto.SerializeToString())
+    # And it computes the float net's function, to int8 precision.
+    images = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    assert quantize.logit_error(logits, _run(float_proto, images)) < 0.05
+
+
+def test_quantize_rejects_bad_input(tmp_path):
+    model = models.get_model("diracnet", depth=10, width=0.25, num_classes=3)
+    proto = onnx_export.to_onnx(fold.fold(model, _variables(model)), **SIDE)
+    images = np.zeros((1, 28, 28, 1), np.uint8)
+    with pytest.raises(ValueError, match="unknown calibration 'kl'"):
+        quantize.quantize_onnx(proto, tmp_path / "q.onnx", images, calibration="kl")
+    with pytest.raises(ValueError, match="non-empty uint8"):
+        quantize.quantize_onnx(proto, tmp_path / "q.onnx", np.zeros((1, 28, 28, 1), np.float32))
+
+
+# --- trained runs, through the user's commands ---------------------------------------
+
+
+def _train(path, name):
+    config = fashion_mnist_dirac.get_config()
+    config.model.name = name
+    config.model.width = 1.0
+    config.num_train_steps = 40
+    config.learning_rate = 0.3
+    config.eval_every_steps = 40
+    config.log_every_steps = 20
+    config.fold_check_images = 0
+    train.train_and_evaluate(config, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not FASHION_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    return {name: _train(tmp_path_factory.mktemp(name), name) for name in ("diracnet", "plain")}
+
+
+def _cli(module, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_int8_export_and_evaluate_commands_keep_the_predictions(runs, tmp_path):
+    path = runs["diracnet"]
+    out = tmp_path / "m.int8.onnx"
+    result = _cli(
+        "dirac_jax.export",
+        f"--workdir={path}",
+        "--format=onnx",
+        "--quantize=int8",
+        "--calibration_images=256",
+        f"--out={out}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    float_out = export.export_workdir(path, "onnx", tmp_path / "m.onnx")
+    assert out.stat().st_size <= 0.3 * float_out.stat().st_size
+    result = _cli("dirac_jax.evaluate", f"--workdir={path}", f"--onnx={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "onnx: top-1" in result.stdout and "agree" in result.stdout
+    written = json.loads((path / "eval.json").read_text())
+    m, folded = written["onnx"], written["folded"]
+    assert m["count"] == 10_000 and m["top1"] <= m["top5"]
+    assert m["agree"] >= 0.98
+    assert abs(m["top1"] - folded["top1"]) <= 0.01
+
+
+@pytest.mark.slow
+def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
+    test = data.load("fashion_mnist", split="test")
+    images = np.asarray(test.images[:2000])
+    errors = {}
+    for name, path in runs.items():
+        model, variables, config = export.workdir.load(path)
+        float_proto = export.onnx_model(model, variables, config)
+        calib = export.calibration_images(config, 256)
+        graph = export.onnx_model(model, variables, config, identity_apart=True)
+        out = quantize.quantize_onnx(graph, tmp_path / f"{name}.onnx", calib)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+        reference = _run(float_proto, images)
+        errors[name] = quantize.logit_error(logits, reference)
+        assert quantize.agreement(logits, reference) >= 0.98
+    assert errors["diracnet"] <= 2 * errors["plain"], errors
