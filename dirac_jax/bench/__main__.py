@@ -3,7 +3,17 @@
 import importlib
 import sys
 
-_SUITES = ("bf16", "compile", "cpu_flags", "device_check", "fold", "input", "train")
+_SUITES = (
+    "bf16",
+    "compile",
+    "cpu_flags",
+    "deploy",
+    "device_check",
+    "fold",
+    "input",
+    "int8",
+    "train",
+)
 
 
 def main(argv=None):
