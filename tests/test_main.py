@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +62,30 @@ def test_recipes_match_the_papers():
     assert plainnet.get_config().max_norm > 0
 
 
-def _run_main(*flags, timeout=120):
+def _run_main(*flags, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "dirac_jax.main", "--config=configs/cifar_dirac.py", *flags]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _main_in_process(capsys, *argv) -> tuple[int, str]:
+    """`python -m dirac_jax.main --config=configs/cifar_dirac.py ARGV` in this process.
+
+    Returns its exit status and stderr; the flags are restored afterwards.
+    """
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from dirac_jax import main as cli
+
+    argv = ["main", f"--config={ROOT / 'configs' / 'cifar_dirac.py'}", *argv]
+    # The config flag reads its `--config.FIELD` overrides from sys.argv.
+    with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["main"])
+    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -80,15 +101,24 @@ def _run_main(*flags, timeout=120):
         ),
     ],
 )
-def test_bad_config_exits_with_one_clear_error(tmp_path, flags, message):
-    result = _run_main(f"--workdir={tmp_path / 'run'}", *flags)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: "), result.stderr[-2000:]
-    assert message in result.stderr
+def test_bad_config_exits_with_one_clear_error(tmp_path, capsys, flags, message):
+    status, stderr = _main_in_process(capsys, f"--workdir={tmp_path / 'run'}", *flags)
+    assert status == 1
+    assert "Traceback" not in stderr
+    assert stderr.startswith("error: "), stderr[-2000:]
+    assert message in stderr
     if "Could not load" not in message:  # the missing-data message lists the ways to fix it
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_config_through_the_command_line(tmp_path):
+    # The one subprocess smoke test of the error path: exit status, one line, no traceback.
+    result = _run_main(f"--workdir={tmp_path / 'run'}", "--config.model.depth=30")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "depth 30 is not valid for the CIFAR DiracNet" in result.stderr
 
 
 def test_default_workdir():
@@ -120,7 +150,7 @@ def test_imagenet_without_its_data_says_how_to_build_it(tmp_path):
         ),
     ],
 )
-def test_bad_multiprocess_flags_exit_with_one_clear_error(tmp_path, flags, message):
-    result = _run_main(f"--workdir={tmp_path / 'run'}", *flags)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+def test_bad_multiprocess_flags_exit_with_one_clear_error(tmp_path, capsys, flags, message):
+    status, stderr = _main_in_process(capsys, f"--workdir={tmp_path / 'run'}", *flags)
+    assert status == 1 and "Traceback" not in stderr
+    assert stderr.startswith("error: ") and message in stderr, stderr
