@@ -3,9 +3,60 @@
 PyTorch is optional. The two modules that import it at the top are not collected
 for doctests without it; the tests that use them skip themselves
 (`pytest.importorskip("torch")`).
+
+`SLOW` lists the tests that train a model, start command lines or worker
+processes, or share a fixture that does: each takes over about 20 s on 2 CPU
+cores. They get the `slow` marker here, in one place, so `pytest -m "not slow"`
+is the quick loop. A new test that trains marks itself `@pytest.mark.slow`.
 """
+
+import fnmatch
+
+import pytest
 
 try:
     import torch  # noqa: F401
 except ImportError:
     collect_ignore = ["dirac_jax/bench/_torch_reference.py", "tests/_reference_torch.py"]
+
+SLOW = (
+    # Trained workdirs (module- and session-scoped fixtures) and the command lines on them.
+    "tests/test_export.py::test_load_restores_the_trained_model",
+    "tests/test_export.py::test_evaluate_*",
+    "tests/test_export.py::test_onnx_export_in_onnxruntime_equals_jax_and_the_summary",
+    "tests/test_export.py::test_stablehlo_export_is_the_whole_classifier",
+    "tests/test_export.py::test_reference_export_names_what_it_needs",
+    "tests/test_symmetric.py::test_soft_run_*",
+    "tests/test_symmetric.py::test_residual_run_*",
+    "tests/test_symmetric.py::test_hard_symmetric_wrn_trains_through_the_cli_and_folds",
+    "tests/test_reproduce.py::test_smoke_*",
+    "tests/test_reproduce.py::test_depth_medians_are_over_the_seeds",
+    "tests/test_reproduce.py::test_rerun_*",
+    "tests/test_reproduce.py::test_symmetric_reports_*",
+    "tests/test_interop.py::test_load_reference_folded_*",
+    "tests/test_interop.py::test_export_reference_folded_*",
+    # Runs of the trainer: resume, preemption, NaN, corrupt and partial checkpoints.
+    "tests/test_checkpoint.py::test_corrupt_checkpoint_*",
+    "tests/test_checkpoint.py::test_partial_step_*",
+    "tests/test_checkpoint.py::test_resume_refuses_*",
+    "tests/test_checkpoint.py::test_nan_loss_*",
+    "tests/test_checkpoint.py::test_*sigterm*",
+    "tests/test_train.py::test_train_step_on_8_devices_equals_1_device",
+    "tests/test_train.py::test_two_processes_*",
+    "tests/test_train.py::test_tfds_array_record_source_trains_end_to_end",
+    "tests/test_train.py::test_fashion_mnist_learns_and_writes_every_artifact",
+    "tests/test_reference_training.py::*",
+    # Command lines and worker processes started from scratch.
+    "tests/test_main.py::test_bad_config_through_the_command_line",
+    "tests/test_main.py::test_imagenet_without_its_data_says_how_to_build_it",
+    "tests/test_input_pipeline.py::test_data_position_with_worker_processes",
+    "tests/test_input_pipeline.py::test_global_batches_do_not_depend_on_host_split_or_workers",
+    "tests/test_bench.py::test_bench_compile_reports_ratios_of_one_run",
+    "tests/test_bench.py::test_torch_candidates_train_the_same_model",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(fnmatch.fnmatch(item.nodeid, pattern) for pattern in SLOW):
+            item.add_marker(pytest.mark.slow)
