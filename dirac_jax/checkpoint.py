@@ -9,18 +9,25 @@ For device-resident data the step alone fixes where a resumed run continues; a
 streamed input also saves its Grain iterator's position (below), and the trainer
 checks that it agrees with the step.
 
+A save interrupted by preemption leaves a partial step: a local
+`<step>.orbax-checkpoint-tmp-*` directory, or on GCS a step directory without
+orbax's commit marker. It never holds a usable checkpoint and never blocks a
+run: `create_manager` has orbax remove it (`cleanup_tmp_directories`, orbax's
+own finalization check) and logs one line naming it; the run resumes from the
+latest complete step.
+
 Failure modes, each one exception with one message that says what to do:
 
-* `CheckpointError`: a checkpoint that cannot be restored (corrupt, partial or
-  from a different model), or a directory under `checkpoints/` that is not a
-  finished checkpoint (an interrupted save). Nothing is deleted or overwritten;
-  the message names the directory to move away.
+* `CheckpointError`: a complete checkpoint that cannot be restored (corrupt,
+  or from a different model). Nothing is deleted or overwritten; the message
+  names the directory to move away.
 * `NonFiniteLossError`: training produced a NaN or Inf. The trainer checks the
   state is finite before every save, so the last checkpoint stays a good one.
 
-A checkpoint step directory holds two items: `state` (the `TrainState`) and,
-for streamed input, `data` (the Grain iterator's position, one JSON file per
-process, saved by Grain's own orbax handler `grain.checkpoint.CheckpointSave`).
+A checkpoint step directory holds `state` (the `TrainState`) and, for streamed
+input, `data` (the Grain iterator's own state, one JSON file per process, saved
+by Grain's orbax handler `grain.checkpoint.CheckpointSave`) and `data_origin`
+(the step that iterator began at and its number of workers, orbax JSON).
 
 Preemption: `Preemption.reached(step)`, polled at every step, says when to
 save and stop. With several processes it is JAX's preemption sync point (via
@@ -51,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -68,8 +77,7 @@ CHECKPOINT_DIR = "checkpoints"
 # The items of a checkpoint step directory: the TrainState, and the input position.
 STATE_ITEM = "state"
 DATA_ITEM = "data"
-# orbax writes a checkpoint into "<step>.orbax-checkpoint-tmp..." and renames it when done.
-_TMP_MARKER = ".orbax-checkpoint-tmp"
+DATA_ORIGIN_ITEM = "data_origin"
 
 
 class CheckpointError(RuntimeError):
@@ -91,6 +99,8 @@ def create_manager(
     """An orbax `CheckpointManager` for `workdir/checkpoints`, keeping the last `keep` steps.
 
     The caller decides when to save (`save`), so no save interval is set here.
+    Opening it removes the partial steps of interrupted saves (logged, one
+    line): open it only in the run that writes the workdir, not beside one.
 
     Args:
       workdir: the run's directory; created if missing.
@@ -109,27 +119,35 @@ def create_manager(
     if keep < 1:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}.")
     directory = checkpoint_dir(workdir)
+    # Partial steps of an interrupted save, by orbax's own test (a tmp name locally, no
+    # commit marker on GCS); orbax removes exactly these when the manager opens.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
     )
     try:
-        return ocp.CheckpointManager(directory, options=options)
+        partial = sorted(ocp.path.step.tmp_checkpoints(epath.Path(directory)))
+        mngr = ocp.CheckpointManager(directory, options=options)
     except Exception as e:
         raise CheckpointError(
             f"cannot open the checkpoint directory {directory} ({type(e).__name__}: {e}). "
             "Fix or move it away, or start a new --workdir."
         ) from e
-
-
-def _unfinished_entries(mngr: ocp.CheckpointManager) -> list[pathlib.Path]:
-    """Directories under the checkpoint dir that are not finished checkpoints."""
-    directory = pathlib.Path(mngr.directory)
-    steps = {str(s) for s in mngr.all_steps()}
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_dir() and (_TMP_MARKER in p.name or (p.name.isdigit() and p.name not in steps))
-    )
+    if partial:
+        latest = mngr.latest_step()
+        logging.warning(
+            "Skipped the partial checkpoint%s %s in %s (a save interrupted by preemption; "
+            "removed); %s.",
+            "s" if len(partial) > 1 else "",
+            ", ".join(partial),
+            directory,
+            "no complete checkpoint remains"
+            if latest is None
+            else f"resuming from the latest complete step, {latest}",
+        )
+    return mngr
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int]:
@@ -145,22 +163,16 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> tuple[Any, int
       there is no checkpoint.
 
     Raises:
-      CheckpointError: the latest checkpoint cannot be restored, or an unfinished
-        save was left in the directory. The message names the step directory and
-        what to do; nothing is deleted. After a failed restore orbax's abandoned
-        reads may still report `RuntimeError('Event loop is closed')` from their
-        threads for a moment; this module leaves the process's hooks alone, and
-        the command lines drop those reports (`dirac_jax._cli`).
+      CheckpointError: the latest complete checkpoint cannot be restored. The
+        message names the step directory and what to do; nothing is deleted.
+        (Partial steps never get here: `create_manager` skips them.) After a
+        failed restore orbax's abandoned reads may still report
+        `RuntimeError('Event loop is closed')` from their threads for a moment;
+        this module leaves the process's hooks alone, and the command lines drop
+        those reports (`dirac_jax._cli`).
     """
-    directory = pathlib.Path(mngr.directory)
+    directory = epath.Path(mngr.directory)
     mngr.wait_until_finished()  # this manager's own saves in flight are not partial ones
-    unfinished = _unfinished_entries(mngr)
-    if unfinished:
-        raise CheckpointError(
-            f"{unfinished[0]} is a partial checkpoint (an interrupted save?). It is left "
-            "untouched: move or delete it to resume from the latest complete checkpoint, or "
-            "start a new --workdir."
-        )
     step = mngr.latest_step()
     if step is None:
         return template, 0
@@ -197,48 +209,62 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: Any = None) -
       mngr: from `create_manager`.
       step: the training step.
       state: the pytree to save (asynchronously if the manager is async).
-      data: None, or a Grain iterator whose state is saved as item `data`
-        (`grain.checkpoint.CheckpointSave`: one small JSON file per process,
-        written before this returns, so it is the position at `step`).
+      data: None, or the input's `TrainBatches` (`dirac_jax.input_pipeline`).
+        With a Grain iterator (`data.checkpoint_item`), its state is saved as
+        item `data` (`grain.checkpoint.CheckpointSave`: one small JSON file per
+        process, written before this returns, so it is the position at `step`)
+        and `data.origin` as item `data_origin`.
     """
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
-    if data is not None:
+    if data is not None and data.checkpoint_item is not None:
         import grain
 
-        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
+        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data.checkpoint_item)
+        items[DATA_ORIGIN_ITEM] = ocp.args.JsonSave(data.origin)
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore_data(mngr: ocp.CheckpointManager, step: int, iterator: Any) -> bool:
-    """Restores the Grain iterator state saved with checkpoint `step` into `iterator`.
+def restore_data(mngr: ocp.CheckpointManager, step: int, batches: Any) -> bool:
+    """Places `batches` at the input position saved with checkpoint `step`.
+
+    Grain restores its iterator's own state (`set_state`, for any number of
+    worker processes) into the iterator `batches.prepare_restore` rebuilds from
+    the saved `data_origin`.
 
     Args:
       mngr: from `create_manager`.
       step: a finished checkpoint's step.
-      iterator: a Grain iterator of the same pipeline, not yet started.
+      batches: the input's `TrainBatches`, not yet started.
 
     Returns:
-      True if restored; False if the checkpoint holds no input position for
-      this process (a device-resident run, or a run with another number of
-      processes), in which case the caller places the input by the step.
+      True if restored; False if the checkpoint holds no input position that
+      fits (a device-resident run, another number of processes or of Grain
+      workers), in which case the caller places the input by the step (`seek`).
 
     Raises:
       CheckpointError: the saved position exists but cannot be read.
     """
     import grain
 
-    directory = pathlib.Path(mngr.directory) / str(step) / DATA_ITEM
+    if batches.origin is None:  # device-resident: the step alone places the input
+        return False
+    step_dir = epath.Path(mngr.directory) / str(step)
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not (directory / name).is_file():
+    if not (step_dir / DATA_ITEM / name).exists() or not (step_dir / DATA_ORIGIN_ITEM).exists():
         return False
     try:
-        restore = grain.checkpoint.CheckpointRestore(iterator)
+        origin = mngr.restore(
+            step, args=ocp.args.Composite(**{DATA_ORIGIN_ITEM: ocp.args.JsonRestore()})
+        )[DATA_ORIGIN_ITEM]
+        if not batches.prepare_restore(dict(origin), step):
+            return False
+        restore = grain.checkpoint.CheckpointRestore(batches.checkpoint_item)
         mngr.restore(step, args=ocp.args.Composite(**{DATA_ITEM: restore}))
     except Exception as e:
         raise CheckpointError(
-            f"the input position {directory / name} cannot be restored "
+            f"the input position {step_dir / DATA_ITEM / name} cannot be restored "
             f"({type(e).__name__}: {e}). Move or delete the step directory "
-            f"{directory.parent} to resume from an earlier checkpoint, or start a new --workdir."
+            f"{step_dir} to resume from an earlier checkpoint, or start a new --workdir."
         ) from None
     return True
 

@@ -18,10 +18,19 @@ devices or workers. A host decodes only the rows its devices hold
 (`process_rows`), which need not be contiguous in the global batch: `jax.make_mesh`
 orders devices by the physical topology. `shard_batch` places each device's rows.
 
-Resume: the streamed position is the Grain iterator's state, saved with every
-checkpoint (`TrainBatches.checkpoint_item`, see `dirac_jax.checkpoint.save`);
-`TrainBatches.seek(step)` places a fresh iterator at any step. Each streamed
-batch carries its step, and a batch whose step is not the expected one raises.
+Resume: the streamed position is the Grain iterator's own state
+(`get_state`/`set_state`, which Grain supports for any number of worker
+processes), saved with every checkpoint together with where that iterator
+began and how many workers it ran on (`TrainBatches.checkpoint_item`,
+`TrainBatches.origin`, see `dirac_jax.checkpoint.save`). `TrainBatches.seek(step)`
+places the input at any step without a saved state, by starting a new Grain
+iterator at that step (the batches are a function of the step alone). Each
+streamed batch carries its step, and a batch whose step is not the expected one
+raises.
+
+Grain's worker processes ignore SIGTERM: a scheduler that signals the whole
+process group (SLURM, Kubernetes, TPU maintenance) reaches the trainer, which
+saves and stops them; a worker whose trainer is gone exits by itself.
 
 Example (the training loop's use)::
 
@@ -39,6 +48,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -118,16 +131,29 @@ class TrainBatches(Protocol):
     Attributes:
       checkpoint_item: what a checkpoint saves as the data position (a Grain
         iterator), or None when the step alone fixes it.
+      origin: with `checkpoint_item`, a JSON-able dict saved beside it: the
+        step the iterator began at and its number of worker processes.
       position: the step whose batch `next` returns.
     """
 
     checkpoint_item: Any
+    origin: dict | None
     position: int
 
     def __next__(self) -> tuple: ...
 
     def seek(self, step: int) -> None:
         """Makes the next batch the one of `step`."""
+
+    def prepare_restore(self, origin: dict, step: int) -> bool:
+        """Rebuilds the iterator that a checkpoint's state (saved with `origin`) restores into.
+
+        Returns False, and changes nothing, if that state does not fit this
+        input (another number of workers); the caller then `seek`s.
+        """
+
+    def close(self) -> None:
+        """Stops any worker processes."""
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +272,7 @@ class _IndexBatches:
     """`(arrays, idx)` of each step: the position is the step, nothing to checkpoint."""
 
     checkpoint_item = None
+    origin = None
 
     def __init__(self, inputs: InMemoryInput):
         self._inputs = inputs
@@ -267,6 +294,13 @@ class _IndexBatches:
         idx = self._order[offset * inputs.batch_size : (offset + 1) * inputs.batch_size]
         self.position += 1
         return (inputs.train, shard_batch(inputs.mesh, idx))
+
+    def prepare_restore(self, origin: dict, step: int) -> bool:
+        del origin, step
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------
@@ -453,17 +487,43 @@ class _EvalBatchMaker:
         return {"image": images, "label": labels, "mask": mask}
 
 
-def _grain_iter(maker, length: int, num_workers: int):
+def _grain_iter(maker, start: int, stop: int, num_workers: int):
+    """A Grain iterator of `maker(i)` for `i` in `[start, stop)`, decoded by `num_workers`."""
     import grain
 
-    ds = grain.MapDataset.range(length).map(maker)
+    ds = grain.MapDataset.range(start, stop).map(maker)
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
     )
     if num_workers > 0:
         _default_grain_worker_flag()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_init_worker
+        )
     return iter(ds)
+
+
+def _init_worker(index: int, count: int) -> None:
+    """Runs first in each Grain worker process: ignore SIGTERM, exit when orphaned.
+
+    A SIGTERM sent to the whole process group is the trainer's to handle (it
+    saves a checkpoint, then stops its workers through Grain); a worker killed
+    by it would turn that save into a traceback. The process is Grain's, made
+    for this input, so its signal disposition is this module's to set. A
+    watchdog thread ends the worker once its parent is gone, as the default
+    SIGTERM would have.
+    """
+    del index, count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-watchdog", daemon=True
+    ).start()
+
+
+def _exit_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(0)
 
 
 def _default_grain_worker_flag() -> None:
@@ -518,22 +578,29 @@ class StreamedInput:
         self.eval_rows = process_rows(sharding, self.eval_batch_size)
 
     def train_batches(self) -> TrainBatches:
+        return _StreamBatches(self)
+
+    def _train_iter(self, first_step: int):
         maker = _TrainBatchMaker(
             self.train_source, self.train_rows, self.seed, self.batch_size, self.image_size
         )
-        return _StreamBatches(_grain_iter(maker, _MAX_STEPS, self.num_workers), self)
+        return _grain_iter(maker, first_step, _MAX_STEPS, self.num_workers)
 
     def eval_batches(self) -> Iterator[tuple]:
         maker = _EvalBatchMaker(
             self.test_source, self.eval_rows, self.eval_batch_size, self.image_size
         )
         num_batches = -(-self.num_test // self.eval_batch_size)
-        for batch in _grain_iter(maker, num_batches, self.num_workers):
-            yield (
-                shard_batch(
-                    self.mesh, batch, rows=self.eval_rows, global_size=self.eval_batch_size
-                ),
-            )
+        batches = _grain_iter(maker, 0, num_batches, self.num_workers)
+        try:
+            for batch in batches:
+                yield (
+                    shard_batch(
+                        self.mesh, batch, rows=self.eval_rows, global_size=self.eval_batch_size
+                    ),
+                )
+        finally:
+            _close(batches)
 
     def fold_check_images(self, limit: int) -> np.ndarray:
         count = min(limit, self.num_test)
@@ -543,19 +610,53 @@ class StreamedInput:
         return np.asarray(data.normalize(images, self.name))
 
 
-class _StreamBatches:
-    """Grain's iterator of host batches, checked for its step and placed on the mesh."""
+def _close(iterator) -> None:
+    """Stops a Grain iterator's worker processes now, not at garbage collection."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
-    def __init__(self, iterator, inputs: StreamedInput):
-        self.checkpoint_item = iterator
-        self.position = 0
+
+class _StreamBatches:
+    """Grain's iterator of host batches, checked for its step and placed on the mesh.
+
+    The Grain iterator runs over the steps from `first_step` on (0 for a run
+    from scratch, the resume step after a `seek`) and is created on first use,
+    so placing it starts no worker process twice.
+    """
+
+    def __init__(self, inputs: StreamedInput):
         self._inputs = inputs
+        self._iterator = None
+        self.first_step = 0
+        self.position = 0
+
+    @property
+    def checkpoint_item(self):
+        """The Grain iterator (its state is the input position a checkpoint saves)."""
+        if self._iterator is None:
+            self._iterator = self._inputs._train_iter(self.first_step)
+        return self._iterator
+
+    @property
+    def origin(self) -> dict:
+        return {"first_step": self.first_step, "num_workers": self._inputs.num_workers}
 
     def seek(self, step: int) -> None:
-        import grain
+        self.close()
+        self.first_step = self.position = step
 
-        grain.experimental.set_next_index(self.checkpoint_item, step)
-        self.position = step
+    def prepare_restore(self, origin: dict, step: int) -> bool:
+        if origin.get("num_workers") != self._inputs.num_workers:
+            return False
+        self.close()
+        self.first_step, self.position = int(origin["first_step"]), step
+        return True
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            _close(self._iterator)
+            self._iterator = None
 
     def __iter__(self):
         return self

@@ -44,7 +44,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -106,6 +108,25 @@ __all__ = [
     "validate_config",
     "weight_decay_mask",
 ]
+
+# Config fields a resumed run may change: they decide what is logged, evaluated, saved and
+# how the input is read, never which steps are taken. A change to any other field (model,
+# data, batch, seed, optimizer, schedule, steps, precision, ...) makes another run.
+RESUMABLE_FIELDS = (
+    "async_checkpointing",
+    "checkpoint_every_steps",
+    "dataset.data_dir",
+    "dataset.num_workers",
+    "eval_batch_size",
+    "eval_every_steps",
+    "fold_check_images",
+    "keep_checkpoints",
+    "log_every_steps",
+)
+# Test hook: DIRAC_JAX_TEST_SIGTERM=STEP (or STEP:group) makes the trainer send SIGTERM to
+# itself (to its process group) right after step STEP, so that preemption tests stop at a
+# chosen step instead of after a sleep.
+SIGTERM_TEST_ENV = "DIRAC_JAX_TEST_SIGTERM"
 
 
 class ConfigError(ValueError):
@@ -833,17 +854,79 @@ def _config_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def _check_config_against_workdir(config, workdir: pathlib.Path, resuming: bool) -> None:
-    """Records the config; on resume, warns about fields that differ from the recorded one."""
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_config_against_workdir(config, workdir, *, resuming: bool, record: bool) -> str:
+    """On resume, refuses a config that would train another run; records the config.
+
+    Args:
+      config: the validated config of this run.
+      workdir: the run directory; its `config.json` is the recorded config.
+      resuming: whether the workdir holds a checkpoint this run continues.
+      record: write `config.json` (one process of a multi-process run).
+
+    Returns:
+      The changed fields that keep the run, as `"name (old -> new), ..."`, or "".
+
+    Raises:
+      ConfigError: resuming with a field outside `RESUMABLE_FIELDS` changed: one
+        line naming the fields, the recorded config and a new --workdir.
+    """
     path = workdir / CONFIG_FILE
     current = _config_json(config)
-    if resuming and path.is_file() and path.read_text() != current:
-        old, new = json.loads(path.read_text()), json.loads(current)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        logging.warning(
-            "Resuming in %s with a config that differs from the recorded one in %s.", workdir, diff
-        )
-    path.write_text(current)
+    accepted = ""
+    if resuming and path.exists():
+        recorded = _with_defaults(ml_collections.ConfigDict(json.loads(path.read_text())))
+        old, new = _flat(json.loads(_config_json(recorded))), _flat(json.loads(current))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        trajectory = [k for k in changed if k not in RESUMABLE_FIELDS]
+
+        def listed(keys):
+            return ", ".join(f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in keys)
+
+        if trajectory:
+            raise ConfigError(
+                f"{workdir} holds a run with another config: {listed(trajectory)} would change "
+                f"its training. Resume with the recorded config ({path}), or start a new --workdir."
+            )
+        accepted = listed(changed)
+    if record:
+        path.write_text(current)
+    return accepted
+
+
+def _sigterm_test_hook() -> Callable[[int], None]:
+    """The `SIGTERM_TEST_ENV` hook: called after every step; sends SIGTERM after the chosen one."""
+    value = os.environ.get(SIGTERM_TEST_ENV, "")
+    if not value:
+        return lambda step: None
+    at, _, scope = value.partition(":")
+    if not at.isdigit() or scope not in ("", "group"):
+        raise ValueError(f"{SIGTERM_TEST_ENV} must be STEP or STEP:group, got {value!r}.")
+
+    def hook(step: int) -> None:
+        if step != int(at):
+            return
+        if scope == "group":  # as SLURM, Kubernetes and TPU maintenance events do
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        else:
+            signal.raise_signal(signal.SIGTERM)
+
+    return hook
 
 
 def _format(values: dict) -> str:
@@ -906,27 +989,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mngr = checkpoint.create_manager(
         workdir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
     )
+    batches = None
     try:
+        # Before any restore or step: a resume must be the same run (every process checks).
+        accepted = _check_config_against_workdir(
+            config, workdir, resuming=mngr.latest_step() is not None, record=chief
+        )
         state, start_step = checkpoint.restore_latest(mngr, state)
         batches = inputs.train_batches()
-        data_item = batches.checkpoint_item
-        if data_item is not None and start_step:
-            restored = checkpoint.restore_data(mngr, start_step, data_item)
-        else:
-            restored = False
+        restored = bool(start_step) and checkpoint.restore_data(mngr, start_step, batches)
         # The restored Grain state places the stream; without one, the step does. Either
         # way the next batch must be the one of `start_step` (checked batch by batch).
         if not restored:
             batches.seek(start_step)
-        batches.position = start_step
-        if chief:
-            _check_config_against_workdir(config, workdir, resuming=start_step > 0)
         if start_step:
             logging.info(
-                "Resumed from %s at step %d%s.",
+                "Resumed from %s at step %d%s%s.",
                 checkpoint.checkpoint_dir(workdir),
                 start_step,
                 " with the saved input position" if restored else "",
+                f"; changed fields that keep the run: {accepted}" if accepted else "",
             )
         logging.info(
             "%s: %d params, %d steps (%d per epoch), batch %d on %d devices.",
@@ -937,6 +1019,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief
         )
     finally:
+        if batches is not None:
+            batches.close()
         mngr.wait_until_finished()
         mngr.close()
     state, step, preempted, last_eval = result
@@ -1037,7 +1121,7 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
                 f"the training state has NaN or Inf values at step {step}; not saving it. "
                 f"{last_good()} Lower config.learning_rate and start a new --workdir."
             )
-        checkpoint.save(mngr, step, state, data=batches.checkpoint_item)
+        checkpoint.save(mngr, step, state, data=batches)
 
     def run_eval(step):
         nonlocal last_log_time, last_eval
@@ -1070,11 +1154,13 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
 
     step = start_step
     preempted = False
+    sigterm_test_hook = _sigterm_test_hook()
     try:
         with checkpoint.Preemption(mngr) as preemption:
             for step in range(start_step + 1, num_steps + 1):
                 state, step_metrics = train_fn(state, *next(batches))
                 pending.append((step, step_metrics))
+                sigterm_test_hook(step)
                 bar.update()
                 is_last = step == num_steps
                 do_log = step % log_every == 0 or is_last

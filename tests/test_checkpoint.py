@@ -1,7 +1,8 @@
 """Tests for dirac_jax.checkpoint and the trainer's resume, preemption and failure paths.
 
-The resume test interrupts a real `python -m dirac_jax.main` run with SIGTERM and
-checks the resumed run ends bit-identical to an uninterrupted one.
+The resume tests interrupt a real `python -m dirac_jax.main` run with SIGTERM at a chosen
+step (the trainer's test hook, `train.SIGTERM_TEST_ENV`: no sleeps, no timing) and check
+the resumed run ends bit-identical to an uninterrupted one.
 """
 
 import hashlib
@@ -9,11 +10,9 @@ import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import _image_data
 import _multihost_worker
@@ -49,7 +48,8 @@ def _saved_tree(workdir, step):
         mngr.close()
 
 
-def _digest(directory: pathlib.Path) -> dict[str, str]:
+def _digest(directory) -> dict[str, str]:
+    directory = pathlib.Path(directory)  # a local checkpoint_dir, walked recursively
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.rglob("*"))
@@ -103,7 +103,7 @@ def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
     manifest.write_bytes(manifest.read_bytes()[:10])  # a torn write
     before = _digest(ckpt_dir)
     with pytest.raises(checkpoint.CheckpointError) as info:
-        train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2), tmp_path)
+        train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
     message = str(info.value)
     assert str(ckpt_dir / "4") in message
     assert "move or delete that step directory" in message and "new --workdir" in message
@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_raises_one_clear_error_and_is_not_touched(tmp_path):
     assert _digest(ckpt_dir) == before  # nothing overwritten, nothing added
     # The command line says the same in one line on stderr, with no traceback.
     cli = subprocess.run(
-        [*_main(tmp_path, 8), "--config.lr_boundaries=()", "--config.checkpoint_every_steps=2"],
+        [*_main(tmp_path, 4), "--config.lr_boundaries=()", "--config.checkpoint_every_steps=2"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
@@ -141,15 +141,73 @@ def test_restore_leaves_the_process_hooks_alone(tmp_path, monkeypatch):
     np.testing.assert_array_equal(restored["x"], state["x"])
 
 
-def test_partial_save_directory_raises_and_is_left_alone(tmp_path):
-    train.train_and_evaluate(_tiny(2, checkpoint_every_steps=2), tmp_path)
-    partial = checkpoint.checkpoint_dir(tmp_path) / "4.orbax-checkpoint-tmp-1234"
-    partial.mkdir()
-    (partial / "half_written").write_bytes(b"\0" * 10)
-    with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(partial))):
-        train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
-    assert (partial / "half_written").read_bytes() == b"\0" * 10
-    assert not (checkpoint.checkpoint_dir(tmp_path) / "4").exists()
+def _write_partial_step(workdir, step) -> pathlib.Path:
+    """What a save interrupted by preemption leaves: orbax's tmp directory, half written."""
+    partial = pathlib.Path(checkpoint.checkpoint_dir(workdir)) / f"{step}.orbax-checkpoint-tmp-99"
+    (partial / checkpoint.STATE_ITEM).mkdir(parents=True)
+    (partial / checkpoint.STATE_ITEM / "half_written").write_bytes(b"\0" * 10)
+    return partial
+
+
+def test_partial_step_is_skipped_and_the_run_resumes(tmp_path, caplog, monkeypatch):
+    train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path / "full")
+    monkeypatch.setenv(train.SIGTERM_TEST_ENV, "2")  # preempted after step 2, saved there
+    assert train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path / "run")[
+        "preempted"
+    ]
+    monkeypatch.delenv(train.SIGTERM_TEST_ENV)
+    ckpt_dir = pathlib.Path(checkpoint.checkpoint_dir(tmp_path / "run"))
+    complete = _digest(ckpt_dir / "2")
+    partial = _write_partial_step(tmp_path / "run", 4)
+    with caplog.at_level("WARNING"):
+        summary = train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path / "run")
+    skipped = [r.getMessage() for r in caplog.records if "partial checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and partial.name in skipped[0], skipped
+    assert "resuming from the latest complete step, 2" in skipped[0]
+    assert summary["step"] == 4 and not partial.exists()
+    assert _digest(ckpt_dir / "2") == complete  # the complete step is kept as it was
+    for a, b in zip(
+        jax.tree.leaves(_saved_tree(tmp_path / "full", 4)),
+        jax.tree.leaves(_saved_tree(tmp_path / "run", 4)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# A resume is the same run, or refused.
+
+
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(train.SIGTERM_TEST_ENV, "2")
+    first = train.train_and_evaluate(_tiny(4, checkpoint_every_steps=0), tmp_path)
+    assert first["preempted"] and first["step"] == 2
+    monkeypatch.delenv(train.SIGTERM_TEST_ENV)
+    recorded = (tmp_path / train.CONFIG_FILE).read_text()
+    before = _digest(checkpoint.checkpoint_dir(tmp_path))
+    changed = _tiny(4, checkpoint_every_steps=0, learning_rate=0.05, seed=1)
+    changed.model.width = 0.5
+    with pytest.raises(train.ConfigError) as info:
+        train.train_and_evaluate(changed, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    for field in ("learning_rate (0.1 -> 0.05)", "seed (0 -> 1)", "model.width (0.25 -> 0.5)"):
+        assert field in message, message
+    assert str(tmp_path / train.CONFIG_FILE) in message and "new --workdir" in message
+    # Refused before any step: nothing written, the recorded config kept.
+    assert [r["step"] for r in metrics.read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2]
+    assert _digest(checkpoint.checkpoint_dir(tmp_path)) == before
+    assert (tmp_path / train.CONFIG_FILE).read_text() == recorded
+    # Fields that do not change the trajectory are accepted and recorded.
+    harmless = _tiny(
+        4, checkpoint_every_steps=1, log_every_steps=2, eval_every_steps=3, keep_checkpoints=5,
+        fold_check_images=0, eval_batch_size=64, async_checkpointing=False,
+    )  # fmt: skip
+    harmless.dataset.num_workers = 2
+    summary = train.train_and_evaluate(harmless, tmp_path)
+    assert summary["step"] == 4 and summary["fold_max_abs_error"] is None
+    now = json.loads((tmp_path / train.CONFIG_FILE).read_text())
+    assert now["log_every_steps"] == 2 and now["dataset"]["num_workers"] == 2
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +215,9 @@ def test_partial_save_directory_raises_and_is_left_alone(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    train.train_and_evaluate(_tiny(4, checkpoint_every_steps=2), tmp_path)
+    monkeypatch.setenv(train.SIGTERM_TEST_ENV, "4")  # preempted after step 4, saved there
+    assert train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2), tmp_path)["preempted"]
+    monkeypatch.delenv(train.SIGTERM_TEST_ENV)
     good = _saved_tree(tmp_path, 4)
     # Poison the loss from now on: the resumed run's first step (step 5) diverges.
     loss = train.cross_entropy_loss
@@ -178,8 +238,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert checkpoint.all_finite(after)
     # And the kept checkpoint resumes: an unpoisoned rerun finishes from it.
     monkeypatch.setattr(train, "cross_entropy_loss", loss)
-    summary = train.train_and_evaluate(_tiny(6, checkpoint_every_steps=2), tmp_path)
-    assert summary["step"] == 6 and np.isfinite(summary["test_loss"])
+    summary = train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2), tmp_path)
+    assert summary["step"] == 8 and np.isfinite(summary["test_loss"])
 
 
 # ---------------------------------------------------------------------------
@@ -203,19 +263,29 @@ def test_sigterm_then_rerun_resumes_bit_exactly(tmp_path):
     _check_sigterm_resume(tmp_path, _main, num_steps=50, interrupt_after=8)
 
 
-def test_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(tmp_path, image_tree):
-    # configs/imagenet_dirac.py end to end on real JPEGs, one Grain worker process: the
-    # input position (the worker's iterator state) is saved with every checkpoint.
+@pytest.mark.slow
+def test_group_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(tmp_path, image_tree):
+    # configs/imagenet_dirac.py end to end on real JPEGs with two Grain worker processes:
+    # the SIGTERM reaches the whole process group (workers included), the input position
+    # (the workers' interleaved iterator state) is saved with the checkpoint, and the
+    # rerun skips a partial step and resumes from the saved one.
     def command(workdir, num_steps):
         return _image_data.imagenet_cli(
-            image_tree, workdir, num_steps, "--config.dataset.num_workers=1",
+            image_tree, workdir, num_steps, "--config.dataset.num_workers=2",
             "--config.checkpoint_every_steps=5",
         )  # fmt: skip
 
-    _check_sigterm_resume(tmp_path, command, num_steps=12, interrupt_after=3, streamed=True)
+    _check_sigterm_resume(
+        tmp_path, command, num_steps=8, interrupt_after=3, streamed=True, group=True
+    )
 
 
-def _check_sigterm_resume(tmp_path, command, num_steps, interrupt_after, streamed=False):
+def _check_sigterm_resume(
+    tmp_path, command, num_steps, interrupt_after, streamed=False, group=False
+):
+    """SIGTERM after step `interrupt_after` (to the whole process group if `group`), rerun,
+    and compare with an uninterrupted run; with `streamed`, a partial step is left behind
+    too, as a save cut short by the preemption would."""
     # The checkout first; a PYTHONPATH set outside stays (launch/device_check.sh puts the
     # wheels a host lacked there).
     env = {
@@ -224,31 +294,32 @@ def _check_sigterm_resume(tmp_path, command, num_steps, interrupt_after, streame
     }
     run = dict(cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     full = subprocess.Popen(command(tmp_path / "full", num_steps), **run)
-    broken = subprocess.Popen(command(tmp_path / "broken", num_steps), **run)
-    deadline = time.time() + 180
-    while True:
-        steps = [
-            r["step"] for r in metrics.read_metrics(tmp_path / "broken") if r["kind"] == "train"
-        ]
-        if steps and steps[-1] >= interrupt_after:
-            break
-        assert broken.poll() is None, broken.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run did not reach the interrupt step"
-        time.sleep(0.02)
-    broken.send_signal(signal.SIGTERM)
-    out, err = broken.communicate(timeout=120)
+    hook = f"{interrupt_after}:group" if group else str(interrupt_after)
+    broken = subprocess.Popen(
+        command(tmp_path / "broken", num_steps),
+        **{**run, "env": {**env, train.SIGTERM_TEST_ENV: hook}},
+        start_new_session=True,  # its own process group: the trainer and its Grain workers
+    )
+    out, err = broken.communicate(timeout=300)
     assert broken.returncode == 0, err[-3000:]
+    # Every process of the group got the SIGTERM; none of them left a traceback.
+    assert "Traceback" not in err and "terminated unexpectedly" not in err, err[-3000:]
     stopped = int(re.search(r"preempted at step (\d+); rerun the same command to resume", out)[1])
-    assert interrupt_after <= stopped < num_steps
+    assert stopped == interrupt_after
     assert not (tmp_path / "broken" / train.SUMMARY_FILE).exists()
     mngr = checkpoint.create_manager(tmp_path / "broken")
     assert mngr.latest_step() == stopped  # saved at the preemption step, off the save grid
     mngr.close()
-    data_file = checkpoint.checkpoint_dir(tmp_path / "broken") / str(stopped) / "data"
-    assert (data_file / "process_0-of-1.json").is_file() == streamed
+    data_file = pathlib.Path(checkpoint.checkpoint_dir(tmp_path / "broken")) / str(stopped)
+    assert (data_file / "data" / "process_0-of-1.json").is_file() == streamed
+    if streamed:
+        partial = _write_partial_step(tmp_path / "broken", stopped + 1)
 
     resumed = subprocess.run(command(tmp_path / "broken", num_steps), **run, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if streamed:
+        assert not partial.exists() and "Skipped the partial checkpoint" in resumed.stderr
+        assert "with the saved input position" in resumed.stderr
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
 

@@ -211,11 +211,12 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
     seen = np.concatenate([whole(s)["label"] for s in range(3)])
     assert np.bincount(seen, minlength=4).tolist() == [6, 6, 6, 6]
     reference = [whole(s) for s in range(4)]
-    workers = input_pipeline._grain_iter(whole, 4, num_workers=2)
+    workers = input_pipeline._grain_iter(whole, 0, 4, num_workers=2)
     for expected in reference:
         got = next(workers)
         assert int(got["step"]) == int(expected["step"])
         np.testing.assert_array_equal(got["image"], expected["image"])
+    workers.close()
     # seek: a fresh iterator placed at step 2 yields step 2's batch.
     batches = input_pipeline.StreamedInput(config, train.make_mesh()).train_batches()
     batches.seek(2)
@@ -259,17 +260,47 @@ def test_data_position_is_saved_and_restored_with_the_checkpoint(image_tree, tmp
     for _ in range(3):
         next(batches)
     mngr = checkpoint.create_manager(tmp_path)
-    checkpoint.save(mngr, 3, {"w": jnp.ones(2)}, data=batches.checkpoint_item)
+    checkpoint.save(mngr, 3, {"w": jnp.ones(2)}, data=batches)
     mngr.wait_until_finished()
     assert (tmp_path / "checkpoints" / "3" / "data" / "process_0-of-1.json").is_file()
     resumed = inputs.train_batches()
-    assert checkpoint.restore_data(mngr, 3, resumed.checkpoint_item)
-    resumed.position = 3
+    assert checkpoint.restore_data(mngr, 3, resumed) and resumed.position == 3
     np.testing.assert_array_equal(np.asarray(next(resumed)[0]["image"]), reference[3])
     # A position that disagrees with the training step is caught at the first batch.
     wrong = inputs.train_batches()
-    checkpoint.restore_data(mngr, 3, wrong.checkpoint_item)
+    checkpoint.restore_data(mngr, 3, wrong)
     wrong.position = 2
     with pytest.raises(RuntimeError, match="input pipeline is at step 3 but training is at step 2"):
         next(wrong)
+    mngr.close()
+
+
+def test_data_position_with_worker_processes(image_tree, tmp_path):
+    # Two Grain workers interleave their shards of the steps; the saved position is their
+    # iterator's own state (Grain has no set_next_index for it). A run placed by `seek`
+    # (no saved state) starts its iterator at that step and saves where it began.
+    config = _stream_config(image_tree, **{"dataset.num_workers": 2})
+    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    maker = input_pipeline._TrainBatchMaker(inputs.train_source, inputs.train_rows, 3, 8, 32)
+    reference = [maker(step)["image"] for step in range(8)]
+    mngr = checkpoint.create_manager(tmp_path)
+    batches = inputs.train_batches()
+    batches.seek(2)
+    for step in (2, 3, 4):
+        np.testing.assert_array_equal(np.asarray(next(batches)[0]["image"]), reference[step])
+    checkpoint.save(mngr, 5, {"w": jnp.ones(2)}, data=batches)
+    mngr.wait_until_finished()
+    batches.close()
+    origin = tmp_path / "checkpoints" / "5" / checkpoint.DATA_ORIGIN_ITEM
+    assert origin.is_dir()
+    resumed = inputs.train_batches()
+    assert checkpoint.restore_data(mngr, 5, resumed)
+    assert resumed.position == 5 and resumed.first_step == 2
+    for step in (5, 6, 7):
+        np.testing.assert_array_equal(np.asarray(next(resumed)[0]["image"]), reference[step])
+    resumed.close()
+    # Another worker count cannot take that state: restore_data declines, the step places.
+    config.dataset.num_workers = 0
+    other = input_pipeline.StreamedInput(config, train.make_mesh()).train_batches()
+    assert not checkpoint.restore_data(mngr, 5, other)
     mngr.close()

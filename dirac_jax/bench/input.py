@@ -88,14 +88,14 @@ def run(args) -> dict:
     times = {f"{w} workers": [] for w in workers}
     for r in range(args.repeats):
         for w in workers if r % 2 == 0 else workers[::-1]:
-            iterator = input_pipeline._grain_iter(maker, 1 << 30, num_workers=w)
+            iterator = input_pipeline._grain_iter(maker, 0, 1 << 30, num_workers=w)
             for _ in range(2 + 2 * max(w, 1)):
                 next(iterator)
             start = time.perf_counter()
             for _ in range(args.batches):
                 next(iterator)
             times[f"{w} workers"].append(time.perf_counter() - start)
-            del iterator
+            input_pipeline._close(iterator)
     images = args.batch * args.batches
     stats = {}
     for name, t in times.items():
