@@ -302,8 +302,11 @@ def _check_sigterm_resume(
     )
     out, err = broken.communicate(timeout=300)
     assert broken.returncode == 0, err[-3000:]
-    # Every process of the group got the SIGTERM; none of them left a traceback.
-    assert "Traceback" not in err and "terminated unexpectedly" not in err, err[-3000:]
+    # Every process of the group got the SIGTERM; none died of it. A Grain worker killed by
+    # it leaves its shared-memory batches behind (Python's resource tracker reports them)
+    # and fails the trainer's next read with a traceback.
+    for sign in ("Traceback", "terminated unexpectedly", "leaked shared_memory"):
+        assert sign not in err, err[-3000:]
     stopped = int(re.search(r"preempted at step (\d+); rerun the same command to resume", out)[1])
     assert stopped == interrupt_after
     assert not (tmp_path / "broken" / train.SUMMARY_FILE).exists()
