@@ -12,10 +12,10 @@ identity_apart=True)`): each Dirac block is an INT8 conv of `s b W_norm`, which
 gets a step of its own, plus the exact per-channel scaled input `s a x` in
 float32 (Gather and Mul, left unquantized), plus the bias. Everything else
 (convs, the classifier, adds, pools) is quantized by onnxruntime's
-`quantize_static` in QDQ format: int8 symmetric weights, uint8 activations
-calibrated on training images. The choice between this and quantizing the
-summed kernel was made by measurement (RESULTS.md, `python -m dirac_jax.bench
-int8`).
+`quantize_static` in QDQ format: int8 symmetric weights, int8 activations
+with percentile ranges calibrated on training images. The choice between this
+and quantizing the summed kernel, and of the calibration, was made by
+measurement (RESULTS.md, `python -m dirac_jax.bench int8`).
 
 No int8 kernels are written here: onnxruntime computes, calibrates and inserts
 the QuantizeLinear/DequantizeLinear pairs.
@@ -33,6 +33,7 @@ from dirac_jax import onnx_export
 from dirac_jax.fold import FoldedNet
 
 __all__ = [
+    "ACTIVATIONS",
     "CALIBRATIONS",
     "agreement",
     "logit_error",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("int8", "uint8")
 
 
 def _import_quantization():
@@ -64,16 +66,25 @@ def quantize_onnx(
     calibration_images: np.ndarray,
     *,
     per_channel: bool = True,
-    calibration: str = "minmax",
+    calibration: str = "percentile",
+    activations: str = "int8",
+    reduce_range: bool = False,
     float_identity: bool = True,
     batch_size: int = 64,
 ) -> pathlib.Path:
     """Writes the INT8 (QDQ) version of an exported float32 classifier to `out`.
 
     onnxruntime's `quantize_static`: weights int8 symmetric (per output channel,
-    or one scale per tensor), activations uint8 with ranges calibrated by
-    running `calibration_images` through the float model. The uint8 image input
-    and the float32 logits stay as they are.
+    or one scale per tensor), activations int8 (or uint8) with ranges
+    calibrated by running `calibration_images` through the float model. The
+    uint8 image input and the float32 logits stay as they are.
+
+    The defaults are the measured best for DiracNets (RESULTS.md): the
+    percentile range, since the identity path carries a few large activations
+    from block to block, and int8 activations, since with uint8 ones
+    onnxruntime's x86 kernels without VNNI (AVX2 `vpmaddubsw`) saturate
+    16-bit pair sums of `255 * 127`, which the large Dirac activations reach
+    (`reduce_range=True`, 7-bit weights, is the other way out).
 
     Args:
       model: an `onnx.ModelProto` from `onnx_export.to_onnx` (or
@@ -84,7 +95,9 @@ def quantize_onnx(
       per_channel: one weight scale per output channel (else per tensor).
       calibration: one of `CALIBRATIONS`: the activation range is the min and
         max seen, the one that minimizes the KL divergence of the quantized
-        histogram (`entropy`), or the 99.999th percentile.
+        histogram (`entropy`), or the 0.001th to 99.999th percentile.
+      activations: one of `ACTIVATIONS`, the activations' integer type.
+      reduce_range: 7-bit weights (for uint8 activations on x86 without VNNI).
       float_identity: leave the Dirac identity paths (`onnx_export.IDENTITY_PREFIX`
         nodes, present when the net was folded with `identity_apart=True`) in
         float32, so `s a x` is added exactly.
@@ -99,6 +112,8 @@ def quantize_onnx(
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}; expected one of {CALIBRATIONS}.")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; expected one of {ACTIVATIONS}.")
     images = np.asarray(calibration_images)
     if images.ndim != 4 or len(images) == 0 or images.dtype != np.uint8:
         raise ValueError(
@@ -131,7 +146,8 @@ def quantize_onnx(
             Reader(),
             quant_format=q.QuantFormat.QDQ,
             per_channel=per_channel,
-            activation_type=q.QuantType.QUInt8,
+            activation_type=q.QuantType.QInt8 if activations == "int8" else q.QuantType.QUInt8,
+            reduce_range=reduce_range,
             weight_type=q.QuantType.QInt8,
             calibrate_method=method,
             nodes_to_exclude=excluded,

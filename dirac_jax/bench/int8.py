@@ -11,11 +11,14 @@ int8 weights) and runs them all in onnxruntime on the whole test split:
   `s b W_norm` plus the exact float32 `s a x` (`fold.fold(...,
   identity_apart=True)`; the default of `dirac_jax.export --quantize=int8`);
 
-each with per-channel and per-tensor weight scales and the calibrations
-asked for. Reported: top-1, the share of test predictions equal to the
-float32 model's, the relative logit error `||L_int8 - L_f32|| / ||L_f32||`,
-the file size against float32, and per Dirac layer the share of the `W`
-taps that int8 rounds to zero (`quantize.zero_tap_shares`).
+each with per-channel and per-tensor weight scales, with the setup of a plain
+post-training quantization (uint8 activations, MinMax ranges) and with the
+`dirac_jax.export` default (int8 activations, percentile ranges), and any
+other calibrations asked for. A plain twin has no identity, so its `apart`
+graph is its `naive` one and is measured once. Reported: top-1, the share of
+test predictions equal to the float32 model's, the relative logit error
+`||L_int8 - L_f32|| / ||L_f32||`, the file size against float32, and per
+Dirac layer the share of the `W` taps that int8 rounds to zero (`quantize.zero_tap_shares`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ import numpy as np
 from dirac_jax import data, export, fold, quantize, train, workdir
 from dirac_jax.bench import _timing
 
-__all__ = ["main", "measure_workdir", "report", "run"]
+__all__ = ["SETUPS", "main", "measure_workdir", "report", "run"]
+
+# (activations, calibration) of every candidate graph: plain post-training quantization,
+# then the export default.
+SETUPS = (("uint8", "minmax"), ("int8", "percentile"))
 
 
 def _session(path):
@@ -85,13 +92,19 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
             "per_channel": quantize.zero_tap_shares(split, per_channel=True),
             "per_tensor": quantize.zero_tap_shares(split, per_channel=False),
         }
+    setups = list(SETUPS) + [("int8", c) for c in calibrations if ("int8", c) not in SETUPS]
     for variant, graph in graphs.items():
         for per_channel in (True, False):
-            for calibration in calibrations:
-                out = tmp / f"{variant}-{per_channel}-{calibration}.onnx"
+            for activations, calibration in setups:
+                out = tmp / f"{variant}-{per_channel}-{activations}-{calibration}.onnx"
                 start = time.perf_counter()
                 quantize.quantize_onnx(
-                    graph, out, calib, per_channel=per_channel, calibration=calibration
+                    graph,
+                    out,
+                    calib,
+                    per_channel=per_channel,
+                    calibration=calibration,
+                    activations=activations,
                 )
                 seconds = time.perf_counter() - start
                 logits = _logits(out, images)
@@ -99,6 +112,7 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
                     {
                         "variant": variant,
                         "weights": "per-channel" if per_channel else "per-tensor",
+                        "activations": activations,
                         "calibration": calibration,
                         "top1": float(np.mean(logits.argmax(-1) == labels)),
                         "agree": quantize.agreement(logits, reference),
@@ -119,10 +133,10 @@ def _parse(argv):
     p.add_argument("--workdirs", nargs="+", required=True, help="training workdirs.")
     p.add_argument(
         "--calibrations",
-        nargs="+",
-        default=["minmax"],
+        nargs="*",
+        default=[],
         choices=quantize.CALIBRATIONS,
-        help="activation range rules (default minmax).",
+        help="more activation range rules to measure with int8 activations.",
     )
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
@@ -166,6 +180,7 @@ def report(results) -> str:
                     f"{100 * r['float_top1']:.2f}",
                     q["variant"],
                     q["weights"],
+                    q["activations"],
                     q["calibration"],
                     f"{100 * q['top1']:.2f}",
                     f"{100 * (q['top1'] - r['float_top1']):+.2f}",
@@ -179,6 +194,7 @@ def report(results) -> str:
         "float32 top-1 %",
         "graph",
         "weights",
+        "activations",
         "calibration",
         "INT8 top-1 %",
         "points",
