@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -73,6 +74,33 @@ def test_sections_import_without_the_streamed_input_stack():
         [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+
+
+def test_device_resident_training_resumes_without_the_streamed_input_stack(tmp_path, monkeypatch):
+    # The resume check on an accelerator host, which lacks Grain: a device-resident run is
+    # placed by its step alone, so neither its checkpoints nor its resume may import Grain.
+    import _multihost_worker
+
+    from dirac_jax import checkpoint, train
+
+    for name in ("grain", "tensorflow_datasets", "array_record"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import grain` now raises
+
+    def config(num_steps):
+        c = _multihost_worker.tiny_config(num_steps)
+        c.checkpoint_every_steps, c.lr_boundaries = 2, ()
+        return c
+
+    train.train_and_evaluate(config(4), tmp_path)
+    # Back to the checkpoint of step 2, as if stopped there: the same config resumes.
+    mngr = checkpoint.create_manager(tmp_path)
+    steps = mngr.all_steps()
+    mngr.close()
+    assert 2 in steps and steps[-1] == 4
+    shutil.rmtree(pathlib.Path(checkpoint.checkpoint_dir(tmp_path)) / "4")
+    (tmp_path / train.SUMMARY_FILE).unlink()
+    summary = train.train_and_evaluate(config(4), tmp_path)
+    assert summary["step"] == 4
 
 
 def _wheel(folder, name, version, requires=(), tag="py3-none-any"):
