@@ -3,11 +3,14 @@
 An orbax `CheckpointManager` keeps the last `keep` checkpoints under
 `workdir/checkpoints/<step>`. A checkpoint is the whole `TrainState` pytree:
 `step`, `params`, `opt_state` (the momentum buffers and the schedule count) and
-`batch_stats`. There is no RNG state to save: the trainer derives every random
-number from `(config.seed, step)` and the data order from `(config.seed, epoch)`.
-For device-resident data the step alone fixes where a resumed run continues; a
-streamed input also saves its Grain iterator's position (below), and the trainer
-checks that it agrees with the step.
+`batch_stats`. The workdir may be local or in a bucket (`gs://...`): paths are
+`etils.epath` paths, and orbax writes arrays through tensorstore; on GCS a
+finished step is marked by its `commit_success.txt`. There is no RNG state to
+save: the trainer derives every random number from `(config.seed, step)` and
+the data order from `(config.seed, epoch)`. For device-resident data the step
+alone fixes where a resumed run continues; a streamed input also saves its
+Grain iterator's position (below), and the trainer checks that it agrees with
+the step.
 
 A save interrupted by preemption leaves a partial step: a local
 `<step>.orbax-checkpoint-tmp-*` directory, or on GCS a step directory without
@@ -49,7 +52,7 @@ Example:
 
 from __future__ import annotations
 
-import pathlib
+import os
 import signal
 import threading
 from typing import Any
@@ -60,6 +63,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+
+from dirac_jax import _paths
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -88,13 +93,13 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """The directory holding the step directories of a run."""
-    return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """The directory holding the step directories of a run (local, absolute, or `gs://...`)."""
+    return _paths.resolve(workdir) / CHECKPOINT_DIR
 
 
 def create_manager(
-    workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True
+    workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
     """An orbax `CheckpointManager` for `workdir/checkpoints`, keeping the last `keep` steps.
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import gzip
 import math
-import pathlib
+import os
 import pickle
 import struct
 import tarfile
@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import struct as flax_struct
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "augment",
     "epoch_permutation",
     "eval_batches",
+    "folder_classes",
     "image_shape",
     "load",
     "normalize",
@@ -160,7 +162,7 @@ def load(
     name: str,
     *,
     source: str = "auto",
-    data_dir: str | pathlib.Path | None = None,
+    data_dir: str | os.PathLike | None = None,
     split: str = "train",
     synthetic_size: int | None = None,
     download: bool = False,
@@ -181,7 +183,8 @@ def load(
         read with `tfds.data_source` (no TensorFlow).
         "synthetic": deterministic random data for tests and benchmarks only.
         "auto": the local source for `name`, then "tfds"; the first that works.
-      data_dir: directory holding the data; its meaning depends on `source`.
+      data_dir: directory holding the data, local or in a bucket (`gs://...`); its
+        meaning depends on `source`.
       split: "train" or "test". The "tfds" source also accepts TFDS split strings
         such as "train[:90%]".
       synthetic_size: number of examples for `source="synthetic"` (default 1024
@@ -289,7 +292,7 @@ def _load_synthetic(name: str, split: str, size: int | None) -> ArrayDataset:
 
 
 def _load_tfds(
-    name: str, split: str, data_dir: str | pathlib.Path | None, download: bool
+    name: str, split: str, data_dir: str | os.PathLike | None, download: bool
 ) -> ArrayDataset:
     """A whole split of a TFDS dataset prepared in ArrayRecord format, read without TensorFlow."""
     import tensorflow_datasets as tfds
@@ -327,11 +330,12 @@ def _tfds_data_source(builder, name: str, split: str, *, decode_images: bool):
         ) from None
 
 
-def read_idx(path: str | pathlib.Path, *, expected_magic: int | None = None) -> np.ndarray:
+def read_idx(path: str | os.PathLike, *, expected_magic: int | None = None) -> np.ndarray:
     """Reads an IDX file (the MNIST format), plain or gzip-compressed.
 
     Args:
-      path: the file. Compression is detected from its content, not its name.
+      path: the file, local or in a bucket (`etils.epath`). Compression is
+        detected from its content, not its name.
       expected_magic: if given, the file's 4-byte magic number must equal it, e.g.
         `IDX_IMAGES_MAGIC` (0x00000803) or `IDX_LABELS_MAGIC` (0x00000801).
 
@@ -349,7 +353,7 @@ def read_idx(path: str | pathlib.Path, *, expected_magic: int | None = None) -> 
       >>> read_idx(path, expected_magic=IDX_LABELS_MAGIC)
       array([7, 2, 9], dtype=uint8)
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip magic
         raw = gzip.decompress(raw)
@@ -377,7 +381,7 @@ def read_idx(path: str | pathlib.Path, *, expected_magic: int | None = None) -> 
     return data.astype(dtype.newbyteorder("="))  # a writable copy in native order
 
 
-def _find_file(directory: pathlib.Path, stems: Sequence[str]) -> pathlib.Path | None:
+def _find_file(directory: epath.Path, stems: Sequence[str]) -> epath.Path | None:
     for stem in stems:
         for candidate in (directory / stem, directory / f"{stem}.gz"):
             if candidate.is_file():
@@ -385,9 +389,9 @@ def _find_file(directory: pathlib.Path, stems: Sequence[str]) -> pathlib.Path | 
     return None
 
 
-def _load_idx(name: str, split: str, data_dir: str | pathlib.Path | None) -> ArrayDataset:
-    """MNIST-likes from a directory of IDX files."""
-    directory = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIRS[name])
+def _load_idx(name: str, split: str, data_dir: str | os.PathLike | None) -> ArrayDataset:
+    """MNIST-likes from a directory of IDX files (local or in a bucket)."""
+    directory = epath.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIRS[name])
     prefix = "train" if split == "train" else "t10k"
     # Some mirrors name the files "train-images.idx3-ubyte".
     image_stems = [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]
@@ -422,17 +426,17 @@ def _unpickle_cifar(fileobj: Any, label_key: str, where: str) -> tuple[np.ndarra
     return np.ascontiguousarray(images), np.asarray(batch[label_key], np.int32)
 
 
-def _load_cifar_archive(name: str, split: str, data_dir: str | pathlib.Path | None) -> ArrayDataset:
-    """CIFAR from the python archive, compressed or extracted."""
+def _load_cifar_archive(name: str, split: str, data_dir: str | os.PathLike | None) -> ArrayDataset:
+    """CIFAR from the python archive, compressed or extracted (local or in a bucket)."""
     archive, folder, members, label_key = _CIFAR_ARCHIVES[name]
     wanted = members[split]
     if data_dir is None:
         raise _SourceUnavailable(f"no data_dir given to look for {archive} in")
-    directory = pathlib.Path(data_dir)
+    directory = epath.Path(data_dir)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if (directory / archive).is_file():
         # Streams the members out of the archive: nothing is extracted to disk.
-        with tarfile.open(directory / archive, "r:*") as tar:
+        with (directory / archive).open("rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for member in tar:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted and member.name.startswith(folder):
@@ -446,7 +450,7 @@ def _load_cifar_archive(name: str, split: str, data_dir: str | pathlib.Path | No
         for base_dir in (directory / folder, directory):
             if all((base_dir / m).is_file() for m in wanted):
                 for m in wanted:
-                    with open(base_dir / m, "rb") as f:
+                    with (base_dir / m).open("rb") as f:
                         parts[m] = _unpickle_cifar(f, label_key, str(base_dir / m))
                 break
         else:
@@ -748,8 +752,6 @@ class ImageFolder:
     """
 
     def __init__(self, root, split: str, classes: Sequence[str] | None = None):
-        from etils import epath
-
         split = "val" if split == "validation" else split
         self.root = epath.Path(root)
         directory = self.root / split
@@ -825,7 +827,6 @@ class TfdsImages:
 
     def __init__(self, name: str, split: str, data_dir=None):
         import tensorflow_datasets as tfds
-        from etils import epath
 
         split = "validation" if split == "val" else split
         # Checked first: TFDS logs a warning for every missing folder it looks into.
@@ -851,6 +852,22 @@ class TfdsImages:
 
 
 STREAM_SOURCES = ("folder", "tfds")
+
+
+def folder_classes(root) -> tuple[str, ...]:
+    """The classes of an image tree: the sorted class folder names of `root/train`.
+
+    One listing of `train/` and none of its images: what the validation split
+    alone needs to label its images as training did (`ImageFolder(root, "val",
+    folder_classes(root))`), e.g. for `python -m dirac_jax.evaluate`.
+
+    Raises:
+      DataNotFoundError: there is no `root/train` folder.
+    """
+    directory = epath.Path(root) / "train"
+    if not directory.is_dir():
+        raise DataNotFoundError(_folder_message(root, f"no folder {directory}"))
+    return tuple(sorted(p.name for p in directory.iterdir() if p.is_dir()))
 
 
 def open_stream(name: str, source: str, split: str, data_dir=None, classes=None):

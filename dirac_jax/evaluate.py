@@ -1,6 +1,7 @@
 r"""Evaluate a trained workdir on its test split, unfolded and folded.
 
   python -m dirac_jax.evaluate --workdir=W
+  python -m dirac_jax.evaluate --workdir=W --onnx=model.onnx
 
 Restores only the parameters and BatchNorm statistics of the latest checkpoint
 (not the optimizer state) and loads only the test split. Prints, and writes to
@@ -11,44 +12,69 @@ Small datasets are fed as stored (uint8) through `workdir.preprocess`, the
 input side the exported models carry; ImageNet's validation split comes from
 the training input pipeline (`input_pipeline.StreamedInput`: Grain, the
 center crop, no TensorFlow).
+
+The metrics are the trainer's own (`train.classification_metrics`: strict
+top-k on float32 logits), so `eval.json` and the run's `summary.json` agree,
+bfloat16 runs included. Any number of devices serves: the batch (by default
+the run's `eval_batch_size`) is rounded up to a multiple of this host's
+devices, sharded over them, and the parameters are replicated on them. The
+workdir may be local or in a bucket (`gs://...`, the `gcs` extra).
+
+With `--onnx`, an exported ONNX classifier of the run (float32 or INT8,
+`dirac_jax.export`) is run by onnxruntime on the same stored test images and
+reported beside the JAX nets, with the share of its top-1 predictions that
+agree with the float32 fold's.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import pathlib
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dirac_jax import data, fold, input_pipeline, models, train, workdir
+from dirac_jax import _paths, data, fold, input_pipeline, models, train, workdir
 from dirac_jax._cli import run_workdir_command
 
-__all__ = ["EVAL_FILE", "evaluate_workdir", "main", "metrics_of"]
+__all__ = [
+    "EVAL_FILE",
+    "batch_for_devices",
+    "evaluate_workdir",
+    "main",
+    "metrics_of",
+    "onnx_logits",
+]
 
 EVAL_FILE = "eval.json"
 
 
-def metrics_of(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
-    """Sums of loss, top-1 and top-5 hits over the unmasked examples of a batch."""
-    k = min(5, logits.shape[-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    top_k = jax.lax.top_k(logits, k)[1]
-    top1 = top_k[:, 0] == labels
-    topk = jnp.any(top_k == labels[:, None], axis=-1)
-    return {
-        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-        "top1": jnp.sum(top1 & mask),
-        "top5": jnp.sum(topk & mask),
-        "count": jnp.sum(mask),
-    }
+# Sums of loss, top-1 and top-5 hits over the unmasked examples of a batch: the trainer's
+# eval metrics, the same function, so eval.json and summary.json count alike.
+metrics_of = train.classification_metrics
 
 
-def _small_batches(config, batch_size: int) -> Iterator[tuple]:
+def batch_for_devices(batch_size: int, num_devices: int) -> int:
+    """`batch_size` rounded up to a multiple of `num_devices` (the mesh shards it evenly).
+
+    Examples:
+      >>> batch_for_devices(500, 8), batch_for_devices(100, 16), batch_for_devices(3, 1)
+      (504, 112, 3)
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+    return -(-batch_size // num_devices) * num_devices
+
+
+def _small_batches(config, batch_size: int, mesh) -> Iterator[tuple]:
     """(uint8 stored images, labels, mask) batches of the whole test split, the last padded."""
+    del mesh  # host arrays; the jitted step places them
     source = config.dataset.get("source", "auto") or "auto"
     test = data.load(
         config.dataset.name, source=source, data_dir=config.dataset.get("data_dir"), split="test"
@@ -57,11 +83,15 @@ def _small_batches(config, batch_size: int) -> Iterator[tuple]:
         yield test.images[idx], test.labels[idx], mask
 
 
-def _imagenet_batches(config, batch_size: int) -> Iterator[tuple]:
-    """The validation split streamed by the training input pipeline (Grain, uint8 crops)."""
+def _imagenet_batches(config, batch_size: int, mesh) -> Iterator[tuple]:
+    """The validation split streamed by the training input pipeline (Grain, uint8 crops).
+
+    Only that split is opened: a folder tree's `train/` is listed for its class
+    names, none of its images.
+    """
     config = config.copy_and_resolve_references()
     config.eval_batch_size = batch_size
-    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    inputs = input_pipeline.StreamedInput(config, mesh, train=False)
     for (batch,) in inputs.eval_batches():
         yield batch["image"], batch["label"], batch["mask"]
 
@@ -76,12 +106,41 @@ def _summarize(totals: dict) -> dict:
     }
 
 
-def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict:
+def onnx_logits(session, images: np.ndarray) -> np.ndarray:
+    """Logits of an onnxruntime session of an exported classifier on uint8 images."""
+    (inp,) = session.get_inputs()
+    return session.run(None, {inp.name: np.asarray(images)})[0]
+
+
+def _onnx_session(onnx_path):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(f"--onnx needs onnxruntime ({e}): pip install 'dirac_jax[onnx]'.") from e
+    path = pathlib.Path(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--onnx: no file {path}; write one with python -m dirac_jax.export."
+        )
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for a bad file
+        raise ValueError(f"--onnx: onnxruntime cannot load {path}: {e}") from e
+
+
+def evaluate_workdir(
+    path: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    onnx: str | pathlib.Path | None = None,
+) -> dict:
     """Evaluates the run in `path` on its test split; writes `path/eval.json`.
 
     Args:
-      path: a training workdir.
-      batch_size: images per forward pass.
+      path: a training workdir, local or `gs://...`.
+      batch_size: images per forward pass, rounded up to a multiple of this
+        host's devices (`batch_for_devices`); None: the run's
+        `eval_batch_size`, so the logits are those of the trainer's eval.
 
     Returns:
       `{"step", "dataset", "unfolded": {...}, "folded": {...} or None,
@@ -91,13 +150,22 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
       once), None for a model that does not fold (PlainNet); `symmetrized`,
       the net with its symmetric convs projected by `param.symmetrize`, is
       None unless the run trained with the soft symmetry penalty
-      (`config.symmetry_penalty > 0`).
+      (`config.symmetry_penalty > 0`). With `onnx`, also `"onnx"`: the ONNX
+      file's metrics, its path and `agree`, the share of its top-1 predictions
+      equal to the float32 fold's (the unfolded net's if the model does not
+      fold).
 
     Raises:
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
       data.DataNotFoundError: the test split is not where the config says.
+      FileNotFoundError, ValueError: `onnx` is missing or not loadable.
     """
+    session = None if onnx is None else _onnx_session(onnx)
     model, variables, config, step = workdir.load_run(path)
+    mesh = train.make_mesh(jax.local_devices())
+    if batch_size is None:
+        batch_size = int(config.get("eval_batch_size") or config.batch_size)
+    batch_size = batch_for_devices(batch_size, mesh.size)
     imagenet = config.dataset.name == train.IMAGENET
     if imagenet:
         prepare: Callable = lambda x: data.normalize(x, config.dataset.name)
@@ -114,15 +182,29 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
         params["symmetrized"] = {**variables, "params": projected}
         nets["symmetrized"] = nets["unfolded"]
 
-    @jax.jit
+    reference = "folded" if "folded" in nets else "unfolded"
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    params = jax.device_put(params, replicated)  # one copy on each of this host's devices
+
+    @functools.partial(jax.jit, in_shardings=(replicated, *[batched] * 3), out_shardings=replicated)
     def step_fn(all_params, images, labels, mask):
         x = prepare(images)
         return {k: metrics_of(nets[k](all_params[k], x), labels, mask) for k in nets}
 
+    @jax.jit
+    def onnx_step(all_params, images, labels, mask, logits):
+        out = metrics_of(logits, labels, mask)
+        expected = nets[reference](all_params[reference], prepare(images))
+        same = jnp.argmax(logits, -1) == jnp.argmax(expected, -1)
+        return {**out, "agree": jnp.sum(same & mask)}
+
     batches = _imagenet_batches if imagenet else _small_batches
     totals = None
-    for images, labels, mask in batches(config, batch_size):
+    for images, labels, mask in batches(config, batch_size, mesh):
         out = step_fn(params, images, labels, mask)
+        if session is not None:
+            logits = onnx_logits(session, images)
+            out["onnx"] = onnx_step(params, images, labels, mask, logits)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.tree.map(np.asarray, totals)
     result = {
@@ -132,8 +214,14 @@ def evaluate_workdir(path: str | pathlib.Path, *, batch_size: int = 500) -> dict
         "unfolded": _summarize(totals["unfolded"]),
         "folded": _summarize(totals["folded"]) if "folded" in totals else None,
         "symmetrized": _summarize(totals["symmetrized"]) if "symmetrized" in totals else None,
+        "batch_size": batch_size,
+        "devices": mesh.size,
     }
-    (pathlib.Path(path) / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    if session is not None:
+        agree = float(totals["onnx"]["agree"]) / int(totals["onnx"]["count"])
+        result["onnx"] = {**_summarize(totals["onnx"]), "agree": agree, "file": str(onnx)}
+        result["onnx_reference"] = reference
+    (_paths.resolve(path) / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -148,19 +236,29 @@ def main(argv=None) -> None:
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
-    flags.DEFINE_integer("batch_size", 500, "Images per forward pass.")
+    flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Images per forward pass, rounded up to a multiple of the devices "
+        "(default: the run's eval_batch_size).",
+    )
+    flags.DEFINE_string("onnx", None, "Also evaluate this exported ONNX model (onnxruntime).")
     flags.mark_flags_as_required(["workdir"])
 
     def run(argv):
         f = flags.FLAGS
         result = run_workdir_command(
-            argv, lambda: evaluate_workdir(f.workdir, batch_size=f.batch_size)
+            argv, lambda: evaluate_workdir(f.workdir, batch_size=f.batch_size, onnx=f.onnx)
         )
         print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
         for name in ("unfolded", "folded", "symmetrized"):
             if result[name] is not None:
                 print(_line(name, result[name]))
-        print(f"written to {pathlib.Path(f.workdir) / EVAL_FILE}", flush=True)
+        if "onnx" in result:
+            m = result["onnx"]
+            agree = f"{m['agree']:.4f} of top-1 as the {result['onnx_reference']} net"
+            print(f"{_line('onnx', m)}  agree {agree}  [{m['file']}]")
+        print(f"written to {_paths.resolve(f.workdir) / EVAL_FILE}", flush=True)
 
     app.run(run, argv)
 

@@ -1,6 +1,7 @@
 r"""Fold a trained workdir and write it as a deployable model.
 
   python -m dirac_jax.export --workdir=W --format=onnx --out=model.onnx
+  python -m dirac_jax.export --workdir=W --format=onnx --quantize=int8 --out=model.int8.onnx
   python -m dirac_jax.export --workdir=W --format=stablehlo --out=model.stablehlo
   python -m dirac_jax.export --workdir=W --format=reference --out=diracnet.pth
 
@@ -13,31 +14,59 @@ kernels, `fold.fold_kernels`), then written:
   ImageNet the eval crop), logits out; padding and normalization inside the
   graph (`dirac_jax.onnx_export`: `to_onnx` for chains, `residual_to_onnx` for
   WRN and ResNet).
+  With `--quantize=int8` the ONNX model is quantized by onnxruntime (QDQ:
+  int8 weights, int8 activations with percentile ranges calibrated on
+  `--calibration_images` training images; `--per_tensor` for one weight
+  scale per tensor). A
+  DiracNet is then folded with its identity kept apart (`fold.fold(...,
+  identity_apart=True)`): INT8 conv of `s b W_norm` plus the exact
+  float32 `s a x`, so the identity's tap does not set the weights' int8 step
+  (`dirac_jax.quantize`).
 * `stablehlo` (every foldable net, residual ones too): the same classifier
   serialized with `jax.export`, any batch size
-  (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`).
+  (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`), for the
+  `--platforms` it names (default: this host's), e.g. `--platforms=cpu,cuda`
+  or `--platforms=tpu` for an artifact written on a CPU host that loads on
+  the accelerator.
 * `reference` (DiracNet chains): the state dict of the published PyTorch
   `DiracNet` module (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
   `torch.save` file, or `.npz` when `--out` ends so. It holds weights only:
   the PyTorch module expects normalized float input.
+
+The workdir, and `--out`, may be local or in a bucket (`gs://...`, the `gcs`
+extra).
 """
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax import data, fold, interop, onnx_export, train, workdir
+from dirac_jax import _paths, data, fold, interop, onnx_export, train, workdir
 from dirac_jax._cli import run_workdir_command
 
-__all__ = ["FORMATS", "classifier", "export_workdir", "fold_workdir", "main"]
+__all__ = [
+    "FORMATS",
+    "PLATFORMS",
+    "QUANTIZE",
+    "calibration_images",
+    "classifier",
+    "export_workdir",
+    "fold_workdir",
+    "main",
+    "onnx_model",
+]
 
 FORMATS = ("onnx", "stablehlo", "reference")
+# What `--platforms` of a StableHLO export may name (`jax.export`'s platform names).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+QUANTIZE = ("none", "int8")
 
 
-def fold_workdir(path: str | pathlib.Path):
+def fold_workdir(path: str | os.PathLike):
     """The trained net of a workdir, folded in float32 (`fold.folded_apply`).
 
     Returns:
@@ -79,10 +108,12 @@ def _pad(config) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2))
 
 
-def _write_reference(folded, out: pathlib.Path) -> None:
+def _write_reference(folded, out) -> None:
     state_dict = interop.export_reference_folded(folded)
+    buffer = io.BytesIO()  # numpy and torch write local files only; epath writes either
     if out.suffix == ".npz":
-        np.savez(out, **state_dict)
+        np.savez(buffer, **state_dict)
+        out.write_bytes(buffer.getvalue())
         return
     try:
         import torch
@@ -91,28 +122,99 @@ def _write_reference(folded, out: pathlib.Path) -> None:
             f"writing {out} with torch.save needs PyTorch ({e}): pip install 'dirac_jax[torch]', "
             "or give --out a .npz name."
         ) from e
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
+    out.write_bytes(buffer.getvalue())
 
 
-def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -> pathlib.Path:
+def onnx_model(model, variables, config, *, identity_apart: bool = False):
+    """The float32 ONNX classifier (`onnx.ModelProto`) of a loaded foldable run.
+
+    `identity_apart` folds a DiracNet's block convs with their identity apart
+    (`fold.fold`); it changes nothing for other nets.
+    """
+    mean, std = data.MEAN_STD[config.dataset.name]
+    side = {"input_shape": workdir.input_shape(config), "pad": _pad(config)}
+    side.update(mean=mean, std=std)  # the uint8 input side of either writer
+    if config.model.name not in train.CHAIN_MODELS:  # the residual writer folds the kernels
+        return onnx_export.residual_to_onnx(model, variables, **side)
+    return onnx_export.to_onnx(fold.fold(model, variables, identity_apart=identity_apart), **side)
+
+
+def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
+    """`count` uint8 images of the run's training split at the stored size, drawn at random.
+
+    Raises:
+      ValueError: `count < 1`, or ImageNet (its training split is streamed, not stored).
+      data.DataNotFoundError: the training split is not where the config says.
+    """
+    if count < 1:
+        raise ValueError(f"--calibration_images must be >= 1, got {count}.")
+    if config.dataset.name == train.IMAGENET:
+        raise ValueError(
+            "INT8 export calibrates on the stored training images of the small datasets; "
+            f"{train.IMAGENET} is streamed. Quantize its float32 ONNX export with "
+            "dirac_jax.quantize.quantize_onnx and your own calibration images."
+        )
+    source = config.dataset.get("source", "auto") or "auto"
+    split = data.load(
+        config.dataset.name, source=source, data_dir=config.dataset.get("data_dir"), split="train"
+    )
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(split.images), size=min(count, len(split.images)), replace=False)
+    return np.asarray(split.images[np.sort(picked)])
+
+
+def export_workdir(
+    path: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    quantize: str = "none",
+    calibration_count: int = 512,
+    per_tensor: bool = False,
+    calibration: str = "percentile",
+    activations: str = "int8",
+    platforms: tuple[str, ...] | None = None,
+) -> os.PathLike:
     """Folds the run in `path` and writes it to `out` in format `fmt`.
 
     Args:
       path: a training workdir.
       fmt: one of `FORMATS` (module docstring).
       out: the file to write; its folder is created.
+      quantize: `"int8"` (format onnx only): the INT8 QDQ model of
+        `dirac_jax.quantize.quantize_onnx`, identity apart for DiracNets.
+      calibration_count: training images that calibrate the INT8 activations.
+      per_tensor: one int8 weight scale per tensor instead of per output channel.
+      calibration: the activation range rule, one of `quantize.CALIBRATIONS`.
+      activations: the INT8 activations' type, one of `quantize.ACTIVATIONS`.
+      platforms: format stablehlo: the `PLATFORMS` the artifact runs on; None:
+        this host's backend.
 
     Returns:
       The path written.
 
     Raises:
-      ValueError: an unknown format, a model that does not fold, or (reference)
-        a net that is not the published ImageNet chain.
+      ValueError: an unknown format or platform, platforms for a format other
+        than stablehlo, a model that does not fold, or (reference) a net that is
+        not the published ImageNet chain.
       ImportError: onnx (format onnx) or torch (reference, not `.npz`) missing.
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown --quantize {quantize!r}; expected one of {QUANTIZE}.")
+    if quantize != "none" and fmt != "onnx":
+        raise ValueError(f"--quantize={quantize} writes ONNX; use it with --format=onnx.")
+    if platforms is not None:
+        platforms = tuple(platforms)
+        unknown = [p for p in platforms if p not in PLATFORMS]
+        if fmt != "stablehlo" or unknown or not platforms:
+            raise ValueError(
+                f"--platforms={','.join(platforms)}: a --format=stablehlo export runs on any of "
+                f"{PLATFORMS}, e.g. --platforms=cpu,cuda (got --format={fmt})."
+            )
     config = workdir.read_config(path)
     chain = config.model.name in train.CHAIN_MODELS
     residual = config.model.name in train.FOLDABLE_MODELS and not chain
@@ -123,22 +225,32 @@ def export_workdir(path: str | pathlib.Path, fmt: str, out: str | pathlib.Path) 
             "--format=stablehlo."
         )
     model, variables, config = _load_foldable(path)
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _paths.resolve(out)
+    if not _paths.is_uri(out):  # a bucket has no folders to create
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx" and quantize == "int8":
+        from dirac_jax import quantize as quantize_lib
+
+        images = calibration_images(config, calibration_count, seed=config.seed)
+        proto = onnx_model(model, variables, config, identity_apart=True)
+        return quantize_lib.quantize_onnx(
+            proto,
+            out,
+            images,
+            per_channel=not per_tensor,
+            calibration=calibration,
+            activations=activations,
+        )
     if fmt == "onnx":
-        mean, std = data.MEAN_STD[config.dataset.name]
-        side = {"input_shape": workdir.input_shape(config), "pad": _pad(config)}
-        side.update(mean=mean, std=std)  # the uint8 input side of either writer
-        if residual:  # the residual writer folds the kernels itself
-            proto = onnx_export.residual_to_onnx(model, variables, **side)
-        else:
-            proto = onnx_export.to_onnx(fold.folded_apply(model, variables)[1], **side)
-        out.write_bytes(proto.SerializeToString())
+        out.write_bytes(onnx_model(model, variables, config).SerializeToString())
         return out
     apply, folded = fold.folded_apply(model, variables)
     if fmt == "stablehlo":
         blob = interop.export_stablehlo(
-            classifier(apply, folded, config), (1, *workdir.input_shape(config)), dtype=jnp.uint8
+            classifier(apply, folded, config),
+            (1, *workdir.input_shape(config)),
+            dtype=jnp.uint8,
+            platforms=platforms,
         )
         out.write_bytes(blob)
     else:
@@ -151,13 +263,38 @@ def main(argv=None) -> None:
 
     flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
     flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
-    flags.DEFINE_string("out", None, "The file to write.")
+    flags.DEFINE_string("out", None, "The file to write (local or gs://...).")
+    flags.DEFINE_list(
+        "platforms", None, f"stablehlo: where the artifact runs, of {PLATFORMS} (default: here)."
+    )
+    flags.DEFINE_enum("quantize", "none", QUANTIZE, "int8: an INT8 (QDQ) ONNX model.")
+    flags.DEFINE_integer("calibration_images", 512, "Training images that calibrate INT8.")
+    flags.DEFINE_boolean("per_tensor", False, "INT8: one weight scale per tensor, not per channel.")
+    flags.DEFINE_enum(
+        "calibration", "percentile", ("minmax", "entropy", "percentile"), "INT8 activation ranges."
+    )
+    flags.DEFINE_enum("activations", "int8", ("int8", "uint8"), "INT8 activations' type.")
     flags.mark_flags_as_required(["workdir", "out"])
 
     def run(argv):
         f = flags.FLAGS
-        written = run_workdir_command(argv, lambda: export_workdir(f.workdir, f.format, f.out))
-        print(f"wrote the folded {f.format} model of {f.workdir} to {written}", flush=True)
+
+        def work():
+            return export_workdir(
+                f.workdir,
+                f.format,
+                f.out,
+                quantize=f.quantize,
+                calibration_count=f.calibration_images,
+                per_tensor=f.per_tensor,
+                calibration=f.calibration,
+                activations=f.activations,
+                platforms=f.platforms,
+            )
+
+        written = run_workdir_command(argv, work)
+        kind = f.format if f.quantize == "none" else f"{f.format} {f.quantize}"
+        print(f"wrote the folded {kind} model of {f.workdir} to {written}", flush=True)
 
     app.run(run, argv)
 

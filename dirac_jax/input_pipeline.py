@@ -548,31 +548,40 @@ class StreamedInput:
     `dataset.image_size` (the crop, default 224), `dataset.num_workers` (Grain
     worker processes per host; 0 decodes in the training process's threads),
     `batch_size`, `eval_batch_size`, `seed`.
+
+    `train=False` opens the validation split alone, labelled by the training
+    split's class folders (`data.folder_classes`), for evaluation: there are no
+    training batches then, and `num_train` and `steps_per_epoch` are 0.
     """
 
     in_memory = False
     augment_in_step = False
 
-    def __init__(self, config, mesh: Mesh):
+    def __init__(self, config, mesh: Mesh, *, train: bool = True):
         dataset = config.dataset
-        self.train_source = data.open_stream(
-            dataset.name, dataset.source, "train", dataset.data_dir
-        )
-        classes = getattr(self.train_source, "classes", None)
+        self.train_source, classes = None, None
+        if train:
+            self.train_source = data.open_stream(
+                dataset.name, dataset.source, "train", dataset.data_dir
+            )
+            classes = getattr(self.train_source, "classes", None)
+        elif dataset.source == "folder" and dataset.data_dir is not None:
+            classes = data.folder_classes(dataset.data_dir)
         self.test_source = data.open_stream(
             dataset.name, dataset.source, "val", dataset.data_dir, classes=classes
         )
         self.mesh = mesh
         self.name = dataset.name
-        self.num_classes = self.train_source.num_classes
+        self.num_classes = (self.train_source if train else self.test_source).num_classes
         self.image_size = int(dataset.image_size)
         self.image_shape = (self.image_size, self.image_size, 3)
         self.num_workers = int(dataset.num_workers)
         self.seed = int(config.seed)
         self.batch_size = int(config.batch_size)
         self.eval_batch_size = int(config.eval_batch_size)
-        self.num_train, self.num_test = len(self.train_source), len(self.test_source)
-        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size)
+        self.num_train = len(self.train_source) if train else 0
+        self.num_test = len(self.test_source)
+        self.steps_per_epoch = data.steps_per_epoch(self.num_train, self.batch_size) if train else 0
         sharding = NamedSharding(mesh, P("data"))
         self.train_rows = process_rows(sharding, self.batch_size)
         self.eval_rows = process_rows(sharding, self.eval_batch_size)

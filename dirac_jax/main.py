@@ -8,6 +8,9 @@ locked, so a misspelt field is an error). Rerunning the same command resumes
 from the latest checkpoint in the workdir. A bad config, missing data, an
 unusable checkpoint or a diverged run exits with status 1 and one `error: ...`
 message on stderr; a SIGTERM saves a checkpoint and exits with status 0.
+The workdir may be in a bucket, `--workdir=gs://BUCKET/runs/NAME` (the `gcs`
+extra: `pip install 'dirac_jax[gcs]'`), which every host of a pod reads and
+writes alike.
 
 Multi-host, one process per host, the same command on every host:
 
@@ -32,6 +35,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dirac_jax import _paths
 from dirac_jax._cli import fail, orbax_echoes_dropped
 
 __all__ = [
@@ -42,7 +46,10 @@ __all__ = [
 ]
 
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, metrics, plots). Default: runs/<config name>."
+    "workdir",
+    None,
+    "Run directory (checkpoints, metrics, plots), local or gs://BUCKET/... "
+    "Default: runs/<config name>.",
 )
 _MULTIHOST = flags.DEFINE_bool(
     "multihost",
@@ -129,7 +136,7 @@ def main(argv) -> None:
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
         return
-    summary_path = pathlib.Path(workdir) / train.SUMMARY_FILE
+    summary_path = _paths.resolve(workdir) / train.SUMMARY_FILE
     print(
         f"done: step {summary['step']}, test accuracy {summary['test_accuracy']:.4f}, "
         f"test loss {summary['test_loss']:.4f}, summary in {summary_path}",

@@ -3,8 +3,10 @@
 `MetricWriter` writes every record twice, as one JSON object per line in
 `workdir/metrics.jsonl` (easy to read back with `read_metrics`) and as
 TensorBoard scalars in `workdir` (tensorboardX). Only process 0 of a
-multi-process run writes. At the end of a run `plot_curves` and
-`plot_dirac_scales` turn the records into `curves.png` and `dirac_scales.png`.
+multi-process run writes. The workdir may be local or in a bucket
+(`gs://...`, through `etils.epath` and the `gcs` extra). At the end of a run
+`plot_curves` and `plot_dirac_scales` turn the records into `curves.png` and
+`dirac_scales.png`.
 
 A record is `{"step": int, "kind": "train" | "eval", ...}`; train records carry
 `train_loss`, `train_accuracy`, `learning_rate`, `images_per_s`; eval records
@@ -27,13 +29,14 @@ import json
 import logging
 import math
 import os
-import pathlib
 import re
 from typing import Any
 
 import jax
 import numpy as np
 import tqdm
+
+from dirac_jax import _paths
 
 __all__ = [
     "CURVES_FILE",
@@ -127,8 +130,13 @@ class MetricWriter:
     unclean stop) are dropped from metrics.jsonl and purged from TensorBoard, so
     each step appears once.
 
+    A bucket object cannot be appended to: in a `gs://` workdir each record
+    rewrites metrics.jsonl whole (one upload per log step), and tensorboardX
+    uploads its event file through google-cloud-storage, which honours
+    `STORAGE_EMULATOR_HOST` like gcsfs.
+
     Args:
-      workdir: the run directory.
+      workdir: the run directory, local or `gs://...`.
       start_step: the step training starts from (0, or the restored step).
       enabled: False on all but process 0.
       tensorboard: also write TensorBoard events.
@@ -136,35 +144,44 @@ class MetricWriter:
 
     def __init__(
         self,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike,
         *,
         start_step: int = 0,
         enabled: bool = True,
         tensorboard: bool = True,
     ):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.path = _paths.resolve(workdir) / METRICS_FILE
         self._file = None
+        self._lines = None  # a bucket's metrics.jsonl, rewritten whole at each record
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = self.path.open("a")
+        kept = [json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= start_step]
+        if _paths.is_uri(self.path):
+            self._lines = kept
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w")
+            self._file.writelines(kept)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             # purge_step drops events of steps >= start_step left by an unclean stop.
             purge = start_step + 1 if start_step else None
-            self._tb = SummaryWriter(str(self.path.parent), purge_step=purge)
+            self._tb = SummaryWriter(os.fspath(self.path.parent), purge_step=purge)
 
     def write(self, record: dict) -> None:
         """Appends one record (needs "step" and "kind"); nested dicts become TB scalar groups."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=True) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
@@ -186,12 +203,12 @@ class MetricWriter:
             self._tb = None
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The records of `workdir/metrics.jsonl` in order (an empty list if there is none).
 
     A torn last line (the process was killed mid-write) is skipped.
     """
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = _paths.resolve(workdir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
@@ -254,7 +271,7 @@ def _figure(ncols: int, width: float = 5.0):
     return plt, fig, axes[0]
 
 
-def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
+def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
     """Train and test loss and accuracy against step, saved as an image at `path`."""
     plt, fig, (ax_loss, ax_acc) = _figure(2)
     for kind, prefix, style in (("train", "train", "-"), ("eval", "test", "o-")):
@@ -271,7 +288,7 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
         ax.legend()
     ax_loss.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -282,7 +299,7 @@ def layer_group(layer: str) -> str:
 
 
 def plot_dirac_scales(
-    records: list[dict], path: str | pathlib.Path, steps_per_epoch: int | None = None
+    records: list[dict], path: str | os.PathLike, steps_per_epoch: int | None = None
 ) -> bool:
     """Per-layer mean `a` and `b` against training time, as DiracNets v2 fig. 2.
 
@@ -321,6 +338,6 @@ def plot_dirac_scales(
                 ax.set_xlabel("epoch" if steps_per_epoch else "step")
     fig.suptitle("per-layer mean a and b (darker: deeper in the group)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return True

@@ -45,7 +45,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import signal
 import time
 from collections.abc import Callable
@@ -61,7 +60,7 @@ from flax.training import train_state as flax_train_state
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dirac_jax import checkpoint, data, input_pipeline, metrics, models, param
+from dirac_jax import _paths, checkpoint, data, input_pipeline, metrics, models, param
 from dirac_jax.checkpoint import CheckpointError, NonFiniteLossError
 from dirac_jax.input_pipeline import put_replicated, shard_batch
 
@@ -86,6 +85,7 @@ __all__ = [
     "FOLDABLE_MODELS",
     "NonFiniteLossError",
     "TrainState",
+    "classification_metrics",
     "compile_steps",
     "create_learning_rate_fn",
     "create_model",
@@ -102,7 +102,6 @@ __all__ = [
     "put_replicated",
     "shard_batch",
     "total_steps",
-    "top_k_correct",
     "train_and_evaluate",
     "train_step",
     "validate_config",
@@ -671,45 +670,54 @@ def eval_step(state: TrainState, batch: dict, *, dataset_name: str) -> dict:
       dataset_name: normalization statistics for uint8 images.
 
     Returns:
-      `{"loss_sum", "correct", "correct5", "count"}` (`correct5`: top-5); sum
-      these over batches, then divide.
+      `classification_metrics` of the batch's logits: `{"loss_sum", "top1",
+      "top5", "count"}`; sum these over batches, then divide.
     """
     images = batch["image"]
     if images.dtype == jnp.uint8:
         images = data.normalize(images, dataset_name)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = state.apply_fn(variables, images, train=False)
-    mask = batch["mask"]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
-    correct5 = top_k_correct(logits, batch["label"], 5) & mask
-    return {
-        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-        "correct": jnp.sum(correct.astype(jnp.int32)),
-        "correct5": jnp.sum(correct5.astype(jnp.int32)),
-        "count": jnp.sum(mask.astype(jnp.int32)),
-    }
+    return classification_metrics(logits, batch["label"], batch["mask"])
 
 
-def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """Whether each label is among the `k` largest logits (all true when `k >= classes`).
+def classification_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+    """Sums over the unmasked examples of a batch: cross-entropy, top-1 and top-5 hits, count.
 
-    Ties at the k-th logit count as correct, so the result does not depend on
-    how `top_k` orders equal values (in the second row below, classes 1-3 tie
-    for second place).
+    The one metrics function of the trainer's eval (`eval_step`) and of
+    `python -m dirac_jax.evaluate`. The logits are cast to float32 first, and a
+    hit is the label among the indices `lax.top_k` returns: strict, so of tied
+    logits (frequent in bfloat16) the lower class index ranks first, the same
+    way in both. Top-5 is top-all for fewer than 5 classes.
+
+    Args:
+      logits: `(N, classes)`, any float dtype.
+      labels: `(N,)` int class indices.
+      mask: `(N,)` bool, False for padding examples.
+
+    Returns:
+      `{"loss_sum": float32, "top1": int32, "top5": int32, "count": int32}`.
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> logits = jnp.array([[0.1, 0.5, 0.2, 0.9], [1.0, 0.0, 0.0, 0.0]])
-      >>> top_k_correct(logits, jnp.array([2, 3]), 2).tolist()
-      [False, True]
-      >>> top_k_correct(logits, jnp.array([1, 3]), 2).tolist()
-      [True, True]
+      >>> logits = jnp.array([[0.1, 0.5, 0.5, 0.9], [1.0, 0.0, 0.0, 0.0]])
+      >>> m = classification_metrics(logits, jnp.array([2, 0]), jnp.array([True, True]))
+      >>> int(m["top1"]), int(m["count"])
+      (1, 2)
+      >>> m = classification_metrics(logits[:1, :3], jnp.array([2]), jnp.array([True]))
+      >>> int(m["top1"])  # classes 1 and 2 tie; the lower index ranks first
+      0
     """
-    k = min(k, logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1]
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return label_logit >= kth
+    logits = logits.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    hits = jax.lax.top_k(logits, k)[1] == labels[:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "top1": jnp.sum((hits[:, 0] & mask).astype(jnp.int32)),
+        "top5": jnp.sum((jnp.any(hits, axis=-1) & mask).astype(jnp.int32)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+    }
 
 
 def _gather(arrays: data.ArrayDataset, idx):
@@ -811,8 +819,8 @@ def evaluate(
         )
     return {
         "test_loss": float(totals["loss_sum"]) / count,
-        "test_accuracy": float(totals["correct"]) / count,
-        "test_top5_accuracy": float(totals["correct5"]) / count,
+        "test_accuracy": float(totals["top1"]) / count,
+        "test_top5_accuracy": float(totals["top5"]) / count,
         "count": count,
     }
 
@@ -935,7 +943,7 @@ def _format(values: dict) -> str:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains, evaluates and checkpoints a model; resumes from `workdir` if it holds a run.
 
     Writes to `workdir`: `checkpoints/`, `metrics.jsonl`, TensorBoard events,
@@ -945,7 +953,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     Args:
       config: see `configs/`; checked by `validate_config` first.
-      workdir: the run directory; rerunning with the same one resumes.
+      workdir: the run directory, local or in a bucket (`gs://...`, the `gcs`
+        extra); rerunning with the same one resumes.
 
     Returns:
       The summary: `test_accuracy`, `test_top5_accuracy`, `test_loss`,
@@ -970,8 +979,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mesh = make_mesh()
     # Data first: a missing dataset fails before anything is written.
     inputs = input_pipeline.create_input(config, mesh)
-    workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _paths.resolve(workdir)  # local (made absolute) or a bucket, gs://...
+    if not _paths.is_uri(workdir):  # a bucket has no folders to create
+        workdir.mkdir(parents=True, exist_ok=True)
     model = create_model(config, inputs.num_classes)
     num_steps = total_steps(config, inputs.steps_per_epoch)
     lr_fn = create_learning_rate_fn(config, inputs.steps_per_epoch)

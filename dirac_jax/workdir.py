@@ -7,6 +7,8 @@ input side of the trained classifier: images as the dataset stores them
 (uint8, NHWC, at their stored size; for ImageNet the 224x224 eval crop) to the
 normalized, padded model input, in pure JAX, so exported models carry it.
 
+The workdir may be local or in a bucket (`gs://...`, the `gcs` extra).
+
 Example (after `python -m dirac_jax.main --config=... --workdir=W`)::
 
   model, variables, config = dirac_jax.load("W")
@@ -16,7 +18,7 @@ Example (after `python -m dirac_jax.main --config=... --workdir=W`)::
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -25,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dirac_jax import checkpoint, data, train
+from dirac_jax import _paths, checkpoint, data, train
 
 __all__ = [
     "Run",
@@ -48,13 +50,13 @@ class WorkdirError(FileNotFoundError):
     """The workdir holds no finished run to load; the message says what is missing."""
 
 
-def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run recorded in `workdir/config.json`.
 
     Raises:
       WorkdirError: there is no `config.json` (not a training workdir).
     """
-    path = pathlib.Path(workdir) / train.CONFIG_FILE
+    path = _paths.resolve(workdir) / train.CONFIG_FILE
     if not path.is_file():
         raise WorkdirError(
             f"{path} does not exist: {workdir} is not a training workdir. Train first with "
@@ -131,7 +133,7 @@ def _abstract(tree) -> Any:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
 
 
-def restore_variables(workdir: str | pathlib.Path) -> tuple[dict, int]:
+def restore_variables(workdir: str | os.PathLike) -> tuple[dict, int]:
     """The parameters and BN statistics of the latest checkpoint in `workdir`, on the host.
 
     Only these entries are read (orbax partial restore): the optimizer state is
@@ -190,7 +192,7 @@ class Run(NamedTuple):
     step: int
 
 
-def load_run(workdir: str | pathlib.Path) -> Run:
+def load_run(workdir: str | os.PathLike) -> Run:
     """`load`, plus the step of the checkpoint it restored."""
     config = read_config(workdir)
     variables, step = restore_variables(workdir)
@@ -204,13 +206,13 @@ def load_run(workdir: str | pathlib.Path) -> Run:
     if got != want:
         raise checkpoint.CheckpointError(
             f"the checkpoint at step {step} in {checkpoint.checkpoint_dir(workdir)} does not hold "
-            f"the variables of the model in {pathlib.Path(workdir) / train.CONFIG_FILE} "
+            f"the variables of the model in {_paths.resolve(workdir) / train.CONFIG_FILE} "
             f"({config.model.name}); was config.json replaced? Restore it or train anew."
         )
     return Run(model, variables, config, step)
 
 
-def load(workdir: str | pathlib.Path) -> tuple[Any, dict, ml_collections.ConfigDict]:
+def load(workdir: str | os.PathLike) -> tuple[Any, dict, ml_collections.ConfigDict]:
     """The trained model of a workdir, for Python users.
 
     Args:

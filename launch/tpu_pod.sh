@@ -8,7 +8,8 @@
 #          launch/tpu_pod.sh configs/imagenet_dirac.py gs://BUCKET/runs/diracnet18 \
 #          --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets --config.dataset.num_workers=96
 # data_dir holds imagenet2012 built once as ArrayRecord (README, "ImageNet"); the workdir and
-# data_dir must be on storage every worker can reach (a GCS bucket).
+# data_dir must be on storage every worker can reach (a GCS bucket); each host installs the
+# project with its gcs extra (gcsfs, google-cloud-storage) for that.
 set -euo pipefail
 CONFIG="${1:?usage: launch/tpu_pod.sh CONFIG WORKDIR [overrides...]}"
 WORKDIR="${2:?usage: launch/tpu_pod.sh CONFIG WORKDIR [overrides...]}"
@@ -22,7 +23,7 @@ set -euo pipefail
 if [ ! -d dirac_jax ]; then git clone -q --branch $BRANCH $REPO dirac_jax; fi
 cd dirac_jax && git fetch -q && git checkout -q $BRANCH && git pull -q
 python3 -m venv .venv && . .venv/bin/activate
-pip install -q -U pip && pip install -q -e . 'jax[tpu]'
+pip install -q -U pip && pip install -q -e '.[gcs]' 'jax[tpu]'
 python -m dirac_jax.main --multihost --config=$CONFIG --workdir=$WORKDIR $OVERRIDES
 EOS
 

@@ -41,3 +41,15 @@ def image_tree(tmp_path_factory):
 def tfds_imagenet(tmp_path_factory, image_tree):
     """The images of `image_tree` as a TFDS imagenet2012 in ArrayRecord format."""
     return write_tfds_imagenet(tmp_path_factory.mktemp("tfds"), image_tree)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local GCS JSON API server (gcp-storage-emulator, the test extra) with one bucket.
+
+    It is started once per test process and serves every `gs://` test (tests/_gcs.py).
+    """
+    import _gcs
+
+    with _gcs.emulator() as bucket:
+        yield bucket
