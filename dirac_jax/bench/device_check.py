@@ -547,6 +547,8 @@ def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
         f"(`tensorboard --logdir profile`) or the `.xplane.pb` in Perfetto/XProf. Files: "
         + ", ".join(f"`{f}`" for f in files)
     )
+    if size > 15 * 2**20:  # remote runners often copy back only smaller files
+        markdown += "\n\nThe trace is over 15 MiB: copy it off the host yourself."
     data_ = {
         "file": target.name,
         "bytes": size,
@@ -586,7 +588,10 @@ def _section_env(section: Section, smoke: bool, cache_dir: str, box: float) -> d
     env["PYTHONUNBUFFERED"] = "1"
     env["DEVICE_CHECK_BOX_S"] = f"{box:.0f}"
     if smoke:
+        # One CPU device, as a user's machine has (a test process may have asked for more).
         env["JAX_PLATFORMS"] = "cpu"
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = " ".join(flags.split())
     if section.name.startswith("train"):
         # PyTorch shares the device with JAX in these two: XLA takes less up front.
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
