@@ -13,24 +13,27 @@ import re
 import subprocess
 import sys
 
+import _image_data
 import jax
 import numpy as np
 import pytest
 from etils import epath
 from test_checkpoint import _check_sigterm_resume, _main, _saved_tree
-from test_train import _finish, _start_two_processes, _train_losses
+from test_train import _finish, _free_port, _train_losses
 
 from dirac_jax import checkpoint, evaluate, interop, metrics, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(module, *args, cwd=ROOT, timeout=300):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+def _env(**extra):
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": pythonpath, **extra}
+
+
+def _run(module, *args, cwd=ROOT, timeout=300, extra_env=None):
     cmd = [sys.executable, "-m", module, *args]
+    env = _env(**(extra_env or {}))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -113,10 +116,60 @@ def test_sigterm_in_a_bucket_then_rerun_resumes_bit_exactly(gcs):
 
 
 @pytest.mark.slow
+def test_a_partial_step_in_a_bucket_is_skipped_and_the_run_resumes(gcs):
+    # On GCS orbax writes a step in place and marks it finished with commit_success.txt; a
+    # save cut short leaves a step without it, which the rerun must skip by itself.
+    root = epath.Path(gcs.root("partial"))
+    full = subprocess.Popen(
+        _main(root / "full", 4), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stopped = _run("dirac_jax.main", *_main(root / "run", 4)[3:], extra_env={
+        train.SIGTERM_TEST_ENV: "2"})  # fmt: skip
+    assert stopped.returncode == 0 and "preempted at step 2" in stopped.stdout, stopped.stderr
+    step_dir = checkpoint.checkpoint_dir(root / "run")
+    assert (step_dir / "2" / "commit_success.txt").is_file()
+    partial = step_dir / "4" / checkpoint.STATE_ITEM / "half_written"
+    partial.write_bytes(b"\0" * 10)  # no commit_success.txt in 4/
+
+    resumed = _run("dirac_jax.main", *_main(root / "run", 4)[3:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Skipped the partial checkpoint" in resumed.stderr
+    assert "resuming from the latest complete step, 2" in resumed.stderr
+    assert (step_dir / "4" / "commit_success.txt").is_file() and not partial.exists()
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    a, b = (_saved_tree(root / d, 4) for d in ("full", "run"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
 def test_two_processes_share_a_bucket_workdir(gcs, image_tree):
-    num_steps = 4
+    # Two processes of 4 devices, as test_train's, decoding in their own threads (no Grain
+    # workers: the same input, fewer processes on a small CPU).
+    num_steps, port = 4, _free_port()
     workdir = epath.Path(gcs.root("two"))
-    _finish(_start_two_processes(image_tree, workdir, num_steps))
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    processes = [
+        subprocess.Popen(
+            _image_data.imagenet_cli(
+                image_tree,
+                workdir,
+                num_steps,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    _finish(processes)
     assert sorted(_train_losses(workdir)) == list(range(1, num_steps + 1))
     step_dir = checkpoint.checkpoint_dir(workdir) / str(num_steps)
     assert (step_dir / "commit_success.txt").is_file()
