@@ -249,10 +249,10 @@ def restore_data(mngr: ocp.CheckpointManager, step: int, batches: Any) -> bool:
     Raises:
       CheckpointError: the saved position exists but cannot be read.
     """
-    import grain
-
     if batches.origin is None:  # device-resident: the step alone places the input
         return False
+    import grain  # only streamed inputs have a position (an accelerator host may lack Grain)
+
     step_dir = epath.Path(mngr.directory) / str(step)
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if not (step_dir / DATA_ITEM / name).exists() or not (step_dir / DATA_ORIGIN_ITEM).exists():
