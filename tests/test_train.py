@@ -269,6 +269,11 @@ def _start_two_processes(tree, workdir, num_steps, sigterm_process_1_after=None)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
+    # No persistent compilation cache: a process that loads its programs from one written by
+    # an earlier two-process run fails its first cross-process collective ("Gloo context
+    # initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out"), here in the rerun.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     envs = [env, dict(env)]
     if sigterm_process_1_after is not None:
         envs[1][train.SIGTERM_TEST_ENV] = str(sigterm_process_1_after)
