@@ -150,7 +150,12 @@ def test_two_processes_share_a_bucket_workdir(gcs, image_tree):
     # workers: the same input, fewer processes on a small CPU).
     num_steps, port = 4, _free_port()
     workdir = epath.Path(gcs.root("two"))
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # No persistent compilation cache, as test_train's two-process run: programs loaded from
+    # one written by an earlier run have failed the first Gloo collective (DEADLINE_EXCEEDED).
+    env = _env(
+        XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_COMPILATION_CACHE="false"
+    )
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     processes = [
         subprocess.Popen(
             _image_data.imagenet_cli(
