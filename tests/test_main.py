@@ -133,7 +133,7 @@ def test_imagenet_without_its_data_says_how_to_build_it(tmp_path):
         sys.executable, "-m", "dirac_jax.main", "--config=configs/imagenet_dirac.py",
         f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path / 'tfds'}",
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "imagenet2012 is not prepared" in result.stderr
