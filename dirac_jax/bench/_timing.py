@@ -55,7 +55,7 @@ def environment() -> dict[str, Any]:
     Examples:
       >>> env = environment()
       >>> sorted(env)[:3]
-      ['backend', 'cpu_count', 'cpu_model']
+      ['backend', 'cpu_count', 'cpu_features']
     """
     device = jax.devices()[0]
     try:
