@@ -23,16 +23,6 @@ _multihost_worker.use_compilation_cache()
 NUM_STEPS = 3
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _tiny(config, image_tree) -> set[str]:
     """Shrinks `config` in place; returns the fields it changed."""
     streamed = config.dataset.name in input_pipeline.STREAMED_DATASETS
@@ -66,7 +56,7 @@ def test_config_starts_at_its_defaults(name, image_tree, tmp_path):
     summary = train.train_and_evaluate(config, tmp_path)
     assert summary["step"] == NUM_STEPS and math.isfinite(summary["test_loss"]), summary
     # The run used the file's defaults in every other field (config.json is what ran).
-    recorded = _flat(json.loads((tmp_path / train.CONFIG_FILE).read_text()))
-    expected = _flat(json.loads(train._config_json(train.validate_config(defaults))))
+    recorded = train._flat(json.loads((tmp_path / train.CONFIG_FILE).read_text()))
+    expected = train._flat(json.loads(train._config_json(train.validate_config(defaults))))
     differ = {k for k in expected if recorded.get(k) != expected[k]}
     assert differ <= changed, differ - changed
