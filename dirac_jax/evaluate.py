@@ -13,7 +13,7 @@ input side the exported models carry; ImageNet's validation split comes from
 the training input pipeline (`input_pipeline.StreamedInput`: Grain, the
 center crop, no TensorFlow).
 
-The metrics are the trainer's own (`train.classification_metrics`: strict
+The metrics are the trainer's own (`steps.classification_metrics`: strict
 top-k on float32 logits), so `eval.json` and the run's `summary.json` agree,
 bfloat16 runs included. Any number of devices serves: the batch (by default
 the run's `eval_batch_size`) is rounded up to a multiple of this host's
@@ -40,11 +40,20 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dirac_jax import _paths, data, fold, input_pipeline, models, train, workdir
+from dirac_jax import (
+    _paths,
+    config_schema,
+    data,
+    fold,
+    input_pipeline,
+    models,
+    sharding,
+    steps,
+    workdir,
+)
 from dirac_jax._cli import run_workdir_command
 
 __all__ = [
-    "EVAL_FILE",
     "batch_for_devices",
     "evaluate_workdir",
     "main",
@@ -52,12 +61,9 @@ __all__ = [
     "onnx_logits",
 ]
 
-EVAL_FILE = "eval.json"
-
-
 # Sums of loss, top-1 and top-5 hits over the unmasked examples of a batch: the trainer's
 # eval metrics, the same function, so eval.json and summary.json count alike.
-metrics_of = train.classification_metrics
+metrics_of = steps.classification_metrics
 
 
 def batch_for_devices(batch_size: int, num_devices: int) -> int:
@@ -162,18 +168,18 @@ def evaluate_workdir(
     """
     session = None if onnx is None else _onnx_session(onnx)
     model, variables, config, step = workdir.load_run(path)
-    mesh = train.make_mesh(jax.local_devices())
+    mesh = sharding.make_mesh(jax.local_devices())
     if batch_size is None:
         batch_size = int(config.get("eval_batch_size") or config.batch_size)
     batch_size = batch_for_devices(batch_size, mesh.size)
-    imagenet = config.dataset.name == train.IMAGENET
+    imagenet = config.dataset.name == config_schema.IMAGENET
     if imagenet:
         prepare: Callable = lambda x: data.normalize(x, config.dataset.name)
     else:
         prepare = lambda x: workdir.preprocess(x, config)
     nets = {"unfolded": lambda v, x: model.apply(v, x, train=False)}
     params = {"unfolded": variables}
-    if config.model.name in train.FOLDABLE_MODELS:
+    if config.model.name in config_schema.FOLDABLE_MODELS:
         nets["folded"], params["folded"] = fold.folded_apply(
             model.clone(dtype=jnp.float32), variables
         )
@@ -221,7 +227,7 @@ def evaluate_workdir(
         agree = float(totals["onnx"]["agree"]) / int(totals["onnx"]["count"])
         result["onnx"] = {**_summarize(totals["onnx"]), "agree": agree, "file": str(onnx)}
         result["onnx_reference"] = reference
-    (_paths.resolve(path) / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    (_paths.resolve(path) / workdir.EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -258,7 +264,7 @@ def main(argv=None) -> None:
             m = result["onnx"]
             agree = f"{m['agree']:.4f} of top-1 as the {result['onnx_reference']} net"
             print(f"{_line('onnx', m)}  agree {agree}  [{m['file']}]")
-        print(f"written to {_paths.resolve(f.workdir) / EVAL_FILE}", flush=True)
+        print(f"written to {_paths.resolve(f.workdir) / workdir.EVAL_FILE}", flush=True)
 
     app.run(run, argv)
 

@@ -45,7 +45,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax import _paths, data, fold, interop, onnx_export, train, workdir
+from dirac_jax import _paths, config_schema, data, fold, interop, onnx_export, workdir
 from dirac_jax._cli import run_workdir_command
 
 __all__ = [
@@ -87,10 +87,10 @@ def fold_workdir(path: str | os.PathLike):
 def _load_foldable(path):
     """`(model in float32, variables, config)` of a run whose model folds; else ValueError."""
     config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
-    if config.model.name not in train.FOLDABLE_MODELS:
+    if config.model.name not in config_schema.FOLDABLE_MODELS:
         raise ValueError(
-            f"the run in {path} trained a {config.model.name!r}, which does not fold; folding, "
-            f"and so export, needs one of {train.FOLDABLE_MODELS}. Evaluate it unfolded with "
+            f"the run in {path} trained a {config.model.name!r}, which does not fold; folding, and "
+            f"so export, needs one of {config_schema.FOLDABLE_MODELS}. Evaluate it unfolded with "
             "python -m dirac_jax.evaluate."
         )
     model, variables, config = workdir.load(path)
@@ -135,7 +135,7 @@ def onnx_model(model, variables, config, *, identity_apart: bool = False):
     mean, std = data.MEAN_STD[config.dataset.name]
     side = {"input_shape": workdir.input_shape(config), "pad": _pad(config)}
     side.update(mean=mean, std=std)  # the uint8 input side of either writer
-    if config.model.name not in train.CHAIN_MODELS:  # the residual writer folds the kernels
+    if config.model.name not in config_schema.CHAIN_MODELS:  # the residual writer folds the kernels
         return onnx_export.residual_to_onnx(model, variables, **side)
     return onnx_export.to_onnx(fold.fold(model, variables, identity_apart=identity_apart), **side)
 
@@ -149,10 +149,10 @@ def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
     """
     if count < 1:
         raise ValueError(f"--calibration_images must be >= 1, got {count}.")
-    if config.dataset.name == train.IMAGENET:
+    if config.dataset.name == config_schema.IMAGENET:
         raise ValueError(
             "INT8 export calibrates on the stored training images of the small datasets; "
-            f"{train.IMAGENET} is streamed. Quantize its float32 ONNX export with "
+            f"{config_schema.IMAGENET} is streamed. Quantize its float32 ONNX export with "
             "dirac_jax.quantize.quantize_onnx and your own calibration images."
         )
     source = config.dataset.get("source", "auto") or "auto"
@@ -216,8 +216,8 @@ def export_workdir(
                 f"{PLATFORMS}, e.g. --platforms=cpu,cuda (got --format={fmt})."
             )
     config = workdir.read_config(path)
-    chain = config.model.name in train.CHAIN_MODELS
-    residual = config.model.name in train.FOLDABLE_MODELS and not chain
+    chain = config.model.name in config_schema.CHAIN_MODELS
+    residual = config.model.name in config_schema.FOLDABLE_MODELS and not chain
     if residual and fmt == "reference":
         raise ValueError(
             f"the run in {path} trained a {config.model.name!r}, a residual net; the reference "

@@ -55,7 +55,6 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P

@@ -116,7 +116,8 @@ def _init_distributed() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from dirac_jax import metrics
+    from dirac_jax import config_schema, metrics
+    from dirac_jax.workdir import SUMMARY_FILE
 
     logging.get_absl_handler().addFilter(metrics.own_info_only)
     _init_distributed()
@@ -124,7 +125,7 @@ def main(argv) -> None:
     from dirac_jax import checkpoint, data, train
 
     config = flags.FLAGS.config
-    expected = (train.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
+    expected = (config_schema.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
     workdir = _WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
@@ -136,7 +137,7 @@ def main(argv) -> None:
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
         return
-    summary_path = _paths.resolve(workdir) / train.SUMMARY_FILE
+    summary_path = _paths.resolve(workdir) / SUMMARY_FILE
     print(
         f"done: step {summary['step']}, test accuracy {summary['test_accuracy']:.4f}, "
         f"test loss {summary['test_loss']:.4f}, summary in {summary_path}",

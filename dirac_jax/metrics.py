@@ -32,20 +32,17 @@ import os
 import re
 from typing import Any
 
-import jax
 import numpy as np
 import tqdm
 
 from dirac_jax import _paths
+from dirac_jax.sharding import host_copy
+from dirac_jax.workdir import METRICS_FILE
 
 __all__ = [
-    "CURVES_FILE",
-    "DIRAC_SCALES_FILE",
-    "METRICS_FILE",
     "MetricWriter",
     "ProgressBar",
     "dirac_scale_means",
-    "host_copy",
     "layer_group",
     "own_info_only",
     "plot_curves",
@@ -53,10 +50,6 @@ __all__ = [
     "pyplot",
     "read_metrics",
 ]
-
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-DIRAC_SCALES_FILE = "dirac_scales.png"
 
 
 def own_info_only(record: logging.LogRecord) -> bool:
@@ -109,18 +102,6 @@ def dirac_scale_means(params: Any) -> dict[str, dict[str, float]]:
     visit(params, ())
     names = sorted(found, key=_natural_key)
     return {"a": {n: found[n][0] for n in names}, "b": {n: found[n][1] for n in names}}
-
-
-def host_copy(x) -> np.ndarray:
-    """A host copy of an array, also of a replicated global array in multi-process runs.
-
-    Examples:
-      >>> host_copy(jax.numpy.ones(2))
-      array([1., 1.], dtype=float32)
-    """
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return np.asarray(x)
 
 
 class MetricWriter:

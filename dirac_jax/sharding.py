@@ -15,7 +15,15 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["make_mesh", "process_rows", "put_replicated", "replicated", "shard_batch"]
+__all__ = [
+    "host_copies",
+    "host_copy",
+    "make_mesh",
+    "process_rows",
+    "put_replicated",
+    "replicated",
+    "shard_batch",
+]
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -102,3 +110,20 @@ def put_replicated(mesh: Mesh, tree):
         lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]),
         tree,
     )
+
+
+def host_copy(x) -> np.ndarray:
+    """A host copy of an array, also of a replicated global array in multi-process runs.
+
+    Examples:
+      >>> host_copy(jax.numpy.ones(2))
+      array([1., 1.], dtype=float32)
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def host_copies(tree):
+    """`host_copy` of every leaf of a pytree of replicated arrays."""
+    return jax.tree.map(host_copy, tree)

@@ -27,9 +27,17 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dirac_jax import _paths, checkpoint, data, train
+from dirac_jax import _paths, checkpoint, data
+from dirac_jax.config_schema import create_model
 
 __all__ = [
+    "CONFIG_FILE",
+    "CURVES_FILE",
+    "DIRAC_SCALES_FILE",
+    "EVAL_FILE",
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "SYMMETRIZED",
     "Run",
     "WorkdirError",
     "input_shape",
@@ -41,6 +49,18 @@ __all__ = [
     "read_config",
     "restore_variables",
 ]
+
+# The files of a run, by the module that writes them. The trainer (`train`):
+CONFIG_FILE = "config.json"  # the validated config, recorded at the start
+SUMMARY_FILE = "summary.json"  # the final metrics, written at the end
+# `metrics`: every train and eval record, and the plots made from them at the end.
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+DIRAC_SCALES_FILE = "dirac_scales.png"
+# `python -m dirac_jax.evaluate`:
+EVAL_FILE = "eval.json"
+# Suffix of the eval metrics of the net projected by `param.symmetrize` (soft symmetry runs).
+SYMMETRIZED = "_symmetrized"
 
 # What evaluation and export need of the training state; the optimizer state stays on disk.
 _RESTORED = ("params", "batch_stats", "step")
@@ -56,7 +76,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     Raises:
       WorkdirError: there is no `config.json` (not a training workdir).
     """
-    path = _paths.resolve(workdir) / train.CONFIG_FILE
+    path = _paths.resolve(workdir) / CONFIG_FILE
     if not path.is_file():
         raise WorkdirError(
             f"{path} does not exist: {workdir} is not a training workdir. Train first with "
@@ -196,7 +216,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
     """`load`, plus the step of the checkpoint it restored."""
     config = read_config(workdir)
     variables, step = restore_variables(workdir)
-    model = train.create_model(config, num_classes(config, variables))
+    model = create_model(config, num_classes(config, variables))
     shape = model_input_shape(config)
     expected = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32), train=False)
@@ -206,7 +226,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
     if got != want:
         raise checkpoint.CheckpointError(
             f"the checkpoint at step {step} in {checkpoint.checkpoint_dir(workdir)} does not hold "
-            f"the variables of the model in {_paths.resolve(workdir) / train.CONFIG_FILE} "
+            f"the variables of the model in {_paths.resolve(workdir) / CONFIG_FILE} "
             f"({config.model.name}); was config.json replaced? Restore it or train anew."
         )
     return Run(model, variables, config, step)

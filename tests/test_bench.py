@@ -96,12 +96,12 @@ def test_torch_candidates_train_the_same_model():
 
 
 def test_half_precision_makes_the_jax_model_bf16():
-    from dirac_jax import train
+    from dirac_jax import config_schema
 
     for half, dtype in [(False, jnp.float32), (True, jnp.bfloat16)]:
         args = bench_train._parse(["--depth", "10"] + ["--half-precision"] * half)
         config = bench_train._config("diracnet", args)
-        assert train.create_model(config, num_classes=10).dtype == dtype
+        assert config_schema.create_model(config, num_classes=10).dtype == dtype
 
 
 def test_failing_optional_candidate_is_skipped_with_its_reason(capsys):

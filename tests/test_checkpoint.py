@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dirac_jax import checkpoint, metrics, train
+from dirac_jax import checkpoint, config_schema, metrics, steps, train, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _multihost_worker.use_compilation_cache()
@@ -183,21 +183,21 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, monkeypatch):
     first = train.train_and_evaluate(_tiny(4, checkpoint_every_steps=0), tmp_path)
     assert first["preempted"] and first["step"] == 2
     monkeypatch.delenv(train.SIGTERM_TEST_ENV)
-    recorded = (tmp_path / train.CONFIG_FILE).read_text()
+    recorded = (tmp_path / workdir.CONFIG_FILE).read_text()
     before = _digest(checkpoint.checkpoint_dir(tmp_path))
     changed = _tiny(4, checkpoint_every_steps=0, learning_rate=0.05, seed=1)
     changed.model.width = 0.5
-    with pytest.raises(train.ConfigError) as info:
+    with pytest.raises(config_schema.ConfigError) as info:
         train.train_and_evaluate(changed, tmp_path)
     message = str(info.value)
     assert "\n" not in message
     for field in ("learning_rate (0.1 -> 0.05)", "seed (0 -> 1)", "model.width (0.25 -> 0.5)"):
         assert field in message, message
-    assert str(tmp_path / train.CONFIG_FILE) in message and "new --workdir" in message
+    assert str(tmp_path / workdir.CONFIG_FILE) in message and "new --workdir" in message
     # Refused before any step: nothing written, the recorded config kept.
     assert [r["step"] for r in metrics.read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2]
     assert _digest(checkpoint.checkpoint_dir(tmp_path)) == before
-    assert (tmp_path / train.CONFIG_FILE).read_text() == recorded
+    assert (tmp_path / workdir.CONFIG_FILE).read_text() == recorded
     # Fields that do not change the trajectory are accepted and recorded.
     harmless = _tiny(
         4, checkpoint_every_steps=1, log_every_steps=2, eval_every_steps=3, keep_checkpoints=5,
@@ -206,7 +206,7 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, monkeypatch):
     harmless.dataset.num_workers = 2
     summary = train.train_and_evaluate(harmless, tmp_path)
     assert summary["step"] == 4 and summary["fold_max_abs_error"] is None
-    now = json.loads((tmp_path / train.CONFIG_FILE).read_text())
+    now = json.loads((tmp_path / workdir.CONFIG_FILE).read_text())
     assert now["log_every_steps"] == 2 and now["dataset"]["num_workers"] == 2
 
 
@@ -220,7 +220,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     monkeypatch.delenv(train.SIGTERM_TEST_ENV)
     good = _saved_tree(tmp_path, 4)
     # Poison the loss from now on: the resumed run's first step (step 5) diverges.
-    loss = train.cross_entropy_loss
+    loss = steps.cross_entropy_loss
     monkeypatch.setattr(
         train, "cross_entropy_loss", lambda logits, labels: loss(logits, labels) * jnp.nan
     )
@@ -309,7 +309,7 @@ def _check_sigterm_resume(
         assert sign not in err, err[-3000:]
     stopped = int(re.search(r"preempted at step (\d+); rerun the same command to resume", out)[1])
     assert stopped == interrupt_after
-    assert not (tmp_path / "broken" / train.SUMMARY_FILE).exists()
+    assert not (tmp_path / "broken" / workdir.SUMMARY_FILE).exists()
     mngr = checkpoint.create_manager(tmp_path / "broken")
     assert mngr.latest_step() == stopped  # saved at the preemption step, off the save grid
     mngr.close()
@@ -326,7 +326,9 @@ def _check_sigterm_resume(
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
 
-    a, b = (json.loads((tmp_path / d / train.SUMMARY_FILE).read_text()) for d in ("full", "broken"))
+    a, b = (
+        json.loads((tmp_path / d / workdir.SUMMARY_FILE).read_text()) for d in ("full", "broken")
+    )
     assert a["step"] == b["step"] == num_steps
     assert a["test_loss"] == b["test_loss"] and a["test_accuracy"] == b["test_accuracy"]
     full_state, resumed_state = (

@@ -14,7 +14,7 @@ import pathlib
 import _multihost_worker
 import pytest
 
-from dirac_jax import input_pipeline, train
+from dirac_jax import config_schema, input_pipeline, train, workdir
 from dirac_jax.reproduce import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +56,9 @@ def test_config_starts_at_its_defaults(name, image_tree, tmp_path):
     summary = train.train_and_evaluate(config, tmp_path)
     assert summary["step"] == NUM_STEPS and math.isfinite(summary["test_loss"]), summary
     # The run used the file's defaults in every other field (config.json is what ran).
-    recorded = train._flat(json.loads((tmp_path / train.CONFIG_FILE).read_text()))
-    expected = train._flat(json.loads(train._config_json(train.validate_config(defaults))))
+    recorded = config_schema.flatten(json.loads((tmp_path / workdir.CONFIG_FILE).read_text()))
+    expected = config_schema.flatten(
+        json.loads(config_schema.to_json(config_schema.validate_config(defaults)))
+    )
     differ = {k for k in expected if recorded.get(k) != expected[k]}
     assert differ <= changed, differ - changed

@@ -82,7 +82,7 @@ def test_device_resident_training_resumes_without_the_streamed_input_stack(tmp_p
     # placed by its step alone, so neither its checkpoints nor its resume may import Grain.
     import _multihost_worker
 
-    from dirac_jax import checkpoint, train
+    from dirac_jax import checkpoint, train, workdir
 
     for name in ("grain", "tensorflow_datasets", "array_record"):
         monkeypatch.setitem(sys.modules, name, None)  # `import grain` now raises
@@ -99,7 +99,7 @@ def test_device_resident_training_resumes_without_the_streamed_input_stack(tmp_p
     mngr.close()
     assert 2 in steps and steps[-1] == 4
     shutil.rmtree(pathlib.Path(checkpoint.checkpoint_dir(tmp_path)) / "4")
-    (tmp_path / train.SUMMARY_FILE).unlink()
+    (tmp_path / workdir.SUMMARY_FILE).unlink()
     summary = train.train_and_evaluate(config(4), tmp_path)
     assert summary["step"] == 4
 

@@ -13,23 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirac_jax import data, evaluate, train
+from dirac_jax import data, evaluate, steps, train, workdir
 
 _multihost_worker.use_compilation_cache()
 
 
 def test_evaluate_and_the_trainer_share_one_strict_metrics_function():
-    assert evaluate.metrics_of is train.classification_metrics
+    assert evaluate.metrics_of is steps.classification_metrics
     # bfloat16 logits tie often. Row 0: the label (class 5) ties with class 4 for 5th place;
     # strict top-k ranks class 4 first, so it is no top-5 hit. Row 1: the label is class 4.
     row = [6.0, 5.0, 4.0, 3.0, 1.0, 1.0, 0.0]
     logits = jnp.asarray([row, row], jnp.bfloat16)
-    m = train.classification_metrics(logits, jnp.array([5, 4]), jnp.array([True, True]))
+    m = steps.classification_metrics(logits, jnp.array([5, 4]), jnp.array([True, True]))
     assert (int(m["top1"]), int(m["top5"]), int(m["count"])) == (0, 1, 2)
     # The loss is float32 cross-entropy of the float32-cast logits.
     expected = -np.log(np.exp(1.0) / np.exp(np.array(row)).sum())
     np.testing.assert_allclose(float(m["loss_sum"]), 2 * expected, rtol=1e-6)
-    masked = train.classification_metrics(logits, jnp.array([5, 4]), jnp.array([False, True]))
+    masked = steps.classification_metrics(logits, jnp.array([5, 4]), jnp.array([False, True]))
     assert (int(masked["top5"]), int(masked["count"])) == (1, 1)
 
 
@@ -48,7 +48,7 @@ def test_streamed_evaluate_reads_only_val_and_rounds_the_batch(tmp_path, image_t
     assert result["unfolded"]["top1"] == summary["test_accuracy"]
     assert result["unfolded"]["top5"] == summary["test_top5_accuracy"]
     assert result["batch_size"] == 16 and result["devices"] == 8
-    assert json.loads((run / evaluate.EVAL_FILE).read_text()) == result
+    assert json.loads((run / workdir.EVAL_FILE).read_text()) == result
 
     # 6 images per pass on 8 devices: rounded up to 8, every image counted once.
     odd = evaluate.evaluate_workdir(run, batch_size=6)

@@ -56,7 +56,7 @@ def test_split():
 
 
 def _summary(path) -> dict:
-    return json.loads((path / train.SUMMARY_FILE).read_text())
+    return json.loads((path / workdir.SUMMARY_FILE).read_text())
 
 
 def _cli(module, *args):
@@ -92,7 +92,7 @@ def test_evaluate_cli_writes_eval_json_matching_the_summary(run_dir):
     result = _cli("dirac_jax.evaluate", f"--workdir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unfolded: top-1" in result.stdout and "folded: top-1" in result.stdout
-    written = json.loads((run_dir / evaluate.EVAL_FILE).read_text())
+    written = json.loads((run_dir / workdir.EVAL_FILE).read_text())
     summary = _summary(run_dir)
     for net in ("unfolded", "folded"):
         m = written[net]
@@ -160,7 +160,7 @@ def test_workdir_errors_say_what_to_do(tmp_path):
     result = _cli("dirac_jax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'm.onnx'}")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "Train first" in result.stderr
-    (tmp_path / train.CONFIG_FILE).write_text(
+    (tmp_path / workdir.CONFIG_FILE).write_text(
         json.dumps(fashion_mnist_dirac.get_config().to_dict())
     )
     with pytest.raises(workdir.WorkdirError, match="no checkpoint to load"):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import imagenet_dirac
-from dirac_jax import checkpoint, data, input_pipeline, train
+from dirac_jax import checkpoint, data, input_pipeline, sharding
 
 
 def _stream_config(tree, **overrides):
@@ -193,7 +193,7 @@ def test_process_rows_and_shard_batch_do_not_assume_contiguous_hosts():
 
 def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
     config = _stream_config(image_tree)
-    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
     assert inputs.num_classes == 4 and inputs.steps_per_epoch == 3
 
     def maker(rows):
@@ -218,7 +218,7 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
         np.testing.assert_array_equal(got["image"], expected["image"])
     workers.close()
     # seek: a fresh iterator placed at step 2 yields step 2's batch.
-    batches = input_pipeline.StreamedInput(config, train.make_mesh()).train_batches()
+    batches = input_pipeline.StreamedInput(config, sharding.make_mesh()).train_batches()
     batches.seek(2)
     (placed,) = next(batches)
     np.testing.assert_array_equal(np.asarray(placed["image"]), reference[2]["image"])
@@ -226,7 +226,7 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
 
 def test_streamed_eval_covers_every_image_once(image_tree):
     config = _stream_config(image_tree, eval_batch_size=16)
-    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
     expected = np.stack(
         [input_pipeline.eval_image(inputs.test_source[i]["image"], 32) for i in range(12)]
     )
@@ -252,7 +252,7 @@ def test_streamed_eval_covers_every_image_once(image_tree):
 
 def test_data_position_is_saved_and_restored_with_the_checkpoint(image_tree, tmp_path):
     config = _stream_config(image_tree)
-    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
     batches = inputs.train_batches()
     reference = [np.asarray(next(batches)[0]["image"]) for _ in range(5)]
 
@@ -280,7 +280,7 @@ def test_data_position_with_worker_processes(image_tree, tmp_path):
     # iterator's own state (Grain has no set_next_index for it). A run placed by `seek`
     # (no saved state) starts its iterator at that step and saves where it began.
     config = _stream_config(image_tree, **{"dataset.num_workers": 2})
-    inputs = input_pipeline.StreamedInput(config, train.make_mesh())
+    inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
     maker = input_pipeline._TrainBatchMaker(inputs.train_source, inputs.train_rows, 3, 8, 32)
     reference = [maker(step)["image"] for step in range(8)]
     mngr = checkpoint.create_manager(tmp_path)
@@ -301,6 +301,6 @@ def test_data_position_with_worker_processes(image_tree, tmp_path):
     resumed.close()
     # Another worker count cannot take that state: restore_data declines, the step places.
     config.dataset.num_workers = 0
-    other = input_pipeline.StreamedInput(config, train.make_mesh()).train_batches()
+    other = input_pipeline.StreamedInput(config, sharding.make_mesh()).train_batches()
     assert not checkpoint.restore_data(mngr, 5, other)
     mngr.close()

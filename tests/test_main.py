@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dirac_jax import train
+from dirac_jax import config_schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -37,10 +37,10 @@ def test_config_loads_validates_and_builds(name):
     for field in REQUIRED:
         section, _, leaf = field.rpartition(".")
         assert leaf in (config[section] if section else config), field
-    train.validate_config(config)  # 8 devices: every batch size divides
-    imagenet = config.dataset.name == train.IMAGENET
+    config_schema.validate_config(config)  # 8 devices: every batch size divides
+    imagenet = config.dataset.name == config_schema.IMAGENET
     channels = 1 if "mnist" in config.dataset.name else 3
-    model = train.create_model(config, 1000 if imagenet else 10)
+    model = config_schema.create_model(config, 1000 if imagenet else 10)
     shape = (1, 224, 224, 3) if imagenet else (1, 32, 32, channels)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
     logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), variables)

@@ -1,7 +1,7 @@
 """The optimizer against the reference trainer's, step for step (needs PyTorch).
 
-Same weights, same batches: K SGD steps of `train.train_step` with
-`train.create_optimizer`, and K steps of a transcription of the reference
+Same weights, same batches: K SGD steps of `steps.train_step` with
+`optim.create_optimizer`, and K steps of a transcription of the reference
 training step (its functional forward in training mode, cross-entropy, its
 `create_optimizer`: parameter groups, coupled weight decay, momentum 0.9, and a
 new optimizer at the learning-rate boundary). The parameters must agree after
@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from dirac_jax import interop, train
+from dirac_jax import interop, optim, steps
 
 torch = pytest.importorskip("torch")
 import _reference_torch as ref  # noqa: E402
@@ -74,12 +74,12 @@ def _reference_run(flat, variant):
 
 
 def _jax_run(model, variables, tx, lr_fn):
-    state = train.TrainState.create(
+    state = steps.TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx,
         batch_stats=variables["batch_stats"],
     )  # fmt: skip
     step = jax.jit(
-        functools.partial(train.train_step, learning_rate_fn=lr_fn, dataset_name="cifar10", seed=0)
+        functools.partial(steps.train_step, learning_rate_fn=lr_fn, dataset_name="cifar10", seed=0)
     )
     history = []
     for x, y in _batches():
@@ -106,14 +106,14 @@ def _setup(variant):
     flat = ref.reference_params(10, 0.5, "cifar", 10, seed=1, variant=variant)
     model, variables = interop.load_reference(flat)
     config = _config(variant)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=STEPS)
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=STEPS)
     return flat, model, variables, config, lr_fn
 
 
 @pytest.mark.parametrize("variant", ["v2", "v1"])
 def test_sgd_steps_equal_the_reference_training_step(variant):
     flat, model, variables, config, lr_fn = _setup(variant)
-    tx = train.create_optimizer(config, lr_fn, steps_per_epoch=STEPS)
+    tx = optim.create_optimizer(config, lr_fn, steps_per_epoch=STEPS)
     ours = _jax_run(model, variables, tx, lr_fn)
     theirs = _reference_run(flat, variant)
     for step, (p, t) in enumerate(zip(ours, theirs, strict=True)):
@@ -129,7 +129,7 @@ def test_sgd_steps_equal_the_reference_training_step(variant):
 def test_the_comparison_detects_each_plausible_deviation():
     flat, model, variables, config, lr_fn = _setup("v2")
     theirs = interop.load_reference(_reference_run(flat, "v2")[-1])[1]["params"]
-    mask = functools.partial(train.weight_decay_mask, scope="kernels")
+    mask = functools.partial(optim.weight_decay_mask, scope="kernels")
     deviations = {
         # Decoupled (AdamW-style) decay: wd * w added after the momentum.
         "decoupled": optax.chain(
@@ -138,11 +138,11 @@ def test_the_comparison_detects_each_plausible_deviation():
             optax.scale_by_learning_rate(lr_fn),
         ),
         # The momentum kept across the boundary.
-        "no restart": train.create_optimizer(config, lr_fn, steps_per_epoch=None),
+        "no restart": optim.create_optimizer(config, lr_fn, steps_per_epoch=None),
         # Decay on a, b and BN too.
         "decay all": optax.chain(
             optax.add_decayed_weights(WD),
-            train.reset_at_steps(optax.trace(0.9), (BOUNDARY,)),
+            optim.reset_at_steps(optax.trace(0.9), (BOUNDARY,)),
             optax.scale_by_learning_rate(lr_fn),
         ),
     }

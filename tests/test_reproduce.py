@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dirac_jax import metrics, reproduce
+from dirac_jax import config_schema, metrics, reproduce, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -72,10 +72,10 @@ def test_rerun_skips_finished_runs_and_finishes_interrupted_ones(out):
     unfinished = out / "init" / plan.cells[1].key / "seed0"
     # An interrupted run: its checkpoint is there, its summary is not.
     (unfinished / "summary.json").unlink()
-    before = {p: (p / metrics.METRICS_FILE).stat().st_mtime_ns for p in (done, unfinished)}
+    before = {p: (p / workdir.METRICS_FILE).stat().st_mtime_ns for p in (done, unfinished)}
     trains_before = len([r for r in metrics.read_metrics(unfinished) if r["kind"] == "train"])
     reproduce.run("init", "smoke", out)
-    assert (done / metrics.METRICS_FILE).stat().st_mtime_ns == before[done]  # not rerun
+    assert (done / workdir.METRICS_FILE).stat().st_mtime_ns == before[done]  # not rerun
     summary = json.loads((unfinished / "summary.json").read_text())
     assert summary["step"] == 2
     # Resumed from its last checkpoint: no step was trained twice.
@@ -113,7 +113,6 @@ def test_cli_rejects_unknown_experiment_and_preset(tmp_path):
 
 
 def test_every_plan_builds_valid_configs():
-    from dirac_jax import train
 
     for name, experiment in reproduce.EXPERIMENTS.items():
         for preset in reproduce.PRESETS:
@@ -121,7 +120,7 @@ def test_every_plan_builds_valid_configs():
             assert plan.cells and plan.seeds, (name, preset)
             for cell in plan.cells:
                 config = reproduce.cell_config(cell, seed=0)
-                train.validate_config(config)
+                config_schema.validate_config(config)
 
 
 def test_load_config_uses_the_bases_of_its_own_tree_and_restores_imports(tmp_path):
@@ -159,7 +158,6 @@ def test_symmetric_paper_cells_have_the_slides_parameter_counts():
     import jax
     import jax.numpy as jnp
 
-    from dirac_jax import train
     from dirac_jax.reproduce._experiments import test_time_params
 
     slides = {  # thousands, as the slides round them
@@ -175,7 +173,7 @@ def test_symmetric_paper_cells_have_the_slides_parameter_counts():
     x = jnp.zeros((1, 32, 32, 3))
     for name, (trained, at_test) in slides.items():
         cell = cells[f"bottleneck-{name}"]
-        model = train.create_model(reproduce.cell_config(cell, seed=0), num_classes=10)
+        model = config_schema.create_model(reproduce.cell_config(cell, seed=0), num_classes=10)
         shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x))["params"]
         count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
         assert round(count / 1000) == trained, name

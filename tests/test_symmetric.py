@@ -5,7 +5,7 @@ trained once per module: a WRN with the soft symmetry penalty, which the
 trainer evaluates as trained and symmetrized, folds (`fold.fold_kernels`) and
 exports to StableHLO. A hard symmetric WRN trains through the CLI. A hard
 symmetric MobileNet folds and exports (ONNX, StableHLO). Every kind of
-`param.symmetric` takes SGD steps inside a tiny WRN through `train.train_step`
+`param.symmetric` takes SGD steps inside a tiny WRN through `steps.train_step`
 and folds, run eagerly: once the first kind has compiled the ops, a kind costs a second or
 two, where a jitted step would compile a new program for each.
 """
@@ -23,6 +23,7 @@ from _bn import random_bn_stats
 
 from configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
 from dirac_jax import (
+    config_schema,
     data,
     evaluate,
     export,
@@ -30,7 +31,9 @@ from dirac_jax import (
     interop,
     models,
     onnx_export,
+    optim,
     param,
+    steps,
     train,
     workdir,
 )
@@ -93,7 +96,7 @@ def _batch(n=8, size=16):
 def _state(model, batch):
     """An SGD train state, initialized eagerly (its ops are shared across kinds)."""
     variables = model.init(jax.random.key(0, impl="rbg"), batch["image"][:1], train=False)
-    return train.TrainState.create(
+    return steps.TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         tx=optax.sgd(0.1),
@@ -137,7 +140,7 @@ def test_sgd_steps_with_the_penalty_make_the_kernels_more_symmetric():
     @jax.jit
     def three_steps(state, lam):  # lambda traced: one program for both runs
         for _ in range(3):
-            state, metrics = train.train_step(state, batch, **STEP, symmetry_penalty=(lam, penalty))
+            state, metrics = steps.train_step(state, batch, **STEP, symmetry_penalty=(lam, penalty))
         return penalty(state.params), metrics
 
     before = float(penalty(start.params))
@@ -237,8 +240,8 @@ def test_every_kind_trains_in_a_wrn_and_stays_symmetric(kind):
     model = models.get_model("wrn", symmetry=kind, symmetry_axis=axis, **kwargs)
     batch = _batch()
     state = _state(model, batch)
-    new, metrics = train.train_step(state, batch, **STEP)
-    new, metrics = train.train_step(new, batch, **STEP)
+    new, metrics = steps.train_step(state, batch, **STEP)
+    new, metrics = steps.train_step(new, batch, **STEP)
     assert np.isfinite(float(metrics["loss"]))
     free = models.get_model("wrn", **kwargs)
     shapes = jax.eval_shape(lambda: free.init(jax.random.key(0), batch["image"][:1]))["params"]
@@ -265,7 +268,7 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
     model = models.get_model("wrn", depth=10, width=0.25, symmetry="eigen")
     x = jnp.zeros((1, 16, 16, 1))
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
-    mask = train.weight_decay_mask(params)
+    mask = optim.weight_decay_mask(params)
     conv1 = mask["group0_block0"]["conv1"]
     assert set(conv1) == {"q", "lambda"} and all(conv1.values())
     assert not any(jax.tree.leaves(mask["group0_block0"]["bn1"]))
@@ -275,7 +278,7 @@ def test_weight_decay_covers_the_raw_numbers_of_symmetric_kernels():
 @pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
 def test_residual_runs_refuse_the_reference_format_before_reading_a_checkpoint(module, tmp_path):
     # config.json only: the refusal comes before any checkpoint is read.
-    (tmp_path / train.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
+    (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(module.get_config().to_dict()))
     with pytest.raises(ValueError, match="residual net.*published PyTorch DiracNet"):
         export.export_workdir(tmp_path, "reference", tmp_path / "model.pth")
 
@@ -327,7 +330,7 @@ def test_hard_symmetric_wrn_trains_through_the_cli_and_folds(tmp_path):
         capture_output=True, text=True, cwd=root, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / train.SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / workdir.SUMMARY_FILE).read_text())
     assert summary["symmetry"] == "ldl" and summary["step"] == 2
     assert summary["fold_max_abs_error"] < 1e-4 and summary["fold_check_images"] == 64
 
@@ -383,7 +386,7 @@ def test_fold_names_variables_of_another_symmetry():
 @pytest.mark.parametrize("module", [cifar_wrn_symmetric, imagenet_resnet_symmetric])
 @pytest.mark.parametrize("mode", ["hard", "soft", "none"])
 def test_symmetric_configs_validate_in_every_mode(module, mode):
-    config = train.validate_config(module.get_config(mode))
+    config = config_schema.validate_config(module.get_config(mode))
     assert (config.model.symmetry is not None) == (mode == "hard")
     assert (config.symmetry_penalty > 0) == (mode == "soft")
     with pytest.raises(ValueError, match="unknown mode"):
@@ -403,5 +406,5 @@ def test_symmetric_configs_validate_in_every_mode(module, mode):
     ],
 )
 def test_validate_config_names_the_symmetry_problem(overrides, message):
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate_config(tiny_config(**overrides))
+    with pytest.raises(config_schema.ConfigError, match=message):
+        config_schema.validate_config(tiny_config(**overrides))

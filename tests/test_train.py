@@ -25,7 +25,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import cifar_dirac, fashion_mnist_dirac
-from dirac_jax import checkpoint, data, metrics, models, train
+from dirac_jax import (
+    checkpoint,
+    config_schema,
+    data,
+    metrics,
+    models,
+    optim,
+    sharding,
+    steps,
+    train,
+    workdir,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _multihost_worker.use_compilation_cache()
@@ -51,7 +62,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 def test_lr_boundaries_scale_with_num_train_steps(num_train_steps):
     config = cifar_dirac.get_config()
     config.num_train_steps = num_train_steps
-    fn = train.create_learning_rate_fn(config, steps_per_epoch=390)
+    fn = optim.create_learning_rate_fn(config, steps_per_epoch=390)
     boundaries = [int(f * num_train_steps) for f in (0.3, 0.6, 0.8)]
     for i, b in enumerate(boundaries):
         # The rate drops by exactly lr_decay at each boundary step and not a step earlier.
@@ -65,8 +76,8 @@ def test_lr_boundaries_from_epochs_match_reference_epochs(schedule):
     config = cifar_dirac.get_config()  # 200 epochs, x0.2 at epochs 60, 120, 160
     config.lr_schedule = schedule
     spe = 390
-    fn = train.create_learning_rate_fn(config, spe)
-    assert train.total_steps(config, spe) == 200 * spe
+    fn = optim.create_learning_rate_fn(config, spe)
+    assert config_schema.total_steps(config, spe) == 200 * spe
 
     def reference_lr(epoch0):
         # The reference trainer: at the start of each epoch, `epoch = state['epoch'] + 1`
@@ -97,7 +108,7 @@ def _flat(tree):
 def test_weight_decay_mask_selects_exactly_the_kernels(name, scope):
     model = models.get_model(name, depth=10, width=0.25, num_classes=10)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    mask = _flat(train.weight_decay_mask(shapes, scope))
+    mask = _flat(optim.weight_decay_mask(shapes, scope))
     for path, x in _flat(shapes).items():
         # The reference v2 code decays exactly the tensors of more than one dimension.
         expected = scope == "all" or x.ndim > 1
@@ -112,7 +123,7 @@ def test_momentum_restarts_at_reference_boundaries_only():
     params = {"w": jnp.zeros((2, 2))}
     for schedule, restarted in (("reference", True), ("fractions", False)):
         config.lr_schedule = schedule
-        tx = train.create_optimizer(config, lambda step: 1.0, steps_per_epoch=3)
+        tx = optim.create_optimizer(config, lambda step: 1.0, steps_per_epoch=3)
         state = tx.init(params)
         ones = jax.tree.map(jnp.ones_like, params)
         moves = []
@@ -129,20 +140,20 @@ def test_momentum_restarts_at_reference_boundaries_only():
 
 
 def _initial_state(config):
-    model = train.create_model(config, 10)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=4)
-    return train.create_train_state(config, model, jax.random.key(0), (32, 32, 3), lr_fn), lr_fn
+    model = config_schema.create_model(config, 10)
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=4)
+    return steps.create_train_state(config, model, jax.random.key(0), (32, 32, 3), lr_fn), lr_fn
 
 
 def _run_steps(config, mesh, dataset, num_steps, initial=None):
     state, lr_fn = initial or _initial_state(config)
     # From host copies: the step donates its input, which must not alias `initial`.
     state = jax.device_put(jax.device_get(state), NamedSharding(mesh, P()))
-    train_fn, _ = train.compile_steps(config, mesh, lr_fn, "cifar10")
-    arrays = train.put_replicated(mesh, dataset)
+    train_fn, _ = steps.compile_steps(config, mesh, lr_fn, "cifar10")
+    arrays = sharding.put_replicated(mesh, dataset)
     losses = []
     for step in range(num_steps):
-        idx = train.shard_batch(mesh, np.arange(16, dtype=np.int32) + 16 * step)
+        idx = sharding.shard_batch(mesh, np.arange(16, dtype=np.int32) + 16 * step)
         assert idx.sharding.spec == P("data") and len(idx.addressable_shards) == mesh.size
         state, m = train_fn(state, arrays, idx)
         losses.append(float(m["loss"]))
@@ -155,8 +166,8 @@ def test_train_step_on_8_devices_equals_1_device():
     dataset = data.load("cifar10", source="synthetic", split="train", synthetic_size=64)
     initial = _initial_state(config)
     init_params = jax.device_get(initial[0].params)
-    p8, s8, l8 = _run_steps(config, train.make_mesh(jax.devices()), dataset, 2, initial)
-    p1, s1, l1 = _run_steps(config, train.make_mesh(jax.devices()[:1]), dataset, 2, initial)
+    p8, s8, l8 = _run_steps(config, sharding.make_mesh(jax.devices()), dataset, 2, initial)
+    p1, s1, l1 = _run_steps(config, sharding.make_mesh(jax.devices()[:1]), dataset, 2, initial)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     # BN statistics over the global batch, not per device: the running stats agree too.
     for a, b in zip(jax.tree.leaves((p8, s8)), jax.tree.leaves((p1, s1)), strict=True):
@@ -170,9 +181,9 @@ def test_train_step_on_8_devices_equals_1_device():
 def test_half_precision_computes_in_bfloat16_and_keeps_float32_params():
     dataset = data.load("cifar10", source="synthetic")
     config = tiny_config(half_precision=True)
-    assert train.create_model(config, 10).dtype == jnp.bfloat16
-    params, _, half = _run_steps(config, train.make_mesh(), dataset, 1)
-    _, _, full = _run_steps(tiny_config(), train.make_mesh(), dataset, 1)
+    assert config_schema.create_model(config, 10).dtype == jnp.bfloat16
+    params, _, half = _run_steps(config, sharding.make_mesh(), dataset, 1)
+    _, _, full = _run_steps(tiny_config(), sharding.make_mesh(), dataset, 1)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     # Same init and data: the loss differs only by bfloat16 rounding.
     assert half[0] != full[0]
@@ -182,7 +193,7 @@ def test_half_precision_computes_in_bfloat16_and_keeps_float32_params():
 def test_max_norm_projects_every_kernel():
     config = tiny_config(**{"model.name": "plainnet", "max_norm": 0.5})
     params, _, _ = _run_steps(
-        config, train.make_mesh(), data.load("cifar10", source="synthetic"), 1
+        config, sharding.make_mesh(), data.load("cifar10", source="synthetic"), 1
     )
     kernels = [
         x for p, x in _flat(params).items() if p.endswith("['w']") or p.endswith("['kernel']")
@@ -204,16 +215,16 @@ def test_max_norm_projects_every_kernel():
 
 def test_eval_counts_each_example_once_when_batch_does_not_divide():
     config = tiny_config()
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     test = data.load("cifar10", source="synthetic", split="test", synthetic_size=100)
-    model = train.create_model(config, 10)
-    lr_fn = train.create_learning_rate_fn(config, 4)
-    state = train.create_train_state(config, model, jax.random.key(1), (32, 32, 3), lr_fn, mesh)
-    _, eval_fn = train.compile_steps(config, mesh, lr_fn, "cifar10")
-    arrays = train.put_replicated(mesh, test)
-    batches = [(arrays, *train.shard_batch(mesh, b)) for b in data.eval_batches(100, 32)]
+    model = config_schema.create_model(config, 10)
+    lr_fn = optim.create_learning_rate_fn(config, 4)
+    state = steps.create_train_state(config, model, jax.random.key(1), (32, 32, 3), lr_fn, mesh)
+    _, eval_fn = steps.compile_steps(config, mesh, lr_fn, "cifar10")
+    arrays = sharding.put_replicated(mesh, test)
+    batches = [(arrays, *sharding.shard_batch(mesh, b)) for b in data.eval_batches(100, 32)]
     assert len(batches) == 4  # 32 + 32 + 32 + 4 real examples
-    result = train.evaluate(eval_fn, state, batches, expected_count=100)
+    result = steps.evaluate_batches(eval_fn, state, batches, expected_count=100)
     assert result["count"] == 100
     # The same numbers as one forward pass over exactly the 100 examples.
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -225,7 +236,7 @@ def test_eval_counts_each_example_once_when_batch_does_not_divide():
     np.testing.assert_allclose(result["test_loss"], loss, rtol=1e-5)
     assert result["test_accuracy"] == correct / 100
     with pytest.raises(AssertionError, match="counted 100 examples"):
-        train.evaluate(eval_fn, state, batches, expected_count=101)
+        steps.evaluate_batches(eval_fn, state, batches, expected_count=101)
 
 
 # ---------------------------------------------------------------------------
@@ -245,8 +256,8 @@ def test_eval_counts_each_example_once_when_batch_does_not_divide():
     ],
 )
 def test_validate_config_names_the_problem(overrides, message):
-    with pytest.raises(train.ConfigError, match=message.replace("+", r"\+")):
-        train.validate_config(tiny_config(**overrides))
+    with pytest.raises(config_schema.ConfigError, match=message.replace("+", r"\+")):
+        config_schema.validate_config(tiny_config(**overrides))
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +349,7 @@ def test_two_processes_match_one_process_through_a_preemption(tmp_path, image_tr
         [single_losses[s] for s in sorted(single_losses)],
         rtol=1e-4,  # gloo and one process sum the gradients in different orders
     )
-    summary = json.loads((multi / train.SUMMARY_FILE).read_text())
+    summary = json.loads((multi / workdir.SUMMARY_FILE).read_text())
     np.testing.assert_allclose(summary["test_loss"], single["test_loss"], rtol=1e-4)
     assert summary["num_test_examples"] == single["num_test_examples"] == 12
 
@@ -368,7 +379,7 @@ def test_tfds_array_record_source_trains_end_to_end(tmp_path, tfds_imagenet):
     )
     assert np.isfinite(summary["test_loss"]) and summary["fold_max_abs_error"] < 1e-3
     # TFDS imagenet2012 has 1000 classes: the head is sized from the data.
-    assert summary["num_params"] > train.models.count_params({"w": np.zeros(64 * 1000)})
+    assert summary["num_params"] > models.count_params({"w": np.zeros(64 * 1000)})
     assert importlib.util.find_spec("tensorflow") is None and "tensorflow" not in sys.modules
 
 
@@ -390,7 +401,7 @@ def test_fashion_mnist_learns_and_writes_every_artifact(tmp_path):
     assert summary["test_accuracy"] >= 0.70, summary
     assert summary["fold_max_abs_error"] < 1e-3
     assert summary["step"] == 150
-    on_disk = json.loads((tmp_path / train.SUMMARY_FILE).read_text())
+    on_disk = json.loads((tmp_path / workdir.SUMMARY_FILE).read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     records = metrics.read_metrics(tmp_path)
     evals = [r for r in records if r["kind"] == "eval"]
@@ -400,5 +411,5 @@ def test_fashion_mnist_learns_and_writes_every_artifact(tmp_path):
     assert all(math.isfinite(v) for v in evals[-1]["dirac_a"].values())
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(25, 151, 25))
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    for name in (metrics.CURVES_FILE, metrics.DIRAC_SCALES_FILE):
+    for name in (workdir.CURVES_FILE, workdir.DIRAC_SCALES_FILE):
         assert (tmp_path / name).stat().st_size > 10_000

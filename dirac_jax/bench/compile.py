@@ -27,7 +27,7 @@ overhead on the machine at hand, and DiracNet / control what the Dirac
 computation adds above that floor.
 
 `--programs grad train` also measures the program users compile: the trainer's
-own jitted step (`train.compile_steps`: forward, backward, SGD with momentum and
+own jitted step (`steps.compile_steps`: forward, backward, SGD with momentum and
 weight decay, BN statistics, metrics), lowered with an abstract state and batch.
 """
 
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dirac_jax import train
+from dirac_jax import config_schema, optim, sharding, steps
 from dirac_jax.bench import _timing
 from dirac_jax.bench import train as bench_train
 from dirac_jax.models import get_model
@@ -146,7 +146,7 @@ def grad_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple
 def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tuple]:
     """The trainer's jitted train step of model `name` and its abstract arguments.
 
-    The step of `train.compile_steps` for a streamed batch: uint8 CIFAR images
+    The step of `steps.compile_steps` for a streamed batch: uint8 CIFAR images
     (augmented and normalized in the step) or float ImageNet crops, SGD with
     momentum 0.9 and weight decay 5e-4, a piecewise-constant learning rate.
 
@@ -164,14 +164,14 @@ def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tupl
     config = bench_train._config(name, shape)
     config.model.stem = case["stem"]
     config.dataset.name = "imagenet" if imagenet else "cifar10"
-    mesh = train.make_mesh()
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
-    model = train.create_model(config, num_classes=case["num_classes"])
+    mesh = sharding.make_mesh()
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000)
+    model = config_schema.create_model(config, num_classes=case["num_classes"])
     image_shape = (case["size"], case["size"], 3)
     state = jax.eval_shape(
-        lambda: train.create_train_state(config, model, jax.random.key(0), image_shape, lr_fn)
+        lambda: steps.create_train_state(config, model, jax.random.key(0), image_shape, lr_fn)
     )
-    train_fn, _ = train.compile_steps(config, mesh, lr_fn, config.dataset.name, in_memory=False)
+    train_fn, _ = steps.compile_steps(config, mesh, lr_fn, config.dataset.name, in_memory=False)
     images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32 if imagenet else jnp.uint8)
     batch_ = {"image": images, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
     return train_fn, (state, batch_)
@@ -180,7 +180,7 @@ def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tupl
 _PROGRAM_FNS = {"grad": grad_step, "train": train_step}
 _PROGRAM_TEXT = (
     "grad = jax.jit(jax.grad(loss)).lower(params, batch_stats, images, labels); "
-    "train = the trainer's jitted step (train.compile_steps) lowered on an abstract state "
+    "train = the trainer's jitted step (steps.compile_steps) lowered on an abstract state "
     "and batch"
 )
 

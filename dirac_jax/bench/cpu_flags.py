@@ -77,15 +77,15 @@ def _worker(args) -> int:
     """Builds the programs, then answers one command per stdin line with JSON on stdout."""
     import jax
 
-    from dirac_jax import data, train
+    from dirac_jax import data, sharding
     from dirac_jax.bench import _timing
     from dirac_jax.bench.train import jax_candidate
 
     out = sys.stdout
     args.half_precision = False
-    mesh = train.make_mesh(jax.devices()[:1])
+    mesh = sharding.make_mesh(jax.devices()[:1])
     ds = data.prepare(data.load("cifar10", source="synthetic", synthetic_size=512))
-    arrays = train.put_replicated(mesh, ds)
+    arrays = sharding.put_replicated(mesh, ds)
     step, _, _, _ = jax_candidate("diracnet", args, mesh, arrays)
     programs = {"train": step, "conv": _conv_program()}
     compile_s = {name: _timing.warm_up(fn, 1) for name, fn in programs.items()}

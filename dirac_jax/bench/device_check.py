@@ -396,14 +396,14 @@ def _imagenet_section(smoke: bool, out: pathlib.Path) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dirac_jax import train
+    from dirac_jax import config_schema, optim, sharding, steps
     from dirac_jax.bench import _timing
     from dirac_jax.bench import train as bench_train
 
     depths, width, size, batch, repeats = (
         ([18], 0.25, 32, 4, 2) if smoke else ([18, 34], 1.0, 224, 256, 10)
     )
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     rng = np.random.default_rng(0)
     sharded = NamedSharding(mesh, P("data"))
     images = jax.device_put(rng.standard_normal((batch, size, size, 3), np.float32), sharded)
@@ -414,12 +414,12 @@ def _imagenet_section(smoke: bool, out: pathlib.Path) -> dict:
         config = bench_train._config("diracnet", shape)
         config.model.stem = "imagenet"
         config.dataset.name = "imagenet"
-        lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
-        model = train.create_model(config, num_classes=1000)
-        state = train.create_train_state(
+        lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000)
+        model = config_schema.create_model(config, num_classes=1000)
+        state = steps.create_train_state(
             config, model, jax.random.key(0), (size, size, 3), lr_fn, mesh=mesh
         )
-        train_fn, _ = train.compile_steps(config, mesh, lr_fn, "imagenet", in_memory=False)
+        train_fn, _ = steps.compile_steps(config, mesh, lr_fn, "imagenet", in_memory=False)
         batch_ = {"image": images, "label": labels}
         name = f"DiracNet-{depth}{'' if width == 1 else f'-{width:g}'} (JAX, bf16)"
         flops[name] = bench_train._flops(train_fn.lower(state, batch_))
@@ -514,7 +514,7 @@ def _deploy_section(smoke: bool, out: pathlib.Path) -> dict:
 
 def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
 
-    from dirac_jax import data, train
+    from dirac_jax import data, sharding
     from dirac_jax.bench import _timing
     from dirac_jax.bench import train as bench_train
 
@@ -525,9 +525,9 @@ def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
     )
     steps = 2 if smoke else 5
     args = bench_train._parse([*shape, "--half-precision", "--no-torch"])
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     ds = data.load("cifar10", source="synthetic", synthetic_size=max(args.batch, 512))
-    arrays = train.put_replicated(mesh, data.prepare(ds))
+    arrays = sharding.put_replicated(mesh, data.prepare(ds))
     step = bench_train.jax_candidate("diracnet", args, mesh, arrays)[0]
     first_s = _timing.warm_up(step, 2)  # the compile, from the cache section 3 filled
     target = out / "profile.tar.gz"

@@ -31,7 +31,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax import data, export, fold, quantize, train, workdir
+from dirac_jax import config_schema, data, export, fold, quantize, workdir
 from dirac_jax.bench import _timing
 
 __all__ = ["SETUPS", "main", "measure_workdir", "report", "run"]
@@ -62,8 +62,10 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
     """Every INT8 candidate of one run against its float32 export, on the test split."""
     model, variables, config = workdir.load(path)
     model = model.clone(dtype=jnp.float32)
-    if config.model.name not in train.CHAIN_MODELS:
-        raise ValueError(f"bench int8 measures chains {train.CHAIN_MODELS}; {path} is not one.")
+    if config.model.name not in config_schema.CHAIN_MODELS:
+        raise ValueError(
+            f"bench int8 measures chains {config_schema.CHAIN_MODELS}; {path} is not one."
+        )
     source = config.dataset.get("source", "auto") or "auto"
     test = data.load(config.dataset.name, source=source, split="test")
     images, labels = np.asarray(test.images), np.asarray(test.labels)

@@ -2,7 +2,7 @@
 
 `python -m dirac_jax.bench train` times full training steps (forward, backward,
 SGD with momentum and weight decay, BN statistics update) on synthetic CIFAR-sized
-data, in one process, with the trainer's own jitted step (`train.compile_steps`,
+data, in one process, with the trainer's own jitted step (`steps.compile_steps`,
 augmentation on the device, donated state) on a mesh of all local devices. It
 reports, from one run:
 
@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dirac_jax import data, train
+from dirac_jax import config_schema, data, optim, sharding, steps
 from dirac_jax.bench import _timing
 
 __all__ = [
@@ -166,14 +166,16 @@ def jax_candidate(name: str, args, mesh, arrays, augment: bool = True):
       loss (a device array); `lowered` is the step's `jax.stages.Lowered`.
     """
     config = _config(name, args, augment)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000)
-    model = train.create_model(config, num_classes=10)
-    state = train.create_train_state(
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000)
+    model = config_schema.create_model(config, num_classes=10)
+    state = steps.create_train_state(
         config, model, jax.random.key(0), (32, 32, 3), lr_fn, mesh=mesh
     )
-    train_fn, _ = train.compile_steps(config, mesh, lr_fn, "cifar10")
+    train_fn, _ = steps.compile_steps(config, mesh, lr_fn, "cifar10")
     rng = np.random.default_rng(0)
-    idx = train.shard_batch(mesh, rng.integers(0, len(arrays.labels), args.batch).astype(np.int32))
+    idx = sharding.shard_batch(
+        mesh, rng.integers(0, len(arrays.labels), args.batch).astype(np.int32)
+    )
     lowered = train_fn.lower(state, arrays, idx)
     cell = {"state": state}
 
@@ -262,9 +264,9 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     ds = data.prepare(data.load("cifar10", source="synthetic", synthetic_size=max(args.batch, 512)))
-    arrays = train.put_replicated(mesh, ds)
+    arrays = sharding.put_replicated(mesh, ds)
     label = _label(args)
     dirac_name, plain_name = f"DiracNet-{label} (JAX)", f"plain-{label} (JAX)"
     off_name = f"DiracNet-{label} (JAX, no augmentation)"

@@ -44,14 +44,19 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from absl import logging
 
-    from dirac_jax import checkpoint, data, metrics, reproduce, train
+    from dirac_jax import checkpoint, config_schema, data, metrics, reproduce
 
     # This package's INFO lines (one per log step and eval) and everyone's warnings.
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger("absl").addFilter(metrics.own_info_only)
     names = sorted(reproduce.EXPERIMENTS) if args.name == "all" else [args.name]
     configs = pathlib.Path(args.configs) if args.configs else None
-    expected = (ValueError, data.DataNotFoundError, checkpoint.CheckpointError, train.ConfigError)
+    expected = (
+        ValueError,
+        data.DataNotFoundError,
+        checkpoint.CheckpointError,
+        config_schema.ConfigError,
+    )
     for name in names:
         try:
             report = reproduce.run(name, args.preset, args.out, configs, args.report_only)
