@@ -2,8 +2,11 @@
 
 import ast
 import importlib
+import importlib.util
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +72,103 @@ def test_top_level_entry_points():
     assert set(dirac_jax.__all__) <= set(dir(dirac_jax))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dirac_jax.nope  # noqa: B018
+
+
+# ---------------------------------------------------------------------------
+# The layout's rules (README "Layout").
+
+MAX_MODULE_LINES = 600
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    if not name.startswith("dirac_jax") or not hasattr(importlib.import_module(parent), "__path__"):
+        return False
+    return importlib.util.find_spec(name) is not None
+
+
+def _uses(path: pathlib.Path):
+    """`(line, module, name)` for every name this file takes from another dirac_jax module.
+
+    Both ways count: `from dirac_jax.m import name` and `m.name` where `m` is
+    bound to a dirac_jax module by an import anywhere in the file.
+    """
+    tree = ast.parse(path.read_text())
+    bound = {}  # local name -> dirac_jax module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dirac_jax"):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if _is_module(full):
+                    bound[alias.asname or alias.name] = full
+                else:
+                    yield node.lineno, node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("dirac_jax") and alias.asname:
+                    bound[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            module = bound.get(node.value.id)
+            if module and not _is_module(f"{module}.{node.attr}"):
+                yield node.lineno, module, node.attr
+
+
+def test_no_module_is_longer_than_the_cap():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_module_touches_another_modules_private_names():
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} uses {module}.{name}"
+        for path in PACKAGE.rglob("*.py")
+        for line, module, name in _uses(path)
+        if name.startswith("_") and not name.startswith("__") and module != _module_name(path)
+    ]
+    assert not offenders, offenders
+
+
+def test_what_a_module_uses_of_another_is_in_its_all():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for line, module, name in _uses(path):
+            if module == _module_name(path) or name.startswith("_"):
+                continue
+            exported = getattr(importlib.import_module(module), "__all__", None)
+            if exported is not None and name not in exported:
+                offenders.append(f"{path.relative_to(ROOT)}:{line} uses {module}.{name}")
+    assert not offenders, offenders
+
+
+def test_the_attribute_check_sees_private_access(tmp_path):
+    # The checks above must be able to fail: a private attribute and a private import.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from dirac_jax import sharding\nfrom dirac_jax.workdir import _abstract\n"
+        "sharding._hidden\n"
+    )
+    assert sorted(name for _, _, name in _uses(probe)) == ["_abstract", "_hidden"]
+
+
+@pytest.mark.parametrize("module", ["dirac_jax.evaluate", "dirac_jax.export", "dirac_jax.workdir"])
+def test_inference_imports_neither_the_trainer_nor_grain(module):
+    code = (
+        f"import sys, {module}\n"
+        "bad = sorted(n for n in sys.modules\n"
+        "             if n == 'dirac_jax.train' or n.split('.')[0] == 'grain')\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
