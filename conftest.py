@@ -1,8 +1,8 @@
 """Collection rules for the whole tree (tests/ and the doctests of dirac_jax/).
 
-PyTorch is optional. The two modules that import it at the top are not collected
-for doctests without it; the tests that use them skip themselves
-(`pytest.importorskip("torch")`).
+PyTorch is optional. `dirac_jax.torch_reference` imports it when a function
+runs, so every module is collected without it; the tests that need it skip
+themselves (`pytest.importorskip("torch")`).
 
 `SLOW` lists the tests that train a model, start command lines or worker
 processes, or share a fixture that does: each takes over about 20 s on 2 CPU
@@ -13,11 +13,6 @@ is the quick loop. A new test that trains marks itself `@pytest.mark.slow`.
 import fnmatch
 
 import pytest
-
-try:
-    import torch  # noqa: F401
-except ImportError:
-    collect_ignore = ["dirac_jax/bench/_torch_reference.py", "tests/_reference_torch.py"]
 
 SLOW = (
     # Trained workdirs (module- and session-scoped fixtures) and the command lines on them.
@@ -33,8 +28,8 @@ SLOW = (
     "tests/test_reproduce.py::test_depth_medians_are_over_the_seeds",
     "tests/test_reproduce.py::test_rerun_*",
     "tests/test_reproduce.py::test_symmetric_reports_*",
-    "tests/test_interop.py::test_load_reference_folded_*",
-    "tests/test_interop.py::test_export_reference_folded_*",
+    "tests/test_torch_checkpoint.py::test_load_reference_folded_*",
+    "tests/test_torch_checkpoint.py::test_export_reference_folded_*",
     # Runs of the trainer: resume, preemption, NaN, corrupt and partial checkpoints.
     "tests/test_checkpoint.py::test_corrupt_checkpoint_*",
     "tests/test_checkpoint.py::test_partial_step_*",

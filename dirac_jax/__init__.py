@@ -7,7 +7,9 @@ Oyedotun et al., in JAX and Flax.
 Subpackages, each one concept: `param` (weight parameterizations, jax and numpy
 only), `layers` (conv layers with a `param` kernel for Linen, NNX and plain
 JAX), `models` (the papers' networks), `fold` (trained net to a plain conv
-chain), `interop` (reference PyTorch checkpoints, StableHLO), `onnx_export`,
+chain), `formats` (export formats: ONNX, StableHLO, the reference PyTorch
+state dict), `torch_checkpoint` (the authors' PyTorch checkpoints imported),
+`torch_reference` (the reference net in PyTorch, for tests and benchmarks),
 `data` (dataset readers), `input_pipeline` (device-resident and Grain-streamed
 inputs), `train`, `checkpoint`, `metrics`, `workdir` (a finished run),
 `evaluate` and `export` (its command lines), `reproduce` (the papers'
@@ -47,13 +49,14 @@ _SUBMODULES = (
     "evaluate",
     "export",
     "fold",
-    "interop",
+    "formats",
     "layers",
     "metrics",
     "models",
-    "onnx_export",
     "param",
     "reproduce",
+    "torch_checkpoint",
+    "torch_reference",
     "train",
     "workdir",
 )

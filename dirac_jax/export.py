@@ -12,7 +12,7 @@ kernels, `fold.fold_kernels`), then written:
 
 * `onnx`: the whole classifier, uint8 NHWC images at the stored size in (for
   ImageNet the eval crop), logits out; padding and normalization inside the
-  graph (`dirac_jax.onnx_export`: `to_onnx` for chains, `residual_to_onnx` for
+  graph (`dirac_jax.formats.onnx_graph`: `to_onnx` for chains, `residual_to_onnx` for
   WRN and ResNet).
   With `--quantize=int8` the ONNX model is quantized by onnxruntime (QDQ:
   int8 weights, int8 activations with percentile ranges calibrated on
@@ -24,14 +24,15 @@ kernels, `fold.fold_kernels`), then written:
   (`dirac_jax.quantize`).
 * `stablehlo` (every foldable net, residual ones too): the same classifier
   serialized with `jax.export`, any batch size
-  (`dirac_jax.interop.export_stablehlo`; load with `load_stablehlo`), for the
+  (`dirac_jax.formats.stablehlo.export_stablehlo`; load with `load_stablehlo`), for the
   `--platforms` it names (default: this host's), e.g. `--platforms=cpu,cuda`
   or `--platforms=tpu` for an artifact written on a CPU host that loads on
   the accelerator.
 * `reference` (DiracNet chains): the state dict of the published PyTorch
-  `DiracNet` module (ImageNet stem only; `dirac_jax.interop.export_reference_folded`), as a
-  `torch.save` file, or `.npz` when `--out` ends so. It holds weights only:
-  the PyTorch module expects normalized float input.
+  `DiracNet` module (ImageNet stem only;
+  `dirac_jax.formats.state_dict.export_reference_folded`), as a `torch.save`
+  file, or `.npz` when `--out` ends so. It holds weights only: the PyTorch
+  module expects normalized float input.
 
 The workdir, and `--out`, may be local or in a bucket (`gs://...`, the `gcs`
 extra).
@@ -45,7 +46,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax import _paths, config_schema, data, fold, interop, onnx_export, workdir
+from dirac_jax import _paths, config_schema, data, fold, formats, workdir
 from dirac_jax._cli import run_workdir_command
 
 __all__ = [
@@ -109,7 +110,7 @@ def _pad(config) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def _write_reference(folded, out) -> None:
-    state_dict = interop.export_reference_folded(folded)
+    state_dict = formats.state_dict.export_reference_folded(folded)
     buffer = io.BytesIO()  # numpy and torch write local files only; epath writes either
     if out.suffix == ".npz":
         np.savez(buffer, **state_dict)
@@ -136,8 +137,9 @@ def onnx_model(model, variables, config, *, identity_apart: bool = False):
     side = {"input_shape": workdir.input_shape(config), "pad": _pad(config)}
     side.update(mean=mean, std=std)  # the uint8 input side of either writer
     if config.model.name not in config_schema.CHAIN_MODELS:  # the residual writer folds the kernels
-        return onnx_export.residual_to_onnx(model, variables, **side)
-    return onnx_export.to_onnx(fold.fold(model, variables, identity_apart=identity_apart), **side)
+        return formats.onnx_graph.residual_to_onnx(model, variables, **side)
+    folded = fold.fold(model, variables, identity_apart=identity_apart)
+    return formats.onnx_graph.to_onnx(folded, **side)
 
 
 def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
@@ -246,7 +248,7 @@ def export_workdir(
         return out
     apply, folded = fold.folded_apply(model, variables)
     if fmt == "stablehlo":
-        blob = interop.export_stablehlo(
+        blob = formats.stablehlo.export_stablehlo(
             classifier(apply, folded, config),
             (1, *workdir.input_shape(config)),
             dtype=jnp.uint8,

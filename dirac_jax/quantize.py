@@ -29,8 +29,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dirac_jax import onnx_export
 from dirac_jax.fold import FoldedNet
+from dirac_jax.formats import onnx_graph
 
 __all__ = [
     "ACTIVATIONS",
@@ -57,7 +57,7 @@ def _import_quantization():
 
 def _batches(images: np.ndarray, batch_size: int) -> Iterator[dict]:
     for start in range(0, len(images), batch_size):
-        yield {onnx_export.INPUT_NAME: images[start : start + batch_size]}
+        yield {onnx_graph.INPUT_NAME: images[start : start + batch_size]}
 
 
 def quantize_onnx(
@@ -87,7 +87,7 @@ def quantize_onnx(
     (`reduce_range=True`, 7-bit weights, is the other way out).
 
     Args:
-      model: an `onnx.ModelProto` from `onnx_export.to_onnx` (or
+      model: an `onnx.ModelProto` from `onnx_graph.to_onnx` (or
         `residual_to_onnx`).
       out: the file to write.
       calibration_images: uint8 `(N, H, W, C)` images at the model's input size,
@@ -98,7 +98,7 @@ def quantize_onnx(
         histogram (`entropy`), or the 0.001th to 99.999th percentile.
       activations: one of `ACTIVATIONS`, the activations' integer type.
       reduce_range: 7-bit weights (for uint8 activations on x86 without VNNI).
-      float_identity: leave the Dirac identity paths (`onnx_export.IDENTITY_PREFIX`
+      float_identity: leave the Dirac identity paths (`onnx_graph.IDENTITY_PREFIX`
         nodes, present when the net was folded with `identity_apart=True`) in
         float32, so `s a x` is added exactly.
       batch_size: images per calibration batch.
@@ -135,7 +135,7 @@ def quantize_onnx(
         "percentile": q.CalibrationMethod.Percentile,
     }[calibration]
     out = out if hasattr(out, "write_bytes") else pathlib.Path(out)  # a local or bucket path
-    excluded = onnx_export.identity_nodes(model) if float_identity else []
+    excluded = onnx_graph.identity_nodes(model) if float_identity else []
     with tempfile.TemporaryDirectory() as tmp:
         # quantize_static writes its shape-inferred copy and calibration model next to the input.
         src, dst = pathlib.Path(tmp) / "float.onnx", pathlib.Path(tmp) / "int8.onnx"
@@ -153,7 +153,7 @@ def quantize_onnx(
             nodes_to_exclude=excluded,
             calibration_providers=["CPUExecutionProvider"],
         )
-        quantized = onnx_export._import_onnx().load(str(dst))
+        quantized = onnx_graph.import_onnx().load(str(dst))
     _compact(quantized)
     out.write_bytes(quantized.SerializeToString())
     return out

@@ -77,7 +77,7 @@ def test_peak_table_is_dense_and_ordered():
 
 def test_torch_candidates_train_the_same_model():
     torch = pytest.importorskip("torch")
-    from dirac_jax.bench._torch_reference import make_candidate
+    from dirac_jax.torch_reference import synthetic_train_step
 
     torch.set_num_threads(1)
     losses = {}
@@ -86,7 +86,7 @@ def test_torch_candidates_train_the_same_model():
         "channels_last": {"channels_last": True},
         "amp": {"channels_last": True, "amp_bf16": True},
     }.items():
-        step, num_params = make_candidate(10, 0.25, 4, device="cpu", **kwargs)
+        step, num_params = synthetic_train_step(10, 0.25, 4, device="cpu", **kwargs)
         losses[name] = [step() for _ in range(2)]
         assert num_params == 5_118  # DiracNet-10-0.25, as the JAX model.
     # Same seed and data: the layout changes no loss beyond float rounding, bf16 a little.

@@ -21,7 +21,8 @@ from etils import epath
 from test_checkpoint import _check_sigterm_resume, _main, _saved_tree
 from test_train import _finish, _free_port, _train_losses
 
-from dirac_jax import checkpoint, interop, metrics, train, workdir
+from dirac_jax import checkpoint, metrics, train, workdir
+from dirac_jax.formats import stablehlo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,7 @@ def test_a_bf16_run_in_a_bucket_then_evaluate_and_export_from_it(gcs, tmp_path):
     blob = epath.Path(out).read_bytes()
     # Written for a GPU as well as this CPU host; it runs here.
     assert jax.export.deserialize(bytearray(blob)).platforms == ("cpu", "cuda")
-    logits = interop.load_stablehlo(blob)(np.zeros((2, 32, 32, 3), np.uint8))
+    logits = stablehlo.load_stablehlo(blob)(np.zeros((2, 32, 32, 3), np.uint8))
     assert logits.shape == (2, 10)
     assert list(cwd.iterdir()) == []
 

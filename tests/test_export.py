@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_dirac
-from dirac_jax import data, evaluate, export, fold, interop, models, onnx_export, train, workdir
+from dirac_jax import data, evaluate, export, fold, models, train, workdir
+from dirac_jax.formats import onnx_graph, stablehlo
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -138,7 +139,7 @@ def test_onnx_export_in_onnxruntime_equals_jax_and_the_summary(run_dir, test_spl
 
 def test_stablehlo_export_is_the_whole_classifier(run_dir, test_split, tmp_path):
     out = export.export_workdir(run_dir, "stablehlo", tmp_path / "model.stablehlo")
-    call = interop.load_stablehlo(out.read_bytes())
+    call = stablehlo.load_stablehlo(out.read_bytes())
     images = test_split.images[:300]
     _, _, config = export.fold_workdir(run_dir)
     model, variables, _ = workdir.load(run_dir)
@@ -189,7 +190,7 @@ def test_to_onnx_covers_every_folded_step_kind(name, kwargs, shape, pad):
     variables = {**variables, "batch_stats": stats}
     folded = fold.fold(model, variables)
     mean, std = (0.3,) * c, (0.25,) * c
-    onnx_model = onnx_export.to_onnx(folded, input_shape=shape, pad=pad, mean=mean, std=std)
+    onnx_model = onnx_graph.to_onnx(folded, input_shape=shape, pad=pad, mean=mean, std=std)
     images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
     x = jnp.pad(images, ((0, 0), *pad, (0, 0))).astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(mean)) / jnp.asarray(std)
@@ -197,7 +198,7 @@ def test_to_onnx_covers_every_folded_step_kind(name, kwargs, shape, pad):
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    got = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 

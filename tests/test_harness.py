@@ -138,7 +138,7 @@ def test_the_suite_collects_and_runs_without_torch(tmp_path):
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-2000:]
     assert "error" not in collected.stdout.splitlines()[-1].lower(), collected.stdout[-3000:]
     ran = subprocess.run(
-        [*base, "-rs", "tests/test_interop.py", "tests/test_reference_training.py",
+        [*base, "-rs", "tests/test_torch_checkpoint.py", "tests/test_reference_training.py",
          "tests/test_bench.py::test_torch_candidates_train_the_same_model",
          "dirac_jax/bench/train.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

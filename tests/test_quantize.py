@@ -19,8 +19,9 @@ import pytest
 from _bn import random_bn_stats
 
 from configs import fashion_mnist_dirac
-from dirac_jax import data, export, fold, models, onnx_export, quantize, train
+from dirac_jax import data, export, fold, models, quantize, train
 from dirac_jax.bench.fold import random_variables
+from dirac_jax.formats import onnx_graph
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -43,7 +44,7 @@ def _run(model_proto, images):
     session = ort.InferenceSession(
         model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    return session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    return session.run(None, {onnx_graph.INPUT_NAME: images})[0]
 
 
 @pytest.mark.parametrize("name", ["diracnet", "diracnet_v1"])
@@ -63,8 +64,8 @@ def test_identity_apart_fold_and_onnx_compute_the_folded_net(name):
     k_whole, k_apart = whole.params[3]["kernel"], apart.params[3]["kernel"]
     assert float(jnp.abs(k_apart).max()) < 0.5 * float(jnp.abs(k_whole).max())
 
-    proto = onnx_export.to_onnx(apart, **SIDE)
-    assert onnx_export.identity_nodes(proto)  # Mul (and Gather) of the identity, named
+    proto = onnx_graph.to_onnx(apart, **SIDE)
+    assert onnx_graph.identity_nodes(proto)  # Mul (and Gather) of the identity, named
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     mean, std = jnp.asarray(SIDE["mean"]), jnp.asarray(SIDE["std"])
     xx = (jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))) / 255.0 - mean) / std
@@ -118,8 +119,8 @@ def test_int8_file_is_quantized_and_small(tmp_path):
     # Untrained DiracNet-10-1 (the size does not depend on training): QDQ with int8 weights.
     model = models.get_model("diracnet", depth=10, width=1.0, num_classes=10)
     variables = random_variables(model, jnp.zeros((1, 32, 32, 1)), 0)
-    float_proto = onnx_export.to_onnx(fold.fold(model, variables), **SIDE)
-    apart = onnx_export.to_onnx(fold.fold(model, variables, identity_apart=True), **SIDE)
+    float_proto = onnx_graph.to_onnx(fold.fold(model, variables), **SIDE)
+    apart = onnx_graph.to_onnx(fold.fold(model, variables, identity_apart=True), **SIDE)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
     out = quantize.quantize_onnx(apart, tmp_path / "q.onnx", calib)
@@ -143,13 +144,13 @@ def test_int8_file_is_quantized_and_small(tmp_path):
     # And it computes the float net's function, to int8 precision.
     images = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
     assert quantize.logit_error(logits, _run(float_proto, images)) < 0.05
 
 
 def test_quantize_rejects_bad_input(tmp_path):
     model = models.get_model("diracnet", depth=10, width=0.25, num_classes=3)
-    proto = onnx_export.to_onnx(fold.fold(model, _variables(model)), **SIDE)
+    proto = onnx_graph.to_onnx(fold.fold(model, _variables(model)), **SIDE)
     images = np.zeros((1, 28, 28, 1), np.uint8)
     with pytest.raises(ValueError, match="unknown calibration 'kl'"):
         quantize.quantize_onnx(proto, tmp_path / "q.onnx", images, calibration="kl")
@@ -230,7 +231,7 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
         graph = export.onnx_model(model, variables, config, identity_apart=True)
         out = quantize.quantize_onnx(graph, tmp_path / f"{name}.onnx", calib)
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        logits = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+        logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
         reference = _run(float_proto, images)
         errors[name] = quantize.logit_error(logits, reference)
         assert quantize.agreement(logits, reference) >= 0.9  # 0.94 / 0.96 measured at 40 steps

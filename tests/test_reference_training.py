@@ -19,10 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from dirac_jax import interop, optim, steps
+from dirac_jax import optim, steps, torch_checkpoint
+from dirac_jax import torch_reference as ref
 
 torch = pytest.importorskip("torch")
-import _reference_torch as ref  # noqa: E402
 
 STEPS = 6
 BOUNDARY = 3  # lr x0.2 and a new reference optimizer from this step on
@@ -104,7 +104,7 @@ def _max_rel_error(ours, theirs, initial) -> float:
 
 def _setup(variant):
     flat = ref.reference_params(10, 0.5, "cifar", 10, seed=1, variant=variant)
-    model, variables = interop.load_reference(flat)
+    model, variables = torch_checkpoint.load_reference(flat)
     config = _config(variant)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=STEPS)
     return flat, model, variables, config, lr_fn
@@ -117,7 +117,7 @@ def test_sgd_steps_equal_the_reference_training_step(variant):
     ours = _jax_run(model, variables, tx, lr_fn)
     theirs = _reference_run(flat, variant)
     for step, (p, t) in enumerate(zip(ours, theirs, strict=True)):
-        expected = interop.load_reference(t)[1]["params"]
+        expected = torch_checkpoint.load_reference(t)[1]["params"]
         # float32 through 6 steps of BN-normalized training in two frameworks: measured
         # 2e-7 (v2) and 1e-6 (v1) here, up to 1.5e-4 for v1's scalar b in other XLA set-ups
         # (its gradient sums a whole kernel); every deviation below moves it by > 3e-2.
@@ -128,7 +128,7 @@ def test_sgd_steps_equal_the_reference_training_step(variant):
 
 def test_the_comparison_detects_each_plausible_deviation():
     flat, model, variables, config, lr_fn = _setup("v2")
-    theirs = interop.load_reference(_reference_run(flat, "v2")[-1])[1]["params"]
+    theirs = torch_checkpoint.load_reference(_reference_run(flat, "v2")[-1])[1]["params"]
     mask = functools.partial(optim.weight_decay_mask, scope="kernels")
     deviations = {
         # Decoupled (AdamW-style) decay: wd * w added after the momentum.

@@ -28,15 +28,14 @@ from dirac_jax import (
     evaluate,
     export,
     fold,
-    interop,
     models,
-    onnx_export,
     optim,
     param,
     steps,
     train,
     workdir,
 )
+from dirac_jax.formats import onnx_graph, stablehlo
 from dirac_jax.reproduce._grid import apply_overrides
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -199,11 +198,11 @@ def test_residual_run_exports_onnx_and_stablehlo(soft_run, test_split, tmp_path)
     images = test_split.images[:500]
     expected = model.apply(variables, workdir.preprocess(images, config), train=False)
     out = export.export_workdir(path, "stablehlo", tmp_path / "wrn.stablehlo")
-    call = interop.load_stablehlo(out.read_bytes())
+    call = stablehlo.load_stablehlo(out.read_bytes())
     np.testing.assert_allclose(call(jnp.asarray(images)), expected, atol=1e-4, rtol=0)
     out = export.export_workdir(path, "onnx", tmp_path / "wrn.onnx")
     session = ort.InferenceSession(str(out))
-    logits = session.run(None, {onnx_export.INPUT_NAME: np.asarray(images)})[0]
+    logits = session.run(None, {onnx_graph.INPUT_NAME: np.asarray(images)})[0]
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="residual net.*--format=onnx"):
         export.export_workdir(path, "reference", tmp_path / "m")
@@ -300,7 +299,7 @@ def test_residual_onnx_computes_the_model_in_onnxruntime(name, kwargs):
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     variables["batch_stats"] = random_bn_stats(variables["batch_stats"])
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-    proto = onnx_export.residual_to_onnx(
+    proto = onnx_graph.residual_to_onnx(
         model, variables, input_shape=(28, 28, 3), pad=((2, 2), (2, 2)), mean=mean, std=std
     )
     images = np.random.default_rng(1).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
@@ -310,7 +309,7 @@ def test_residual_onnx_computes_the_model_in_onnxruntime(name, kwargs):
     scale = max(1.0, float(jnp.abs(want).max()))
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
     with pytest.raises(ValueError, match="chains .* go through fold"):
-        onnx_export.residual_to_onnx(
+        onnx_graph.residual_to_onnx(
             models.get_model("diracnet", depth=10, width=0.25), variables,
             input_shape=(28, 28, 3), mean=mean, std=std,
         )  # fmt: skip
@@ -359,15 +358,15 @@ def test_hard_symmetric_mobilenet_folds_into_a_chain():
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = (jnp.asarray(images, jnp.float32) / 255 - 0.5) / 0.25
     want = model.apply(variables, x, train=False)
-    onnx_model = onnx_export.to_onnx(
+    onnx_model = onnx_graph.to_onnx(
         folded, input_shape=(32, 32, 3), mean=(0.5,) * 3, std=(0.25,) * 3
     )
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    got = session.run(None, {onnx_export.INPUT_NAME: images})[0]
+    got = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-    call = interop.load_stablehlo(interop.export_stablehlo(folded, (1, 32, 32, 3)))
+    call = stablehlo.load_stablehlo(stablehlo.export_stablehlo(folded, (1, 32, 32, 3)))
     np.testing.assert_allclose(call(x), want, atol=1e-4, rtol=1e-5)
 
 

@@ -368,14 +368,15 @@ def test_tfds_array_record_source_trains_end_to_end(tmp_path, tfds_imagenet):
     assert result["unfolded"]["loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert result["folded"]["loss"] == pytest.approx(summary["test_loss"], rel=1e-3)
     # And it exports: the classifier takes the uint8 eval crops (32 px here).
-    from dirac_jax import export, interop, workdir
+    from dirac_jax import export, workdir
+    from dirac_jax.formats import stablehlo
 
     out = export.export_workdir(tmp_path, "stablehlo", tmp_path / "model.stablehlo")
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     model, variables, config = workdir.load(tmp_path)
     expected = model.apply(variables, workdir.preprocess(images, config), train=False)
     np.testing.assert_allclose(
-        interop.load_stablehlo(out.read_bytes())(images), expected, atol=1e-4, rtol=0
+        stablehlo.load_stablehlo(out.read_bytes())(images), expected, atol=1e-4, rtol=0
     )
     assert np.isfinite(summary["test_loss"]) and summary["fold_max_abs_error"] < 1e-3
     # TFDS imagenet2012 has 1000 classes: the head is sized from the data.

@@ -6,14 +6,14 @@ round-robin at each batch size (`_timing.interleaved_times`):
 
 * the unfolded JAX model (`model.apply`, BN at eval; jit, params as arguments);
 * the folded JAX chain (`fold.apply_folded`);
-* the float32 ONNX export in onnxruntime (`onnx_export.to_onnx`);
+* the float32 ONNX export in onnxruntime (`formats.onnx_graph.to_onnx`);
 * the INT8 ONNX export in onnxruntime, as `dirac_jax.export --quantize=int8`
   writes it (identity apart, per-channel int8 weights, QDQ; calibrated on
   random images, which changes no timing);
 * the same INT8 with the Dirac identity folded into the kernel (`naive`), so
   the cost of the identity's float32 Mul and Add shows;
-* the PyTorch reference DiracNet (`bench._torch_reference`, eval mode, no
-  grad), when torch is installed.
+* the PyTorch reference DiracNet (`torch_reference.reference_forward`, eval
+  mode, no grad), when torch is installed.
 
 Every candidate takes the uint8 NHWC images and computes the logits, the
 input normalization included (PyTorch gets the normalized NCHW floats, as
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax import data, fold, onnx_export, quantize
+from dirac_jax import data, fold, quantize, torch_reference
 from dirac_jax.bench import _timing
 from dirac_jax.bench.fold import random_variables
+from dirac_jax.formats import onnx_graph
 from dirac_jax.models import get_model
 
 __all__ = ["INT8_FEATURES", "cpu_int8_features", "main", "report", "run"]
@@ -90,18 +91,15 @@ def _session(path_or_bytes):
 
 
 def _torch_candidate(depth, width):
-    """The reference module (its own random weights: timing only), or None without torch."""
+    """The reference net (its own random weights: timing only), or None without torch."""
     try:
         import torch
-
-        from dirac_jax.bench._torch_reference import ReferenceDiracNet
     except ImportError:
         return None
-    model = ReferenceDiracNet(depth, width).eval()
-    torch.set_grad_enabled(False)
+    params = torch_reference.reference_params(depth, width)
 
     def call(x):
-        return model(torch.from_numpy(x)).numpy()
+        return torch_reference.reference_forward(torch.from_numpy(x), params).numpy()
 
     return call
 
@@ -122,13 +120,13 @@ def run(args) -> dict:
 
     unfolded = jax.jit(lambda v, x: model.apply(v, normalize(x), train=False))
     folded_fn = jax.jit(lambda f, x: fold.apply_folded(f, normalize(x)))
-    sessions = {"float32 ONNX": _session(onnx_export.to_onnx(folded, **side).SerializeToString())}
+    sessions = {"float32 ONNX": _session(onnx_graph.to_onnx(folded, **side).SerializeToString())}
     calib = rng.integers(0, 256, (args.calibration_images, *size), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         split = fold.fold(model, variables, identity_apart=True)
         for label, net in (("INT8 ONNX (identity apart)", split), ("INT8 ONNX (naive)", folded)):
             out = f"{tmp}/{len(sessions)}.onnx"
-            quantize.quantize_onnx(onnx_export.to_onnx(net, **side), out, calib)
+            quantize.quantize_onnx(onnx_graph.to_onnx(net, **side), out, calib)
             sessions[label] = _session(out)
     torch_call = None if args.no_torch else _torch_candidate(args.depth, args.width)
 
@@ -143,7 +141,7 @@ def run(args) -> dict:
         }
         for label, session in sessions.items():
             candidates[label] = functools.partial(
-                session.run, None, {onnx_export.INPUT_NAME: images}
+                session.run, None, {onnx_graph.INPUT_NAME: images}
             )
         if torch_call is not None:
             nchw = np.asarray(normalize(images)).transpose(0, 3, 1, 2).copy()

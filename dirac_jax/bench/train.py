@@ -10,7 +10,7 @@ reports, from one run:
   ratio: the cost of computing `diag(a) I + diag(b) W_norm` every step (the goal
   is <= 1.05);
 * with torch installed, the same step of a PyTorch transcription of the reference
-  model (`_torch_reference.py`), same shapes and batch, in the variants a PyTorch
+  model (`dirac_jax.torch_reference`), same shapes and batch, in the variants a PyTorch
   user would pick (`--torch-variants`): eager NCHW, `channels_last`, and
   `channels_last` + `torch.compile`; with `--half-precision` every PyTorch variant
   runs under `torch.autocast` bfloat16, as the JAX side computes in bfloat16;
@@ -194,7 +194,7 @@ def _torch_candidates(args) -> tuple[dict, dict, dict]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from dirac_jax.bench._torch_reference import make_candidate
+    from dirac_jax.torch_reference import synthetic_train_step
 
     # PyTorch's own defaults are TF32 convolutions and full float32 matmuls; set both
     # as the JAX side runs (`--fp32-precision`). The bench owns its process.
@@ -205,7 +205,7 @@ def _torch_candidates(args) -> tuple[dict, dict, dict]:
     steps, params = {}, {}
     for variant in args.torch_variants:
         label = f"DiracNet-{_label(args)} ({_TORCH_LABELS[variant]}{suffix})"
-        steps[label], params[label] = make_candidate(
+        steps[label], params[label] = synthetic_train_step(
             args.depth,
             args.width,
             args.batch,

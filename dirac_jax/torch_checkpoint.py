@@ -1,4 +1,4 @@
-"""Reference PyTorch checkpoints in and out, and portable StableHLO export.
+"""The authors' PyTorch checkpoints imported: reference DiracNets as Flax variables or folded nets.
 
 The reference code (szagoruyko/diracnets on GitHub, v2 on master, v1 on branch v1)
 publishes two kinds of checkpoint, both OIHW tensors keyed by name:
@@ -9,18 +9,19 @@ publishes two kinds of checkpoint, both OIHW tensors keyed by name:
   `{"params": ..., "stats": ...}` split of the same entries. `load_reference`
   turns it into a `DiracNet` and its Flax variables.
 * folded: the `state_dict` of the published `DiracNet` `nn.Module`, a chain of
-  conv-ReLU pairs (DiracNets sec. 1/2). `load_reference_folded` and
-  `export_reference_folded` convert it to and from a `dirac_jax.fold.FoldedNet`.
-
-`export_stablehlo` serializes a folded net, weights included, with `jax.export`.
+  conv-ReLU pairs (DiracNets arXiv:1706.00388 sec. 1/2; its layout is
+  `dirac_jax.formats.state_dict`'s). `load_reference_folded` converts it to a
+  `dirac_jax.fold.FoldedNet`, and `formats.state_dict.export_reference_folded`
+  writes one back.
 
 PyTorch is optional: it is imported only to read a checkpoint file. Tensor
 values may be numpy arrays or torch tensors.
 
 Example:
   >>> import numpy as np
-  >>> from dirac_jax import interop
+  >>> from dirac_jax import torch_checkpoint
   >>> from dirac_jax.fold import apply_folded
+  >>> from dirac_jax.formats.state_dict import export_reference_folded
   >>> rng = np.random.default_rng(0)
   >>> sd = {"features.conv.weight": rng.normal(size=(64, 3, 7, 7)).astype(np.float32),
   ...       "features.conv.bias": np.zeros(64, np.float32)}
@@ -34,10 +35,10 @@ Example:
   ...     ni = no
   >>> sd["fc.weight"] = np.zeros((1000, 512), np.float32)
   >>> sd["fc.bias"] = np.arange(1000, dtype=np.float32)
-  >>> folded = interop.load_reference_folded(sd)
+  >>> folded = torch_checkpoint.load_reference_folded(sd)
   >>> [s.kind for s in folded.steps][:4]
   ['conv', 'max_pool', 'relu', 'conv']
-  >>> back = interop.export_reference_folded(folded)
+  >>> back = export_reference_folded(folded)
   >>> list(back) == list(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   True
   >>> apply_folded(folded, np.zeros((1, 64, 64, 3), np.float32))[0, :3].tolist()
@@ -57,16 +58,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirac_jax import models, param
-from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep, apply_folded
-from dirac_jax.models import GROUP_BASES, IMAGENET_BLOCKS
+from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep
+from dirac_jax.formats.state_dict import (
+    GROUP_POOL,
+    STEM_CONV_ARGS,
+    STEM_POOL,
+    imagenet_depth,
+    published_table,
+)
+from dirac_jax.models import GROUP_BASES
 
-__all__ = [
-    "export_reference_folded",
-    "export_stablehlo",
-    "load_reference",
-    "load_reference_folded",
-    "load_stablehlo",
-]
+__all__ = ["load_reference", "load_reference_folded"]
 
 _TORCH_HINT = "install PyTorch with `pip install 'dirac_jax[torch]'`"
 _STEM_KERNEL = {3: "cifar", 7: "imagenet"}
@@ -80,11 +82,6 @@ _BN_ENTRIES = (
     ("running_mean", "batch_stats", "mean"),
     ("running_var", "batch_stats", "var"),
 )
-
-# Folded-chain steps of the published module (the fold.py contract).
-_STEM_CONV_ARGS = ((2, 2), ((3, 3), (3, 3)))
-_STEM_POOL = (3, 2, 1)
-_GROUP_POOL = (2, 2, 0)
 
 
 # ------------------------------------------------------------------ reading
@@ -180,16 +177,6 @@ def _infer_width(stem: str, channels: Sequence[int]) -> float:
     return width
 
 
-def _imagenet_depth(counts: tuple[int, ...], what: str) -> int:
-    by_counts = {tuple(2 * b for b in v): d for d, v in IMAGENET_BLOCKS.items()}
-    if counts not in by_counts:
-        raise ValueError(
-            f"{what}: ImageNet block counts per group {counts} match no DiracNet depth; expected "
-            f"one of {by_counts} (block counts: depth)."
-        )
-    return by_counts[counts]
-
-
 def _infer_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """DiracNet constructor arguments read from the tensor shapes of a reference checkpoint."""
     missing = [k for k in ("conv", "fc.weight") if k not in flat]
@@ -221,7 +208,7 @@ def _infer_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
             )
         depth = 3 * counts[0] + 4  # 6n + 4
     else:
-        depth = _imagenet_depth(counts, "reference checkpoint")
+        depth = imagenet_depth(counts, "reference checkpoint")
     c0 = stem_w.shape[0]
     first = [_first_block_conv(flat, g, n) for g, n in enumerate(counts)]
     width = _infer_width(stem, [w.shape[0] for w in first])
@@ -402,23 +389,6 @@ def _check_against_init(model, variables, in_channels: int) -> None:
 # ------------------------------------------------- published folded module
 
 
-def _folded_table(counts, widths, in_channels, num_classes) -> dict[str, tuple[int, ...]]:
-    """The published folded `DiracNet` state_dict: key -> OIHW / (out, in) shape."""
-    table = {
-        "features.conv.weight": (widths[0], in_channels, 7, 7),
-        "features.conv.bias": (widths[0],),
-    }
-    ni = widths[0]
-    for g, (no, count) in enumerate(zip(widths, counts, strict=True)):
-        for i in range(count):
-            table[f"features.group{g}.block{i}.conv.weight"] = (no, ni if i == 0 else no, 3, 3)
-            table[f"features.group{g}.block{i}.conv.bias"] = (no,)
-        ni = no
-    table["fc.weight"] = (num_classes, ni)
-    table["fc.bias"] = (num_classes,)
-    return table
-
-
 def load_reference_folded(state_dict) -> FoldedNet:
     """Loads the published folded ImageNet `DiracNet` (18 or 34) as a `FoldedNet`.
 
@@ -447,7 +417,7 @@ def load_reference_folded(state_dict) -> FoldedNet:
     if missing:
         raise ValueError(f"folded DiracNet state_dict: missing key(s) {missing}.")
     counts = _block_counts(sd, _FOLDED_BLOCK_KEY, "folded DiracNet state_dict")
-    depth = _imagenet_depth(counts, "folded DiracNet state_dict")
+    depth = imagenet_depth(counts, "folded DiracNet state_dict")
     widths = []
     for g, count in enumerate(counts):
         # Any conv tensor of the group gives its width (dim 0 of weight and bias).
@@ -459,7 +429,7 @@ def load_reference_folded(state_dict) -> FoldedNet:
             raise ValueError(f"folded DiracNet state_dict: group {g} has no conv tensors.")
         widths.append(present[0].shape[0])
     stem_w, fc_w = sd["features.conv.weight"], sd["fc.weight"]
-    table = _folded_table(counts, widths, stem_w.shape[1], fc_w.shape[0])
+    table = published_table(counts, widths, stem_w.shape[1], fc_w.shape[0])
     errors = [f"missing {k!r} (shape {shape})" for k, shape in table.items() if k not in sd]
     errors += [
         f"{k!r} has shape {sd[k].shape}, expected {shape}"
@@ -480,11 +450,11 @@ def load_reference_folded(state_dict) -> FoldedNet:
             "bias": jnp.asarray(sd[prefix + ".bias"], jnp.float32),
         }
 
-    steps = [FoldedStep("conv", _STEM_CONV_ARGS), FoldedStep("max_pool", _STEM_POOL)]
+    steps = [FoldedStep("conv", STEM_CONV_ARGS), FoldedStep("max_pool", STEM_POOL)]
     params = [conv("features.conv"), {}]
     for g, count in enumerate(counts):
         if g:
-            steps.append(FoldedStep("max_pool", _GROUP_POOL))
+            steps.append(FoldedStep("max_pool", GROUP_POOL))
             params.append({})
         for i in range(count):
             steps += [FoldedStep("relu"), FoldedStep("conv", BLOCK_CONV_ARGS)]
@@ -496,195 +466,3 @@ def load_reference_folded(state_dict) -> FoldedNet:
     }
     params += [{}, {}, dense]
     return FoldedNet(params=tuple(params), steps=tuple(steps))
-
-
-def _normalized_args(step: FoldedStep) -> tuple:
-    """Step args as nested tuples of ints, so lists and numpy ints compare equal."""
-
-    def norm(a):
-        return tuple(norm(b) for b in a) if isinstance(a, Sequence) else int(a)
-
-    return norm(step.args)
-
-
-def _parse_published_chain(folded: FoldedNet) -> tuple[int, list[list[int]], int]:
-    """Checks `folded` is the published module's chain; returns (stem, block step indices, fc)."""
-    steps = list(folded.steps)
-    pos = 0
-
-    def fail(why):
-        kinds = [s.kind for s in steps]
-        return ValueError(
-            f"export_reference_folded: {why} (at step {pos}). The published folded DiracNet is "
-            "conv7x7/2, max_pool(3, 2, 1), [relu, conv3x3] x blocks with max_pool(2, 2, 0) "
-            "between 4 groups, relu, avg_pool, dense: fold a v2 or plain DiracNet with the "
-            f"ImageNet stem. Got kinds {kinds}."
-        )
-
-    def expect(kind, args=None):
-        nonlocal pos
-        if pos >= len(steps) or steps[pos].kind != kind:
-            got = steps[pos] if pos < len(steps) else "the end"
-            raise fail(f"expected a {kind!r} step, got {got}")
-        if args is not None and _normalized_args(steps[pos]) != args:
-            raise fail(f"expected {kind} args {args}, got {steps[pos].args}")
-        pos += 1
-        return pos - 1
-
-    if len(folded.params) != len(steps):
-        raise fail(f"{len(folded.params)} param entries for {len(steps)} steps")
-    stem = expect("conv", _STEM_CONV_ARGS)
-    expect("max_pool", _STEM_POOL)
-    groups: list[list[int]] = []
-    for g in range(4):
-        if g:
-            expect("max_pool", _GROUP_POOL)
-        blocks = []
-        while pos + 1 < len(steps) and steps[pos].kind == "relu" and steps[pos + 1].kind == "conv":
-            expect("relu")
-            blocks.append(expect("conv", BLOCK_CONV_ARGS))
-        if not blocks:
-            raise fail(f"group {g} has no [relu, conv] blocks")
-        groups.append(blocks)
-    expect("relu")
-    expect("avg_pool")
-    fc = expect("dense")
-    if pos != len(steps):
-        raise fail(f"{len(steps) - pos} steps after the dense layer")
-    return stem, groups, fc
-
-
-def export_reference_folded(folded: FoldedNet) -> dict[str, np.ndarray]:
-    """The published folded `DiracNet` state_dict of an ImageNet-stem folded net.
-
-    The inverse of `load_reference_folded`: HWIO kernels become OIHW float32,
-    the dense kernel `(in, out)` becomes `fc.weight` `(out, in)`, keys in the
-    module's order, so `DiracNet(depth).load_state_dict({k: torch.from_numpy(v)
-    for k, v in sd.items()})` loads it (for widths 64..512, the published ones).
-
-    Args:
-      folded: `fold(model, variables)` of a v2 or plain `DiracNet` with the
-        ImageNet stem, depth 18 or 34, or `load_reference_folded`'s result.
-
-    Returns:
-      `{key: float32 numpy array}` with exactly the published keys.
-
-    Raises:
-      ValueError: `folded` is not that chain (CIFAR stem, v1 NCReLU blocks, other
-        step args or block counts), or a parameter has a shape that breaks it.
-    """
-    stem, groups, fc = _parse_published_chain(folded)
-    _imagenet_depth(tuple(len(b) for b in groups), "export_reference_folded")
-    p = folded.params
-    sd: dict[str, np.ndarray] = {}
-
-    def conv(prefix, index):
-        kernel = np.asarray(p[index]["kernel"], np.float32)
-        sd[prefix + ".weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
-        sd[prefix + ".bias"] = np.array(p[index]["bias"], np.float32)
-
-    conv("features.conv", stem)
-    for g, blocks in enumerate(groups):
-        for i, index in enumerate(blocks):
-            conv(f"features.group{g}.block{i}.conv", index)
-    sd["fc.weight"] = np.ascontiguousarray(np.asarray(p[fc]["kernel"], np.float32).T)
-    sd["fc.bias"] = np.array(p[fc]["bias"], np.float32)
-    widths = [sd[f"features.group{g}.block0.conv.weight"].shape[0] for g in range(4)]
-    table = _folded_table(
-        tuple(len(b) for b in groups),
-        widths,
-        sd["features.conv.weight"].shape[1],
-        sd["fc.bias"].shape[0],
-    )
-    bad = [f"{k}: {sd[k].shape} != {shape}" for k, shape in table.items() if sd[k].shape != shape]
-    if bad:
-        raise ValueError(
-            "export_reference_folded: the parameters do not form a chain, shape(s) "
-            + "; ".join(bad)
-        )
-    return sd
-
-
-# ------------------------------------------------------------------ StableHLO
-
-
-def _serialization_hint(e: ImportError) -> ImportError:
-    return ImportError(
-        f"jax.export serialization needs the flatbuffers package ({e}); install it with "
-        "`pip install flatbuffers`."
-    )
-
-
-def export_stablehlo(
-    folded: FoldedNet | Callable[[jax.Array], jax.Array],
-    example_shape: Sequence[int],
-    *,
-    dtype=jnp.float32,
-    polymorphic_batch: bool = True,
-    platforms: Sequence[str] | None = None,
-    preprocess: Callable[[jax.Array], jax.Array] | None = None,
-) -> bytes:
-    """Serializes `apply_folded(folded, images)` with `jax.export`, weights included.
-
-    The artifact is StableHLO with the folded parameters as constants, so it runs
-    without the Python model code: `load_stablehlo` in JAX, or any StableHLO
-    runtime. Serialization needs the `flatbuffers` package.
-
-    Example (not a doctest, since flatbuffers is optional)::
-
-      blob = export_stablehlo(fold(model, variables), (1, 224, 224, 3))
-      logits = load_stablehlo(blob)(images)  # any batch size
-
-    Args:
-      folded: a `FoldedNet`, or any pure function `images -> logits` (e.g. a
-        WRN with its kernels folded by `fold.fold_kernels`, its variables
-        closed over).
-      example_shape: NHWC input shape `(batch, height, width, channels)`; height,
-        width and channels are fixed in the artifact.
-      dtype: input dtype.
-      polymorphic_batch: export the batch dimension as a symbolic `b`, so one
-        artifact serves every batch size; else the batch is `example_shape[0]`.
-      platforms: e.g. `("cpu", "cuda")` to run on several backends; default:
-        the current backend.
-      preprocess: a pure JAX function run on the input first, e.g. the uint8
-        padding and normalization of `dirac_jax.workdir.preprocess`, so the
-        artifact is the whole classifier (then pass `dtype=jnp.uint8`).
-
-    Returns:
-      The serialized `jax.export.Exported`.
-
-    Raises:
-      ValueError: `example_shape` is not four positive ints.
-      ImportError: flatbuffers is not installed.
-    """
-    shape = tuple(example_shape)
-    if len(shape) != 4 or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
-        raise ValueError(
-            f"export_stablehlo: example_shape must be NHWC (batch, height, width, channels) "
-            f"positive ints, got {example_shape!r}."
-        )
-    if polymorphic_batch:
-        spec = jax.export.symbolic_shape("b, " + ", ".join(str(int(d)) for d in shape[1:]))
-    else:
-        spec = tuple(int(d) for d in shape)
-    prepare = preprocess if preprocess is not None else (lambda images: images)
-    net = folded if callable(folded) else functools.partial(apply_folded, folded)
-    fn = jax.jit(lambda images: net(prepare(images)))
-    exported = jax.export.export(fn, platforms=platforms)(jax.ShapeDtypeStruct(spec, dtype))
-    try:
-        return bytes(exported.serialize())
-    except ImportError as e:
-        raise _serialization_hint(e) from e
-
-
-def load_stablehlo(blob: bytes) -> Callable[[jax.Array], jax.Array]:
-    """The callable `images -> logits` of an `export_stablehlo` artifact.
-
-    Raises:
-      ImportError: flatbuffers is not installed.
-    """
-    try:
-        exported = jax.export.deserialize(bytearray(blob))
-    except ImportError as e:
-        raise _serialization_hint(e) from e
-    return exported.call

@@ -1,4 +1,4 @@
-"""A folded net as an ONNX model, built with the `onnx` package's own helpers.
+"""A folded net as an ONNX graph, built with the `onnx` package's own helpers.
 
 The folded net is a chain of Conv (grouped for MobileNet's depthwise convs),
 ReLU and MaxPool, a global average pool and a linear layer (DiracNets v2
@@ -17,7 +17,8 @@ jax2onnx converts JAX functions in general, but its releases pin
 orbax-checkpoint below the version this project trains with, and these nets
 need only a dozen ONNX op types; `onnx` itself is the smaller dependency.
 
-Requires `pip install onnx` (and onnxruntime to run the model).
+Requires `pip install 'dirac_jax[onnx]'` (onnx, and onnxruntime to run the
+model); `import_onnx` imports the package or says so.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "OPSET",
     "OUTPUT_NAME",
     "identity_nodes",
+    "import_onnx",
     "residual_to_onnx",
     "to_onnx",
 ]
@@ -46,12 +48,17 @@ OPSET = 17
 IDENTITY_PREFIX = "dirac_identity"
 
 
-def _import_onnx():
+def import_onnx():
+    """The `onnx` package.
+
+    Raises:
+      ImportError: onnx is not installed; the message says how to install it.
+    """
     try:
         import onnx
     except ImportError as e:
         raise ImportError(
-            f"the ONNX export needs the onnx package ({e}): pip install onnx onnxruntime."
+            f"the ONNX export needs the onnx package ({e}): pip install 'dirac_jax[onnx]'."
         ) from e
     return onnx
 
@@ -65,7 +72,7 @@ class _Builder:
     """
 
     def __init__(self, input_shape, pad, mean, std):
-        self.onnx = _import_onnx()
+        self.onnx = import_onnx()
         from onnx import TensorProto, helper, numpy_helper
 
         self._helper, self._numpy_helper, self._tensor = helper, numpy_helper, TensorProto

@@ -1,8 +1,8 @@
-"""Properties of `dirac_jax.interop`: reference checkpoints in and out, StableHLO export.
+"""Reference checkpoints in and out: `dirac_jax.torch_checkpoint` and `formats.state_dict`.
 
-The reference nets are the PyTorch transcription in `_reference_torch.py`; every
-comparison is float32 logits, max abs error <= 1e-4 * max(1, max |logit|), with
-random non-trivial parameters so that a dropped or swapped tensor fails.
+The reference nets are the PyTorch transcription `dirac_jax.torch_reference`;
+every comparison is float32 logits, max abs error <= 1e-4 * max(1, max |logit|),
+with random non-trivial parameters so that a dropped or swapped tensor fails.
 """
 
 import subprocess
@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirac_jax import interop
+from dirac_jax import torch_checkpoint
+from dirac_jax import torch_reference as ref
 from dirac_jax.fold import FoldedNet, FoldedStep, apply_folded, fold
+from dirac_jax.formats.state_dict import export_reference_folded
 
 try:  # PyTorch is optional: the tests that compare with the reference need it.
-    import _reference_torch as ref
     import torch
 except ImportError:
-    torch = ref = None
+    torch = None
 
 # A module-level `pytest.importorskip("torch")` would also skip the torch-free tests below.
 needs_torch = pytest.mark.skipif(
@@ -64,7 +65,6 @@ CONFIGS = {
 
 
 @needs_torch
-@needs_torch
 @pytest.mark.parametrize(
     "name, layout",
     [
@@ -78,7 +78,7 @@ CONFIGS = {
 def test_load_reference_matches_reference_forward(name, layout):
     cfg = CONFIGS[name]
     flat = ref.reference_params(seed=1, **cfg)
-    model, variables = interop.load_reference(
+    model, variables = torch_checkpoint.load_reference(
         flat if layout == "flat" else ref.split_params_stats(flat)
     )
     size = 32 if cfg["dataset"] == "cifar" else 64
@@ -91,9 +91,9 @@ def test_load_reference_matches_reference_forward(name, layout):
 @needs_torch
 def test_layouts_and_value_types_give_identical_variables():
     flat = ref.reference_params(10, 0.5, "cifar", seed=2)
-    _, from_flat = interop.load_reference(flat)
-    _, from_split = interop.load_reference(ref.split_params_stats(flat))
-    _, from_numpy = interop.load_reference({k: v.numpy() for k, v in flat.items()})
+    _, from_flat = torch_checkpoint.load_reference(flat)
+    _, from_split = torch_checkpoint.load_reference(ref.split_params_stats(flat))
+    _, from_numpy = torch_checkpoint.load_reference({k: v.numpy() for k, v in flat.items()})
     assert_same_variables(from_flat, from_split)
     assert_same_variables(from_flat, from_numpy)
     # The mapping, spelled out for one block: OIHW -> HWIO, alpha -> a, running stats.
@@ -110,7 +110,6 @@ def test_layouts_and_value_types_give_identical_variables():
 
 
 @needs_torch
-@needs_torch
 @pytest.mark.parametrize(
     "cfg, expected",
     [
@@ -126,7 +125,7 @@ def test_layouts_and_value_types_give_identical_variables():
 )
 def test_infers_architecture_from_shapes(cfg, expected):
     flat = ref.reference_params(**cfg)
-    model, variables = interop.load_reference(flat)
+    model, variables = torch_checkpoint.load_reference(flat)
     assert (model.depth, model.stem, model.num_classes, model.variant) == expected
     bases = (16, 32, 64) if cfg["dataset"] == "cifar" else (64, 128, 256, 512)
     assert [int(b * model.width) for b in bases] == [int(b * cfg["width"]) for b in bases]
@@ -138,7 +137,6 @@ def _checkpoint():
     return ref.reference_params(10, 0.5, "cifar", seed=3)
 
 
-@needs_torch
 @needs_torch
 @pytest.mark.parametrize(
     "corrupt, message",
@@ -167,7 +165,7 @@ def test_bad_checkpoint_raises_naming_the_key(corrupt, message):
     p = _checkpoint()
     corrupt(p)
     with pytest.raises(ValueError) as info:
-        interop.load_reference(p)
+        torch_checkpoint.load_reference(p)
     assert message in str(info.value)
 
 
@@ -177,7 +175,7 @@ def test_all_problems_are_listed_in_one_error():
     del p["group0.block0.beta"], p["group2.block1.bn.bias"]
     p["group1.block1.conv"] = torch.zeros(16, 16, 1, 1)
     with pytest.raises(ValueError) as info:
-        interop.load_reference(p)
+        torch_checkpoint.load_reference(p)
     for key in ("group0.block0.beta", "group2.block1.bn.bias", "group1.block1.conv"):
         assert key in str(info.value)
 
@@ -185,8 +183,10 @@ def test_all_problems_are_listed_in_one_error():
 @needs_torch
 def test_eye_entries_are_optional():
     flat = _checkpoint()
-    _, with_eyes = interop.load_reference(flat)
-    _, without = interop.load_reference({k: v for k, v in flat.items() if not k.startswith("eye")})
+    _, with_eyes = torch_checkpoint.load_reference(flat)
+    _, without = torch_checkpoint.load_reference(
+        {k: v for k, v in flat.items() if not k.startswith("eye")}
+    )
     assert_same_variables(with_eyes, without)
 
 
@@ -195,24 +195,30 @@ def test_load_reference_from_a_torch_file(tmp_path):
     flat = _checkpoint()
     torch.save(flat, tmp_path / "flat.pt")
     torch.save({**ref.split_params_stats(flat), "epoch": 200}, tmp_path / "split.pt")
-    _, expected = interop.load_reference(flat)
+    _, expected = torch_checkpoint.load_reference(flat)
     for name in ("flat.pt", "split.pt"):
-        model, variables = interop.load_reference(str(tmp_path / name))
+        model, variables = torch_checkpoint.load_reference(str(tmp_path / name))
         assert (model.depth, model.width) == (10, 0.5)
         assert_same_variables(variables, expected)
 
 
-def test_module_imports_and_fails_clearly_without_torch(tmp_path):
+def test_modules_import_and_fail_clearly_without_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from dirac_jax import interop\n"
-        "try:\n"
-        f"    interop.load_reference({str(tmp_path / 'x.pt')!r})\n"
-        "except ImportError as e:\n"
-        "    print(e)\n"
+        "from dirac_jax import torch_checkpoint, torch_reference\n"
+        "calls = [\n"
+        f"    lambda: torch_checkpoint.load_reference({str(tmp_path / 'x.pt')!r}),\n"
+        "    lambda: torch_reference.reference_params(10, 1),\n"
+        "    lambda: torch_reference.synthetic_train_step(10, 1, 2),\n"
+        "]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ImportError as e:\n"
+        "        print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "pip install 'dirac_jax[torch]'" in out.stdout
+    assert out.stdout.count("pip install 'dirac_jax[torch]'") == 3, out.stdout
 
 
 # ----------------------------------------------------- published folded module
@@ -221,9 +227,9 @@ def test_module_imports_and_fails_clearly_without_torch(tmp_path):
 @pytest.fixture(scope="module")
 def published():
     """A random published folded DiracNet-18 (full widths) and its load."""
-    module = ref.randomize_(ref.FoldedDiracNet(18), seed=4).eval()
+    module = ref.randomize_(ref.folded_module(18), seed=4).eval()
     sd = module.state_dict()
-    return module, sd, interop.load_reference_folded(sd)
+    return module, sd, torch_checkpoint.load_reference_folded(sd)
 
 
 @needs_torch
@@ -238,12 +244,12 @@ def test_load_reference_folded_matches_the_torch_module(published):
 @needs_torch
 def test_export_reference_folded_round_trip_is_exact(published):
     module, sd, folded = published
-    back = interop.export_reference_folded(folded)
+    back = export_reference_folded(folded)
     assert list(back) == list(sd)
     for k, v in sd.items():
         assert back[k].dtype == np.float32 and back[k].shape == tuple(v.shape)
         np.testing.assert_array_equal(back[k], v.numpy())
-    fresh = ref.FoldedDiracNet(18)
+    fresh = ref.folded_module(18)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
     x_torch, _ = images(1, 64, seed=6)
     with torch.no_grad():
@@ -258,21 +264,21 @@ def test_load_reference_folded_rejects_bad_state_dicts(published):
     broken["features.group0.block0.conv.weight"] = torch.zeros(64, 64, 1, 1)
     broken["features.bn.weight"] = torch.ones(64)
     with pytest.raises(ValueError) as info:
-        interop.load_reference_folded(broken)
+        torch_checkpoint.load_reference_folded(broken)
     for key in ("group2.block3.conv.bias", "group0.block0.conv.weight", "features.bn.weight"):
         assert key in str(info.value)
     shallow = {k: v for k, v in sd.items() if "group3.block3" not in k}
     with pytest.raises(ValueError, match="block counts"):
-        interop.load_reference_folded(shallow)
+        torch_checkpoint.load_reference_folded(shallow)
 
 
 @needs_torch
 def test_reference_to_jax_fold_to_torch_folded_module():
     """Train in the reference -> load_reference -> fold -> export -> the published module."""
     flat = ref.reference_params(18, 0.125, "imagenet", num_classes=10, seed=7)
-    model, variables = interop.load_reference(flat)
-    sd = interop.export_reference_folded(fold(model, variables))
-    module = ref.FoldedDiracNet(18, width=0.125, num_classes=10)
+    model, variables = torch_checkpoint.load_reference(flat)
+    sd = export_reference_folded(fold(model, variables))
+    module = ref.folded_module(18, width=0.125, num_classes=10)
     module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     x_torch, _ = images(2, 64, seed=8)
     with torch.no_grad():
@@ -282,70 +288,14 @@ def test_reference_to_jax_fold_to_torch_folded_module():
 @needs_torch
 def test_export_reference_folded_rejects_other_chains(published):
     _, _, folded = published
-    cifar_model, cifar_vars = interop.load_reference(_checkpoint())
+    cifar_model, cifar_vars = torch_checkpoint.load_reference(_checkpoint())
     with pytest.raises(ValueError, match="ImageNet stem"):
-        interop.export_reference_folded(fold(cifar_model, cifar_vars))
+        export_reference_folded(fold(cifar_model, cifar_vars))
     # v1 blocks: NCReLU instead of ReLU is another function, not the published module.
     steps = tuple(FoldedStep("ncrelu") if s.kind == "relu" else s for s in folded.steps)
     with pytest.raises(ValueError, match=r"group 0 has no \[relu, conv\] blocks"):
-        interop.export_reference_folded(FoldedNet(params=folded.params, steps=steps))
+        export_reference_folded(FoldedNet(params=folded.params, steps=steps))
     # A stride-1 stem would change every spatial size.
     steps = (FoldedStep("conv", ((1, 1), ((3, 3), (3, 3)))), *folded.steps[1:])
     with pytest.raises(ValueError, match="expected conv args"):
-        interop.export_reference_folded(FoldedNet(params=folded.params, steps=steps))
-
-
-# ------------------------------------------------------------------ StableHLO
-
-
-@pytest.fixture(scope="module")
-def small_folded():
-    """A random folded DiracNet-18 chain of width 1/8 (He-normal weights), made without torch."""
-    rng = np.random.default_rng(9)
-    sd = {}
-
-    def conv(prefix, shape):
-        std = np.sqrt(2.0 / np.prod(shape[1:]))
-        sd[prefix + ".weight"] = (std * rng.standard_normal(shape)).astype(np.float32)
-        sd[prefix + ".bias"] = (0.1 * rng.standard_normal(shape[0])).astype(np.float32)
-
-    conv("features.conv", (8, 3, 7, 7))
-    ni = 8
-    for g, no in enumerate((8, 16, 32, 64)):
-        for i in range(4):
-            conv(f"features.group{g}.block{i}.conv", (no, ni if i == 0 else no, 3, 3))
-        ni = no
-    conv("fc", (10, 64))
-    return interop.load_reference_folded(sd)
-
-
-def jax_images(batch, size=64, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
-
-
-def test_stablehlo_round_trip_with_symbolic_batch(small_folded):
-    pytest.importorskip("flatbuffers")
-    blob = interop.export_stablehlo(small_folded, (1, 64, 64, 3))
-    assert isinstance(blob, bytes)
-    call = interop.load_stablehlo(blob)
-    for batch in (1, 3):
-        x = jax_images(batch, seed=batch)
-        expected = apply_folded(small_folded, x)
-        np.testing.assert_allclose(call(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_stablehlo_static_batch_rejects_other_batches(small_folded):
-    pytest.importorskip("flatbuffers")
-    call = interop.load_stablehlo(
-        interop.export_stablehlo(small_folded, (2, 64, 64, 3), polymorphic_batch=False)
-    )
-    x = jax_images(2)
-    np.testing.assert_allclose(call(x), apply_folded(small_folded, x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError):
-        call(x[:1])
-
-
-@pytest.mark.parametrize("shape", [(64, 64, 3), (1, 0, 64, 3), (1, 64.0, 64, 3)])
-def test_export_stablehlo_validates_the_shape(small_folded, shape):
-    with pytest.raises(ValueError, match="example_shape"):
-        interop.export_stablehlo(small_folded, shape)
+        export_reference_folded(FoldedNet(params=folded.params, steps=steps))
