@@ -4,7 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/_setup.sh" "[test]" "$(cd "$(dirname "$0")" && pwd)/constraints.txt"
 
-# PyTorch is optional (interop tests skip without it). Install the CPU build only when a
+# PyTorch is optional (checkpoint-import tests skip without it). Install the CPU build only when a
 # local wheel is at hand: PyPI's default torch pulls several GB of CUDA libraries.
 if ! "$PY" -c "import torch" 2>/dev/null; then
   wheel=$(ls /opt/wheels/torch-*+cpu-cp3*.whl 2>/dev/null | head -n 1 || true)
@@ -12,7 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing PyTorch CPU from $wheel"
     "$PY" -m pip install -q --disable-pip-version-check "$wheel"
   else
-    echo "[setup] no local PyTorch CPU wheel: interop tests will be skipped"
+    echo "[setup] no local PyTorch CPU wheel: checkpoint-import tests will be skipped"
   fi
 fi
 
