@@ -291,7 +291,7 @@ def test_fold_rejects_bad_variables():
 
 
 def test_bench_matching_resnet_is_nearest_in_params():
-    from dirac_jax.bench.fold import matching_resnet, param_count
+    from dirac_jax.bench.fold_latency import matching_resnet, param_count
 
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     target = param_count(get_model("diracnet", depth=10, width=0.5), x)

@@ -9,7 +9,7 @@ _SUITES = (
     "cpu_flags",
     "deploy",
     "device_check",
-    "fold",
+    "fold_latency",
     "input",
     "int8",
     "train",

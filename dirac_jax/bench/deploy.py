@@ -1,7 +1,7 @@
 """Deploy latency, side by side: `python -m dirac_jax.bench deploy [--flags]`.
 
 One DiracNet (CIFAR stem, 32x32x3 uint8 images, trained-looking random
-variables as `bench fold`) as every deployable form, in one process, timed
+variables as `bench fold_latency`) as every deployable form, in one process, timed
 round-robin at each batch size (`_timing.interleaved_times`):
 
 * the unfolded JAX model (`model.apply`, BN at eval; jit, params as arguments);
@@ -36,7 +36,7 @@ import numpy as np
 
 from dirac_jax import data, fold, quantize, torch_reference
 from dirac_jax.bench import _timing
-from dirac_jax.bench.fold import random_variables
+from dirac_jax.bench.fold_latency import random_variables
 from dirac_jax.formats import onnx_graph
 from dirac_jax.models import get_model
 

@@ -15,7 +15,7 @@ with its own time box:
    and (bf16) the share of the step spent in the device-resident input;
 4. an ImageNet-shaped step: DiracNet-18 and -34 at 224 px, bf16, batch 256,
    synthetic images; img/s and MFU;
-5. deploy (`bench fold`): folded against unfolded DiracNet-28-10 and against
+5. deploy (`bench fold_latency`): folded against unfolded DiracNet-28-10 and against
    its plain twin, at batch 1 and 256;
 6. a `jax.profiler` trace of a few bf16 DiracNet-28-10 steps, packed into
    DIR/profile.tar.gz (open with TensorBoard's profile plugin or Perfetto).
@@ -497,16 +497,16 @@ def _closure_step(train_fn, state, batch):
 
 
 def _deploy_section(smoke: bool, out: pathlib.Path) -> dict:
-    from dirac_jax.bench import fold as bench_fold
+    from dirac_jax.bench import fold_latency
 
     shape = ["--depth", "10", "--width", "0.25"] if smoke else ["--depth", "28", "--width", "10"]
     runs = [(1, 2, 2), (8, 2, 2)] if smoke else [(1, 30, 3), (256, 10, 2)]
     results, parts, markdown = {}, [], []
     for batch, repeats, warmup in runs:
         argv = [*shape, "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)]
-        r = bench_fold.run(bench_fold._parse(argv))
+        r = fold_latency.run(fold_latency._parse(argv))
         results[f"batch {batch}"] = r
-        markdown += [f"Batch {batch}:", "", bench_fold.report(r), ""]
+        markdown += [f"Batch {batch}:", "", fold_latency.report(r), ""]
         for key in ("folded / unfolded DiracNet", "folded DiracNet / plain (BN at eval)"):
             parts.append(f"batch {batch} {key} {r['ratios'][key]['ratio']:.2f}")
     return {"summary": "; ".join(parts), "markdown": "\n".join(markdown), "data": results}

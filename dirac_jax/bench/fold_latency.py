@@ -1,4 +1,4 @@
-"""Inference latency of a folded DiracNet: `python -m dirac_jax.bench fold [--flags]`.
+"""Inference latency of a folded DiracNet: `python -m dirac_jax.bench fold_latency [--flags]`.
 
 DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so the
 net becomes a chain of conv-ReLU pairs, with "no cost at all at inference". This
@@ -115,7 +115,7 @@ def matching_resnet(stem: str, depth: int, target: int, images, num_classes: int
 
 def _parse(argv):
     p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.bench fold",
+        prog="python -m dirac_jax.bench fold_latency",
         description="Eval latency of folded vs unfolded DiracNet, plain net and ResNet (CPU, jit).",
     )
     p.add_argument("--depth", type=int, default=28, help="DiracNet depth (default 28).")
