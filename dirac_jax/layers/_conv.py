@@ -19,7 +19,7 @@ _LAYOUTS = {
 }
 
 
-def _tuple(value, n: int, what: str) -> tuple[int, ...]:
+def spatial_tuple(value, n: int, what: str) -> tuple[int, ...]:
     """`value` as `n` positive ints: an int is repeated, a sequence must have `n` entries."""
     values = (value,) * n if isinstance(value, int | np.integer) else tuple(value)
     if len(values) != n or not all(isinstance(v, int | np.integer) and v >= 1 for v in values):
@@ -88,15 +88,15 @@ def conv(
     return jax.lax.conv_general_dilated(
         x,
         kernel,
-        window_strides=_tuple(strides, n, "strides"),
+        window_strides=spatial_tuple(strides, n, "strides"),
         padding=_pads(
             padding,
             x.shape[1:-1],
             kernel.shape[:-2],
-            _tuple(strides, n, "strides"),
-            _tuple(dilation, n, "dilation"),
+            spatial_tuple(strides, n, "strides"),
+            spatial_tuple(dilation, n, "dilation"),
         ),
-        rhs_dilation=_tuple(dilation, n, "dilation"),
+        rhs_dilation=spatial_tuple(dilation, n, "dilation"),
         dimension_numbers=_LAYOUTS[n],
         feature_group_count=groups,
         precision=precision,
@@ -158,7 +158,7 @@ def identity_term(
     """
     *window, in_per_group, n_out = (int(s) for s in kernel_shape)
     n = len(window)
-    strides, dilation = _tuple(strides, n, "strides"), _tuple(dilation, n, "dilation")
+    strides, dilation = spatial_tuple(strides, n, "strides"), spatial_tuple(dilation, n, "dilation")
     pads = _pads(padding, x.shape[1:-1], window, strides, dilation)
     # Shift so that the centre tap of output 0 lands on index 0, then stride.
     config = [(0, 0, 0)]

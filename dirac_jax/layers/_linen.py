@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dirac_jax import param
-from dirac_jax.layers._conv import _tuple, param_conv
+from dirac_jax.layers._conv import param_conv, spatial_tuple
 
 # kernel_shape -> Transform; e.g. `param.dirac` or `functools.partial(param.plain, init="uniform")`.
 KernelFactory = Callable[[tuple[int, ...]], param.Transform]
@@ -35,9 +35,9 @@ def kernel_shape(
             raise ValueError(
                 f"kernel_size={kernel_size} is an int: give the number of spatial axes."
             )
-        window = _tuple(kernel_size, n, "kernel_size")
+        window = spatial_tuple(kernel_size, n, "kernel_size")
     else:
-        window = _tuple(kernel_size, len(kernel_size), "kernel_size")
+        window = spatial_tuple(kernel_size, len(kernel_size), "kernel_size")
     if not (isinstance(groups, int) and groups >= 1) or in_features % groups or features % groups:
         raise ValueError(
             f"feature_group_count={groups!r} must divide both the {in_features} input and the "

@@ -58,7 +58,8 @@ class Step(NamedTuple):
     args: tuple = ()
 
 
-def _check_width(width: float, base: int) -> int:
+def check_width(width: float, base: int) -> int:
+    """The channels `int(base * width)` of a group; raises for a bad width or zero channels."""
     if not (isinstance(width, int | float) and width > 0):
         raise ValueError(f"width must be a positive number, got {width!r}.")
     channels = int(base * width)
@@ -94,7 +95,7 @@ def diracnet_plan(
                 "(10, 16, 22, 28, 34, ...)."
             )
         counts = (2 * ((depth - 4) // 6),) * 3
-        widths = [_check_width(width, b) for b in GROUP_BASES["cifar"]]
+        widths = [check_width(width, b) for b in GROUP_BASES["cifar"]]
         steps = [Step("conv", "conv", (widths[0], 3, 1, 1)), Step("bn", "bn"), Step("relu")]
     else:
         if depth not in IMAGENET_BLOCKS:
@@ -103,7 +104,7 @@ def diracnet_plan(
                 f"expected one of {sorted(IMAGENET_BLOCKS)}."
             )
         counts = tuple(2 * b for b in IMAGENET_BLOCKS[depth])
-        widths = [_check_width(width, b) for b in GROUP_BASES["imagenet"]]
+        widths = [check_width(width, b) for b in GROUP_BASES["imagenet"]]
         steps = [
             Step("conv", "conv", (widths[0], 7, 2, 3)),
             Step("bn", "bn"),

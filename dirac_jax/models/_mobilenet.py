@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax.models._diracnet import _check_width
+from dirac_jax.models._diracnet import check_width
 from dirac_jax.models._layers import (
     ParamConv,
     batch_norm,
@@ -64,10 +64,10 @@ def mobilenet_plan(width: float) -> tuple[int, tuple[SeparableBlock, ...]]:
       >>> stem, blocks[0], len(blocks)
       (16, SeparableBlock(name='block0', features_in=16, features=32, stride=1), 13)
     """
-    stem = _check_width(width, STEM_FEATURES)
+    stem = check_width(width, STEM_FEATURES)
     blocks, features_in = [], stem
     for i, (base, stride) in enumerate(MOBILENET_BLOCKS):
-        features = _check_width(width, base)
+        features = check_width(width, base)
         blocks.append(SeparableBlock(f"block{i}", features_in, features, stride))
         features_in = features
     return stem, tuple(blocks)

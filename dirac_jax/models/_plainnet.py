@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax.models._diracnet import GROUP_BASES, _check_width
+from dirac_jax.models._diracnet import GROUP_BASES, check_width
 from dirac_jax.models._layers import (
     ParamConv,
     batch_norm,
@@ -64,7 +64,7 @@ class PlainNet(nn.Module):
     dtype: Any = jnp.float32
 
     def validate(self):
-        widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
+        widths = [check_width(self.width, b) for b in GROUP_BASES["cifar"]]
         if self.kernel_init not in ("uniform", "he_normal"):
             raise ValueError(
                 f"kernel_init must be 'uniform' or 'he_normal', got {self.kernel_init!r}."

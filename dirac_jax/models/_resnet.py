@@ -27,7 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax.models._diracnet import GROUP_BASES, _check_width
+from dirac_jax.models._diracnet import GROUP_BASES, check_width
 from dirac_jax.models._layers import (
     ParamConv,
     batch_norm,
@@ -190,7 +190,7 @@ class WideResNet(nn.Module):
                 f"depth {d!r} is not valid for a WRN with {self.block} blocks: it must be "
                 f"{rule} with n >= 1."
             )
-        widths = [_check_width(self.width, b) for b in GROUP_BASES["cifar"]]
+        widths = [check_width(self.width, b) for b in GROUP_BASES["cifar"]]
         _factories(self.dirac_init_sigma, self.symmetry, self.symmetry_axis)
         return (d - extra) // (3 * per_block), widths
 
@@ -306,7 +306,7 @@ class ResNet(nn.Module):
                 f"depth {self.depth!r} is not valid for ResNet: "
                 f"expected one of {sorted(RESNET_BLOCKS)}."
             )
-        widths = [_check_width(self.width, b) for b in GROUP_BASES["imagenet"]]
+        widths = [check_width(self.width, b) for b in GROUP_BASES["imagenet"]]
         _factories(self.dirac_init_sigma, self.symmetry, self.symmetry_axis)
         block, blocks = RESNET_BLOCKS[self.depth]
         return block, blocks, widths
