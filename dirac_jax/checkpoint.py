@@ -69,11 +69,16 @@ from dirac_jax import _paths
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
+    "DATA_ITEM",
+    "DATA_ORIGIN_ITEM",
     "NonFiniteLossError",
+    "Preemption",
     "PreemptionSignal",
+    "STATE_ITEM",
     "all_finite",
     "checkpoint_dir",
     "create_manager",
+    "restore_data",
     "restore_latest",
     "save",
 ]
