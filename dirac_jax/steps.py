@@ -11,7 +11,7 @@ devices) are augmented and normalized inside the step, keyed by
 evaluation and of `python -m dirac_jax.evaluate`.
 
 Soft symmetry (the slides): `config.symmetry_penalty` (lambda) adds
-`lambda * models.symmetry_penalty(model, params, p)` (slides eq. 3 over the
+`lambda * models.network_symmetry_penalty(model, params, p)` (slides eq. 3 over the
 convs `model.symmetric_layers()` names) to the loss.
 """
 
@@ -141,7 +141,7 @@ def train_step(
       max_norm: > 0 projects every kernel to filter norm <= max_norm after the
         update (PlainNet eq. 2).
       symmetry_penalty: `(lambda, fn)` adds `lambda * fn(params)` to the loss,
-        the soft symmetry constraint (`fn` = `models.symmetry_penalty` bound to
+        the soft symmetry constraint (`fn` = `models.network_symmetry_penalty` bound to
         the model); None: no penalty.
 
     Returns:
@@ -293,7 +293,7 @@ def symmetry_penalty_term(config) -> tuple[float, Callable] | None:
         return None
     model = create_model(config, default_num_classes(config))
     p = float(config.symmetry_penalty_p)
-    return lam, functools.partial(models.symmetry_penalty, model, p=p)
+    return lam, functools.partial(models.network_symmetry_penalty, model, p=p)
 
 
 def evaluate_batches(

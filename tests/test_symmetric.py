@@ -112,16 +112,19 @@ STEP = {"learning_rate_fn": optax.constant_schedule(0.1), "dataset_name": "mnist
 def test_penalty_is_zero_exactly_when_symmetric_and_its_gradient_is_antisymmetric():
     model = models.get_model("wrn", depth=10, width=0.25, symmetry_axis="channel")
     params = _state(model, _batch()).params
-    penalty = models.symmetry_penalty(model, params)
+    penalty = models.network_symmetry_penalty(model, params)
     expected = sum(
         float(param.symmetry_penalty(_layer(params, path)["w"]))
         for path in model.symmetric_layers()
     )
     np.testing.assert_allclose(float(penalty), expected, rtol=1e-6)
     assert expected > 0
-    assert float(models.symmetry_penalty(model, models.symmetrize_params(model, params))) == 0.0
+    assert (
+        float(models.network_symmetry_penalty(model, models.symmetrize_params(model, params)))
+        == 0.0
+    )
     # d/dW sum |W - W^T| = S - S^T (S the signs): a descent step moves W_ij and W_ji together.
-    grads = jax.grad(lambda p: models.symmetry_penalty(model, p))(params)
+    grads = jax.grad(lambda p: models.network_symmetry_penalty(model, p))(params)
     for path in model.symmetric_layers():
         g = _layer(grads, path)["w"]
         np.testing.assert_allclose(g, -jnp.swapaxes(g, -1, -2), atol=1e-6)
@@ -134,7 +137,7 @@ def test_sgd_steps_with_the_penalty_make_the_kernels_more_symmetric():
     model = models.get_model("wrn", depth=10, width=0.25, num_classes=10, symmetry_axis="both")
     batch = _batch(16)
     start = _state(model, batch)
-    penalty = functools.partial(models.symmetry_penalty, model)
+    penalty = functools.partial(models.network_symmetry_penalty, model)
 
     @jax.jit
     def three_steps(state, lam):  # lambda traced: one program for both runs

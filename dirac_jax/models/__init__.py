@@ -40,7 +40,11 @@ from dirac_jax.models._layers import (
 from dirac_jax.models._mobilenet import MOBILENET_BLOCKS, MobileNet, mobilenet_plan
 from dirac_jax.models._plainnet import PlainNet
 from dirac_jax.models._resnet import BLOCKS, RESNET_BLOCKS, ResNet, WideResNet
-from dirac_jax.models._symmetry import SYMMETRY_AXES, symmetrize_params, symmetry_penalty
+from dirac_jax.models._symmetry import (
+    SYMMETRY_AXES,
+    network_symmetry_penalty,
+    symmetrize_params,
+)
 
 _MODELS = {
     "diracnet": (DiracNet, {"variant": "v2"}),
@@ -65,7 +69,7 @@ def get_model(name: str, **kwargs):
       **kwargs: the module's attributes, e.g. `depth`, `width`, `num_classes`,
         `stem` (DiracNets), `block` (WRN), `dirac_init_sigma` (WRN, ResNet),
         `symmetry` and `symmetry_axis` (WRN, ResNet, MobileNet: symmetric
-        kernels of the slides, see `symmetry_penalty`), `dtype`.
+        kernels of the slides, see `network_symmetry_penalty`), `dtype`.
 
     Returns:
       A Flax module: `model.init(key, x, train=False)` returns
@@ -120,6 +124,6 @@ __all__ = [
     "kernel_factory",
     "max_pool",
     "mobilenet_plan",
+    "network_symmetry_penalty",
     "symmetrize_params",
-    "symmetry_penalty",
 ]

@@ -57,9 +57,9 @@ from dirac_jax.layers import KernelFactory
 __all__ = [
     "SYMMETRY_AXES",
     "check_symmetry",
+    "network_symmetry_penalty",
     "symmetric_factory",
     "symmetrize_params",
-    "symmetry_penalty",
 ]
 
 SYMMETRY_AXES = ("channel", "spatial", "both")
@@ -114,12 +114,13 @@ def _soft_layers(model, what: str) -> LayerMap:
     return layers()
 
 
-def symmetry_penalty(model, params, p: float = 1) -> jax.Array:
-    """The soft constraint of slides eq. 3 summed over the model's symmetric convs.
+def network_symmetry_penalty(model, params, p: float = 1) -> jax.Array:
+    """The soft constraint of slides eq. 3 summed over the network's symmetric convs.
 
-    `sum_layers param.symmetry_penalty(w, p, axis)`, with the convs and axes of
-    `model.symmetric_layers()` (module docstring). Multiply by `lambda` and add
-    it to the loss (`config.symmetry_penalty` in `dirac_jax.train`).
+    `sum_layers param.symmetry_penalty(w, p, axis)` (one kernel's penalty), with
+    the convs and axes of `model.symmetric_layers()` (module docstring). Multiply
+    by `lambda` and add it to the loss (`config.symmetry_penalty`,
+    `dirac_jax.steps`).
 
     Args:
       model: a `WideResNet`, `ResNet` or `MobileNet` with `symmetry=None`.
@@ -134,16 +135,16 @@ def symmetry_penalty(model, params, p: float = 1) -> jax.Array:
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from dirac_jax.models import get_model, symmetrize_params, symmetry_penalty
+      >>> from dirac_jax.models import get_model, network_symmetry_penalty, symmetrize_params
       >>> model = get_model("wrn", depth=10, width=0.25)
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-      >>> bool(symmetry_penalty(model, params) > 0)
+      >>> bool(network_symmetry_penalty(model, params) > 0)
       True
-      >>> float(symmetry_penalty(model, symmetrize_params(model, params)))
+      >>> float(network_symmetry_penalty(model, symmetrize_params(model, params)))
       0.0
     """
     total = jnp.zeros((), jnp.float32)
-    for path, axis in _soft_layers(model, "symmetry_penalty").items():
+    for path, axis in _soft_layers(model, "network_symmetry_penalty").items():
         w = _layer(params, path)["w"]
         total = total + param.symmetry_penalty(w, p, axis=axis).astype(jnp.float32)
     return total
