@@ -67,7 +67,8 @@ def test_sections_import_without_the_streamed_input_stack():
     program = (
         "import sys\n"
         + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-        + "import dirac_jax.bench.train, dirac_jax.bench.fold_latency, dirac_jax.main, dirac_jax.export\n"
+        + "import dirac_jax.bench.train, dirac_jax.bench.fold_latency\n"
+        + "import dirac_jax.main, dirac_jax.export\n"
         + "import dirac_jax.bench.device_check\n"
         + "print('imported')\n"
     )
