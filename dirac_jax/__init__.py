@@ -6,7 +6,8 @@ Oyedotun et al., in JAX and Flax.
 
 Subpackages, each one concept: `param` (weight parameterizations, jax and numpy
 only), `layers` (conv layers with a `param` kernel for Linen, NNX and plain
-JAX), `models` (the papers' networks), `fold` (trained net to a plain conv
+JAX), `models` (the papers' networks), `folded` (a folded net: the chain's
+steps and the fold of one conv and BN), `fold` (trained net to a plain conv
 chain), `formats` (export formats: ONNX, StableHLO, the reference PyTorch
 state dict), `torch_checkpoint` (the authors' PyTorch checkpoints imported),
 `torch_reference` (the reference net in PyTorch, for tests and benchmarks),
@@ -49,6 +50,7 @@ _SUBMODULES = (
     "evaluate",
     "export",
     "fold",
+    "folded",
     "formats",
     "layers",
     "metrics",

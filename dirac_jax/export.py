@@ -72,7 +72,7 @@ def fold_workdir(path: str | os.PathLike):
 
     Returns:
       `(apply, folded, config)`: `apply(folded, images)` computes the logits of
-      normalized images. `folded` is a `fold.FoldedNet` for a chain (DiracNet,
+      normalized images. `folded` is a `folded.FoldedNet` for a chain (DiracNet,
       MobileNet) and the variables of the kernel-folded net for a residual one
       (WRN, ResNet: `fold.fold_kernels`).
 

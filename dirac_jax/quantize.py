@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dirac_jax.fold import FoldedNet
+from dirac_jax.folded import FoldedNet
 from dirac_jax.formats import onnx_graph
 
 __all__ = [

@@ -11,7 +11,7 @@ publishes two kinds of checkpoint, both OIHW tensors keyed by name:
 * folded: the `state_dict` of the published `DiracNet` `nn.Module`, a chain of
   conv-ReLU pairs (DiracNets arXiv:1706.00388 sec. 1/2; its layout is
   `dirac_jax.formats.state_dict`'s). `load_reference_folded` converts it to a
-  `dirac_jax.fold.FoldedNet`, and `formats.state_dict.export_reference_folded`
+  `dirac_jax.folded.FoldedNet`, and `formats.state_dict.export_reference_folded`
   writes one back.
 
 PyTorch is optional: it is imported only to read a checkpoint file. Tensor
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirac_jax import models, param
-from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep
+from dirac_jax.folded import BLOCK_CONV_ARGS, FoldedNet, FoldedStep
 from dirac_jax.formats.state_dict import (
     GROUP_POOL,
     STEM_CONV_ARGS,

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from _bn import random_bn_stats
 
+from dirac_jax import config_schema
 from dirac_jax import fold as fold_lib
-from dirac_jax.fold import FoldedNet, apply_folded, fold, num_params
-from dirac_jax.models import count_params, get_model
+from dirac_jax.fold import apply_folded, fold, num_params
+from dirac_jax.folded import KINDS, FoldedNet
+from dirac_jax.models import MODEL_NAMES, count_params, get_model
 
 # name, kwargs, image size: tiny widths keep CPU convs fast; the ImageNet stem on 32x32
 # still ends on a 1x1 map (32 -> 16 -> 8 -> 4 -> 2 -> 1).
@@ -143,7 +145,7 @@ def test_step_kinds_are_the_published_chain(config, blocks):
     folded = fold_shapes(model, variables)
     kinds = [s.kind for s in folded.steps]
     assert kinds == expected_kinds(model.stem, model.variant, blocks)
-    assert "bn" not in kinds and set(kinds) <= set(fold_lib.KINDS)
+    assert "bn" not in kinds and set(kinds) <= set(KINDS)
     # One folded conv per conv of the model, each with a bias.
     num_convs = sum(
         1 for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"]) if p[-1].key == "w"
@@ -224,12 +226,31 @@ def test_apply_folded_jit_equals_eager():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs",
-    [("wrn", dict(depth=10, width=1)), ("resnet", dict(depth=18)), ("plainnet", {})],
+    "name, kwargs, why",
+    [
+        ("wrn", dict(depth=10, width=1), "fold_kernels folds their kernels"),
+        ("resnet", dict(depth=18), "fold_kernels folds their kernels"),
+        ("plainnet", {}, "PlainNet: it has no fold"),
+    ],
 )
-def test_fold_rejects_non_diracnets(name, kwargs):
-    with pytest.raises(ValueError, match="DiracNet variants .* and MobileNet.*fold_kernels"):
+def test_fold_rejects_non_chains(name, kwargs, why):
+    with pytest.raises(ValueError, match=f"DiracNet variants .* and MobileNet.*{why}"):
         fold(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
+    if name == "plainnet":
+        with pytest.raises(ValueError, match="it has no fold"):
+            fold_lib.folded_apply(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
+
+
+def test_each_model_says_how_it_folds_and_the_trainer_groups_agree():
+    folds = {name: get_model(name).folds for name in MODEL_NAMES}
+    assert set(folds.values()) == {"chain", "kernels", None}
+    chains = tuple(n for n, how in folds.items() if how == "chain")
+    foldable = tuple(n for n, how in folds.items() if how is not None)
+    assert set(config_schema.CHAIN_MODELS) == set(chains)
+    assert set(config_schema.FOLDABLE_MODELS) == set(foldable)
+    for name, how in folds.items():  # each chain model builds its chain itself
+        assert callable(getattr(get_model(name), "fold_chain", None)) == (how == "chain")
+        assert callable(getattr(get_model(name), "plain_twin", None)) == (how == "kernels")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from dirac_jax import param
-from dirac_jax.fold import fold_conv_bn
+from dirac_jax.folded import fold_conv_bn
 from dirac_jax.layers import NNXParamConv, ParamConv, conv, identity_term, param_conv
 
 _LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}

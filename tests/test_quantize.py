@@ -19,7 +19,7 @@ import pytest
 from _bn import random_bn_stats
 
 from configs import fashion_mnist_dirac
-from dirac_jax import data, export, fold, models, quantize, train
+from dirac_jax import data, export, fold, folded, models, quantize, train
 from dirac_jax.bench.fold_latency import random_variables
 from dirac_jax.formats import onnx_graph
 
@@ -88,12 +88,12 @@ def test_identity_apart_changes_nothing_without_an_identity(name, kwargs):
         assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), p, q))
 
 
-def test_identity_term_selects_and_scales_source_channels():
+def test_folded_identity_selects_and_scales_source_channels():
     x = jnp.arange(2 * 1 * 1 * 3, dtype=jnp.float32).reshape(2, 1, 1, 3) + 1
     scale = jnp.asarray([2.0, 3.0, 5.0, 7.0])
     # out 0 and 1 read inputs 0 and 1; out 2 reads 2 and 0 (a repeat delta); out 3 nothing.
     sources = ((0, -1), (1, -1), (2, 0), (-1, -1))
-    got = fold.identity_term(x, scale, sources)
+    got = fold.folded_identity(x, scale, sources)
     want = jnp.stack([x[..., 0] * 2, x[..., 1] * 3, (x[..., 2] + x[..., 0]) * 5, 0 * x[..., 0]], -1)
     np.testing.assert_array_equal(got, want)
 
@@ -110,7 +110,7 @@ def test_zero_tap_shares_count_the_taps_the_centre_step_erases():
     index = [s.kind for s in split.steps].index("dirac_conv")
     step, p = split.steps[index], split.params[index]
     p = {**p, "scale": jnp.full_like(p["scale"], 1e6)}  # an identity that dwarfs every W tap
-    net = fold.FoldedNet(params=(p,), steps=(step,))
+    net = folded.FoldedNet(params=(p,), steps=(step,))
     (row,) = quantize.zero_tap_shares(net)
     assert row["naive"] == 1.0 and row["apart"] < 0.01
 

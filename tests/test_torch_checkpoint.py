@@ -15,7 +15,8 @@ import pytest
 
 from dirac_jax import torch_checkpoint
 from dirac_jax import torch_reference as ref
-from dirac_jax.fold import FoldedNet, FoldedStep, apply_folded, fold
+from dirac_jax.fold import apply_folded, fold
+from dirac_jax.folded import FoldedNet, FoldedStep
 from dirac_jax.formats.state_dict import export_reference_folded
 
 try:  # PyTorch is optional: the tests that compare with the reference need it.

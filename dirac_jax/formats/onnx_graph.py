@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dirac_jax import fold, models
-from dirac_jax.fold import FoldedNet
+from dirac_jax.folded import FoldedNet
 
 __all__ = [
     "IDENTITY_PREFIX",
@@ -308,7 +308,7 @@ def residual_to_onnx(
 
 
 def _identity(b: _Builder, x: str, n_in: int, scale: np.ndarray, sources) -> str:
-    """`fold.identity_term` on NCHW `x`: Gather of the source channels, Mul by the scale."""
+    """`fold.folded_identity` on NCHW `x`: Gather of the source channels, Mul by the scale."""
     src = np.asarray(sources, np.int64).reshape(len(sources), -1)
     name = IDENTITY_PREFIX
     total = None

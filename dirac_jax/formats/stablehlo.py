@@ -1,6 +1,6 @@
 """A folded net as portable StableHLO: `jax.export` with the weights as constants.
 
-`export_stablehlo` serializes `images -> logits` (a `dirac_jax.fold.FoldedNet`
+`export_stablehlo` serializes `images -> logits` (a `dirac_jax.folded.FoldedNet`
 or any pure JAX function), so the artifact runs without the Python model code;
 `load_stablehlo` turns it back into a callable. Serialization needs the
 `flatbuffers` package.
@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirac_jax.fold import FoldedNet, apply_folded
+from dirac_jax.fold import apply_folded
+from dirac_jax.folded import FoldedNet
 
 __all__ = ["export_stablehlo", "load_stablehlo"]
 

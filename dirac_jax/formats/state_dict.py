@@ -10,7 +10,7 @@ keyed `features.conv.weight`, `features.group{g}.block{i}.conv.weight`, ...,
 
 This module holds that layout (`published_table`, the chain's step arguments,
 `imagenet_depth`) and `export_reference_folded`, which writes a
-`dirac_jax.fold.FoldedNet` as that state dict. Reading one back is checkpoint
+`dirac_jax.folded.FoldedNet` as that state dict. Reading one back is checkpoint
 import: `dirac_jax.torch_checkpoint.load_reference_folded`.
 
 Example:
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dirac_jax.fold import BLOCK_CONV_ARGS, FoldedNet, FoldedStep
+from dirac_jax.folded import BLOCK_CONV_ARGS, FoldedNet, FoldedStep
 from dirac_jax.models import IMAGENET_BLOCKS
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "published_table",
 ]
 
-# `FoldedStep` args of the published chain (the `dirac_jax.fold` contract): the
+# `FoldedStep` args of the published chain (the `dirac_jax.folded` contract): the
 # stem conv's (strides, padding), and the (window, stride, padding) of its pools.
 STEM_CONV_ARGS = ((2, 2), ((3, 3), (3, 3)))
 STEM_POOL = (3, 2, 1)

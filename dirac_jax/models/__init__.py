@@ -3,6 +3,12 @@
 Every conv takes its kernel from a `dirac_jax.param` transform, so the
 parameterization is a constructor value, not a separate model.
 
+Each model says how it folds for deployment (`dirac_jax.fold`), in its class
+attribute `folds`: `"chain"` (DiracNet, MobileNet: `fold_chain` builds the
+folded conv chain), `"kernels"` (WRN, ResNet: `plain_twin` and
+`kernel_factory_of` let `fold.fold_kernels` compute their kernels) or None
+(PlainNet).
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from dirac_jax.models import get_model, count_params

@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dirac_jax import param
+from dirac_jax import folded, param
 from dirac_jax.models._layers import (
+    BN_EPSILON,
     ParamConv,
     batch_norm,
     dense,
@@ -38,7 +39,7 @@ from dirac_jax.models._layers import (
 
 VARIANTS = ("v2", "v1", "plain")
 # The kernel parameterization (a `kernel_factory` name) of each variant's block convs;
-# `fold` recomputes the kernels with the same names.
+# `DiracNet.fold_chain` recomputes the kernels with the same names.
 BLOCK_KERNELS = {"v2": "dirac", "v1": "dirac_v1", "plain": "plain"}
 STEMS = ("cifar", "imagenet")
 IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -47,7 +48,7 @@ GROUP_BASES = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 
 
 class Step(NamedTuple):
-    """One step of a network's static plan; the forward pass and `fold` both walk it.
+    """One step of a network's static plan; the forward pass and `DiracNet.fold_chain` walk it.
 
     kind: `"conv"`, `"bn"`, `"relu"`, `"ncrelu"`, `"max_pool"`, `"avg_pool"`,
     `"dense"` or `"group"` (a run of blocks `act -> conv -> bn`).
@@ -122,6 +123,24 @@ def diracnet_plan(
     return tuple(steps)
 
 
+def _check_shape(raw, expected_shape, where):
+    shape = tuple(raw["w"].shape)
+    if shape != tuple(expected_shape):
+        raise ValueError(
+            f"fold: the conv kernel at {where} has shape {shape} but the model's plan expects "
+            f"{tuple(expected_shape)}; pass the variables that belong to this model."
+        )
+    return shape
+
+
+def _kernel(factory_name, raw, expected_shape, where, dtype):
+    """The effective kernel of one conv, computed by the model's own transform."""
+    shape = _check_shape(raw, expected_shape, where)
+    return folded.effective_kernel(
+        kernel_factory(factory_name), raw, shape, what=factory_name, where=where, dtype=dtype
+    )
+
+
 class _Block(nn.Module):
     act: str
     features: int
@@ -170,8 +189,97 @@ class DiracNet(nn.Module):
     variant: str = "v2"
     dtype: Any = jnp.float32
 
+    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`).
+    folds = "chain"
+
     def plan(self) -> tuple[Step, ...]:
         return diracnet_plan(self.depth, self.width, self.num_classes, self.stem, self.variant)
+
+    def fold_chain(
+        self, params, batch_stats, *, dtype, identity_apart: bool = False
+    ) -> folded.FoldedNet:
+        """This net as a chain of convs with bias: `plan()` with each `bn` folded into its conv.
+
+        The stem conv's kernel comes from `kernel_factory("plain")`, the block
+        convs' from `BLOCK_KERNELS[variant]`, so the folded kernel is computed by
+        the code the model runs. The steps mirror the plan with the `bn` steps
+        removed; the CIFAR stem keeps its `relu` before the first block's `relu`
+        (`relu(relu(x)) = relu(x)`), so the steps match the reference layer
+        order one to one. With `identity_apart`, each block conv with an
+        identity part (v2, v1) is a `"dirac_conv"` step (`folded.split_identity`).
+        `dirac_jax.fold.fold` checks the variables and calls this.
+
+        Raises:
+          KeyError: a layer the plan names is not in `params` or `batch_stats`.
+          ValueError: a kernel shape or parameter set that does not match the plan.
+        """
+        steps, out = [], []
+
+        def emit(kind, args=(), p=None):
+            steps.append(folded.FoldedStep(kind, args))
+            out.append({} if p is None else p)
+
+        def bn_fold(kernel, bn_params, bn_stats):
+            return folded.fold_batch_norm(
+                kernel, bn_params, bn_stats, dtype=dtype, epsilon=BN_EPSILON
+            )
+
+        pending = None  # (kernel, conv args) of a conv awaiting its BN.
+        for step in self.plan():
+            if step.kind == "conv":
+                features, k, stride, pad = step.args
+                raw = params[step.name]
+                shape = (k, k, raw["w"].shape[-2], features)
+                kernel = _kernel("plain", raw, shape, step.name, dtype)
+                pending = (kernel, ((stride, stride), ((pad, pad), (pad, pad))))
+            elif step.kind == "bn":
+                if pending is None:  # pragma: no cover - every plan has conv before bn.
+                    raise AssertionError(f"plan has a bn step {step.name!r} with no conv before it")
+                kernel, args = pending
+                emit("conv", args, bn_fold(kernel, params[step.name], batch_stats[step.name]))
+                pending = None
+            elif step.kind == "group":
+                act, ni, no, count = step.args
+                name = BLOCK_KERNELS[self.variant]
+                for i in range(count):
+                    block_p = params[step.name][f"block{i}"]
+                    block_s = batch_stats[step.name][f"block{i}"]
+                    n_in = ni if i == 0 else no
+                    n_in = 2 * n_in if act == "ncrelu" else n_in  # NCReLU doubles channels.
+                    where = f"{step.name}.block{i}.conv"
+                    shape = (3, 3, n_in, no)
+                    emit(act)
+                    if identity_apart and kernel_factory(name)(shape).identity is not None:
+                        _check_shape(block_p["conv"], shape, where)
+                        p, sources = folded.split_identity(
+                            kernel_factory(name),
+                            block_p["conv"],
+                            shape,
+                            block_p["bn"],
+                            block_s["bn"],
+                            what=name,
+                            where=where,
+                            dtype=dtype,
+                            epsilon=BN_EPSILON,
+                        )
+                        emit("dirac_conv", (*folded.BLOCK_CONV_ARGS, sources), p)
+                        continue
+                    kernel = _kernel(name, block_p["conv"], shape, where, dtype)
+                    emit(
+                        "conv",
+                        folded.BLOCK_CONV_ARGS,
+                        bn_fold(kernel, block_p["bn"], block_s["bn"]),
+                    )
+            elif step.kind == "dense":
+                fc = params[step.name]
+                emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
+            elif step.kind in ("relu", "ncrelu", "avg_pool"):
+                emit(step.kind)
+            elif step.kind == "max_pool":
+                emit("max_pool", tuple(step.args))
+            else:  # pragma: no cover - plans are built by diracnet_plan.
+                raise AssertionError(f"fold: unexpected plan step {step!r}")
+        return folded.FoldedNet(params=tuple(out), steps=tuple(steps))
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -7,7 +7,8 @@ multiplier. The 1.0x net with 1000 classes has 4,231,976 parameters, the
 standard count (convs without bias, BN scale and bias, classifier with bias).
 
 It has no shortcut, so a trained MobileNet folds into a chain of convs and
-ReLUs (`dirac_jax.fold`), its depthwise convs as grouped convs.
+ReLUs (`MobileNet.fold_chain`, which `dirac_jax.fold` asks), its depthwise convs
+as grouped convs.
 
 Symmetric kernels (the slides): the pointwise convs with `in == out` carry a
 channel symmetry, the depthwise 3x3s a spatial one (`dirac_jax.models._symmetry`).
@@ -20,8 +21,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dirac_jax import folded
 from dirac_jax.models._diracnet import check_width
 from dirac_jax.models._layers import (
+    BN_EPSILON,
     ParamConv,
     batch_norm,
     dense,
@@ -71,6 +74,12 @@ def mobilenet_plan(width: float) -> tuple[int, tuple[SeparableBlock, ...]]:
         blocks.append(SeparableBlock(f"block{i}", features_in, features, stride))
         features_in = features
     return stem, tuple(blocks)
+
+
+def _at(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
 
 
 def _pad1():
@@ -129,9 +138,66 @@ class MobileNet(nn.Module):
     symmetry_axis: str = "channel"
     dtype: Any = jnp.float32
 
+    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`).
+    folds = "chain"
+
     def validate(self):
         check_symmetry(self.symmetry, self.symmetry_axis)
         return mobilenet_plan(self.width)
+
+    def fold_chain(
+        self, params, batch_stats, *, dtype, identity_apart: bool = False
+    ) -> folded.FoldedNet:
+        """This net as a chain: every `conv -> BN -> ReLU` as a conv with bias and a `relu`.
+
+        Steps `conv3x3/2, relu, [conv3x3 depthwise, relu, conv1x1, relu] x 13,
+        avg_pool, dense`; the depthwise convs are grouped `"conv"` steps (args
+        `(strides, padding, groups)`), and every kernel comes from the model's own
+        factories (`factories`), symmetric ones included. Its kernels have no
+        identity part, so `identity_apart` changes nothing. `dirac_jax.fold.fold`
+        checks the variables and calls this.
+
+        Raises:
+          KeyError: a layer is missing from `params` or `batch_stats`.
+          ValueError: a kernel whose parameters do not match the model's.
+        """
+        stem, blocks = self.validate()
+        same, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
+        steps, out = [], []
+
+        def emit(kind, args=(), p=None):
+            steps.append(folded.FoldedStep(kind, args))
+            out.append({} if p is None else p)
+
+        def conv(factory, what, path, shape, args):
+            *scope, name = path
+            p, s = _at(params, scope), _at(batch_stats, scope)
+            where = ".".join(path)
+            kernel = folded.effective_kernel(
+                factory, p[name], shape, what=what, where=where, dtype=dtype
+            )
+            bn = folded.fold_batch_norm(
+                kernel, p[f"{name}_bn"], s[f"{name}_bn"], dtype=dtype, epsilon=BN_EPSILON
+            )
+            emit("conv", args, bn)
+            emit("relu")
+
+        # The stem's BN is "bn", beside "conv": give it the "conv_bn" name `conv` looks up.
+        channels = params["conv"]["w"].shape[-2]
+        params = {**params, "conv_bn": params["bn"]}
+        batch_stats = {**batch_stats, "conv_bn": batch_stats["bn"]}
+        stem_shape = (3, 3, channels, stem)
+        conv(kernel_factory("plain"), "'plain'", ("conv",), stem_shape, ((2, 2), same))
+        for b in blocks:
+            depthwise, pointwise = self.factories(b)
+            args = ((b.stride, b.stride), same, b.features_in)
+            conv(depthwise, "depthwise", (b.name, "dw"), (3, 3, 1, b.features_in), args)
+            shape = (1, 1, b.features_in, b.features)
+            conv(pointwise, "pointwise", (b.name, "pw"), shape, ((1, 1), valid))
+        emit("avg_pool")
+        fc = params["fc"]
+        emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
+        return folded.FoldedNet(params=tuple(out), steps=tuple(steps))
 
     def symmetric_layers(self) -> dict[tuple[str, ...], str]:
         """The convs that carry the symmetry: `{module path: axis}`."""
@@ -145,7 +211,7 @@ class MobileNet(nn.Module):
         return layers
 
     def factories(self, block: SeparableBlock):
-        """`(depthwise, pointwise)` kernel factories of a block (`fold` uses them too)."""
+        """`(depthwise, pointwise)` kernel factories of a block (`fold_chain` uses them too)."""
         plain = kernel_factory("plain")
         if self.symmetry is None:
             return plain, plain

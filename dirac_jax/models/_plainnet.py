@@ -63,6 +63,9 @@ class PlainNet(nn.Module):
     kernel_init: str = "uniform"
     dtype: Any = jnp.float32
 
+    # No fold: `dirac_jax.fold` has none written for its `conv -> BN -> LeakyReLU` layers.
+    folds = None
+
     def validate(self):
         widths = [check_width(self.width, b) for b in GROUP_BASES["cifar"]]
         if self.kernel_init not in ("uniform", "he_normal"):

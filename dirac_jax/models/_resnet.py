@@ -177,6 +177,10 @@ class WideResNet(nn.Module):
     symmetry_axis: str = "channel"
     dtype: Any = jnp.float32
 
+    # How `dirac_jax.fold` folds this net: it keeps its shortcuts, so only its kernel
+    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels).
+    folds = "kernels"
+
     def validate(self):
         if self.block not in BLOCKS:
             raise ValueError(f"unknown WRN block {self.block!r}; expected one of {BLOCKS}.")
@@ -202,6 +206,10 @@ class WideResNet(nn.Module):
     def kernel_factory_of(self, path: tuple[str, ...]):
         """The kernel factory of the conv at module `path`, e.g. `("group0_block0", "conv1")`."""
         return _kernel_factory_of(self, tuple(path))
+
+    def plain_twin(self):
+        """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
+        return self.clone(symmetry=None, dirac_init_sigma=None)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -300,6 +308,10 @@ class ResNet(nn.Module):
     symmetry_axis: str = "channel"
     dtype: Any = jnp.float32
 
+    # How `dirac_jax.fold` folds this net: it keeps its shortcuts, so only its kernel
+    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels).
+    folds = "kernels"
+
     def validate(self):
         if self.depth not in RESNET_BLOCKS:
             raise ValueError(
@@ -319,6 +331,10 @@ class ResNet(nn.Module):
     def kernel_factory_of(self, path: tuple[str, ...]):
         """The kernel factory of the conv at module `path`, e.g. `("group0_block0", "conv1")`."""
         return _kernel_factory_of(self, tuple(path))
+
+    def plain_twin(self):
+        """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
+        return self.clone(symmetry=None, dirac_init_sigma=None)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
