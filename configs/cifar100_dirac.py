@@ -5,7 +5,7 @@ Same recipe as cifar_dirac.py; the data is the CIFAR-100 python archive
 CIFAR-10 statistics as the reference code does.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

@@ -9,7 +9,7 @@ code) weight-decays every parameter, `a`, `b`, BN and biases included
 --config.model.width=2.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

@@ -5,7 +5,7 @@ Same architecture and recipe as cifar_dirac.py; every block conv is a He-normal
 Deeper plain nets degrade (DiracNets sec. 3.1); try --config.model.depth=52.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

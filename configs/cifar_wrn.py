@@ -6,7 +6,7 @@ wd 5e-4, 200 epochs, no dropout here). WRNs have no Dirac scales and do not
 fold, so summary.json has fold_max_abs_error null and no dirac_scales.png.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

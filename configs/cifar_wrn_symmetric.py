@@ -20,7 +20,7 @@ group with 219,482 parameters (172,106 triangular), is our depth 20, width 1.
 The recipe is cifar_wrn.py's.
 """
 
-from configs import cifar_wrn
+from dirac_jax.configs import cifar_wrn
 
 MODES = ("hard", "soft", "none")
 

@@ -16,7 +16,7 @@ with the reference's He-normal draw of the raw Dirac weights: lr 0.1: 0.846,
 For a longer run (the default, 10 epochs) turn augmentation on: --config.augment=True.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

@@ -15,7 +15,7 @@ at 224 px, eval on the centre 224 crop of the 256-px resize. bfloat16 compute;
 input position included.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

@@ -5,7 +5,7 @@ ResNet-34) with the recipe of imagenet_dirac.py. ResNets do not fold:
 fold_max_abs_error is null.
 """
 
-from configs import imagenet_dirac
+from dirac_jax.configs import imagenet_dirac
 
 
 def get_config():

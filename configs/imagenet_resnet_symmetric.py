@@ -15,7 +15,7 @@ default, not the slides') to the loss; evaluations also report the symmetrized
 net. The recipe is imagenet_resnet.py's.
 """
 
-from configs import imagenet_resnet
+from dirac_jax.configs import imagenet_resnet
 
 MODES = ("hard", "soft", "none")
 

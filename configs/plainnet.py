@@ -10,7 +10,7 @@ filters of norm about sqrt(2), so the constraint only acts on filters that grow.
 The optimizer recipe is cifar_dirac.py's.
 """
 
-from configs import cifar_dirac
+from dirac_jax.configs import cifar_dirac
 
 
 def get_config():

@@ -8,7 +8,7 @@ worse near 1; vary --config.model.dirac_init_sigma to reproduce that. For
 ResNet-18 on ImageNet use imagenet_resnet.py with a model.dirac_init_sigma field.
 """
 
-from configs import cifar_wrn
+from dirac_jax.configs import cifar_wrn
 
 
 def get_config():

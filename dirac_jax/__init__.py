@@ -14,7 +14,7 @@ state dict), `torch_checkpoint` (the authors' PyTorch checkpoints imported),
 `data` (dataset readers), `input_pipeline` (device-resident and Grain-streamed
 inputs), `train`, `checkpoint`, `metrics`, `workdir` (a finished run),
 `evaluate` and `export` (its command lines), `reproduce` (the papers'
-experiments).
+experiments), `configs` (the training configs, the repository's configs/).
 
 Entry points, imported on first use so `from dirac_jax import param` stays light:
 
@@ -45,6 +45,7 @@ _ENTRY_POINTS = {
 }
 _SUBMODULES = (
     "checkpoint",
+    "configs",
     "data",
     "input_pipeline",
     "evaluate",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -18,6 +19,50 @@ def fail(error: BaseException) -> NoReturn:
     """Exits with status 1 and the error on stderr, without a traceback."""
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def config_path(value: str) -> str:
+    """A `--config` value with a shipped config's name replaced by its file's path.
+
+    A value that names a file (it ends in `.py` or has a folder) is kept, with
+    its `:PRESET`; a bare name is a config of `dirac_jax.configs`.
+
+    Examples:
+      >>> config_path("configs/cifar_dirac.py:runlocal")
+      'configs/cifar_dirac.py:runlocal'
+      >>> config_path("cifar_wrn_symmetric:soft").endswith("/cifar_wrn_symmetric.py:soft")
+      True
+      >>> config_path("cifar_dirak")
+      Traceback (most recent call last):
+      ValueError: --config=cifar_dirak is no PATH.py and no shipped config 'cifar_dirak'; one of ...
+    """
+    name, colon, preset = value.partition(":")
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        return value
+    from dirac_jax import configs
+
+    try:
+        return f"{configs.path(name)}{colon}{preset}"
+    except ValueError as e:
+        raise ValueError(f"--config={value} is no PATH.py and {e}") from None
+
+
+def with_config_paths(argv: list[str], flag: str = "config") -> list[str]:
+    """`argv` with `--FLAG=NAME[:PRESET]` (or `--FLAG NAME`) turned into a path.
+
+    Examples:
+      >>> with_config_paths(["main", "--config", "x/y.py", "--config.seed=1"])
+      ['main', '--config', 'x/y.py', '--config.seed=1']
+      >>> with_config_paths(["main", "--config=plainnet"])[1].endswith("/plainnet.py")
+      True
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith(f"--{flag}="):
+            out[i] = f"--{flag}={config_path(arg.split('=', 1)[1])}"
+        elif arg == f"--{flag}" and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+    return out
 
 
 def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:

@@ -3,9 +3,13 @@ r"""Command line: train and evaluate one config, resuming from its workdir.
   python -m dirac_jax.main --config=configs/fashion_mnist_dirac.py \
       --config.num_train_steps=300 [--workdir=runs/fashion_mnist_dirac]
 
-Any config field can be overridden with `--config.FIELD=VALUE` (the config is
-locked, so a misspelt field is an error). Rerunning the same command resumes
-from the latest checkpoint in the workdir. A bad config, missing data, an
+`--config` takes a config file, or one shipped with the package by name
+(`--config=fashion_mnist_dirac`, `--config=cifar_wrn_symmetric:soft`: the
+files of configs/, installed as `dirac_jax.configs`), so an installed wheel
+runs them without the source tree. Any config field can be overridden with
+`--config.FIELD=VALUE` (the config is locked, so a misspelt field is an
+error). Rerunning the same command resumes from the latest checkpoint in the
+workdir. A bad config, missing data, an
 unusable checkpoint or a diverged run exits with status 1 and one `error: ...`
 message on stderr; a SIGTERM saves a checkpoint and exits with status 0.
 The workdir may be in a bucket, `--workdir=gs://BUCKET/runs/NAME` (the `gcs`
@@ -30,18 +34,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dirac_jax import _paths
-from dirac_jax._cli import fail, orbax_echoes_dropped
+from dirac_jax._cli import fail, orbax_echoes_dropped, with_config_paths
 
 __all__ = [
-    "config_root",
     "default_workdir",
     "main",
+    "parse_flags",
     "run",
 ]
 
@@ -64,7 +67,13 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (>= 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Training config: a file, PATH.py[:PRESET], or a config shipped with the package by name, "
+    "NAME[:PRESET] (e.g. cifar_dirac, fashion_mnist_dirac, cifar_wrn_symmetric:soft).",
+    lock_config=True,
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -113,6 +122,15 @@ def _init_distributed() -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after a shipped config's name became its file's path."""
+    try:
+        argv = with_config_paths(argv)
+    except ValueError as e:
+        fail(e)
+    return app.parse_flags_with_usage(argv)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -145,41 +163,11 @@ def main(argv) -> None:
     )
 
 
-def config_root(argv: list[str]) -> str | None:
-    """The folder that holds the `configs/` package of a `--config` path, if any.
-
-    Config variants import their base as `from configs import cifar_dirac` (as the
-    flax examples do), which needs that folder on `sys.path`: it is the working
-    directory in the usual `python -m dirac_jax.main --config=configs/...` call,
-    and this makes an absolute or relative path from anywhere work too.
-
-    Examples:
-      >>> config_root(["main", "--config=/src/dirac_jax/configs/cifar_dirac.py:runlocal"])
-      '/src/dirac_jax'
-      >>> config_root(["main", "--config", "elsewhere/my_config.py"]) is None
-      True
-    """
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        else:
-            continue
-        parent = pathlib.Path(path.split(":")[0]).absolute().parent
-        if parent.name == "configs":
-            return str(parent.parent)
-    return None
-
-
 def run() -> None:
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    root = config_root(sys.argv)
-    if root is not None and root not in sys.path:
-        sys.path.insert(0, root)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def imagenet_cli(tree, workdir, num_steps, *extra):
 
 def tiny_imagenet_config(tree, num_steps):
     """The config `_imagenet_cli` builds, for in-process runs."""
-    from configs import imagenet_dirac
+    from dirac_jax.configs import imagenet_dirac
 
     config = imagenet_dirac.get_config()
     config.dataset.source, config.dataset.data_dir = "folder", str(tree)

@@ -5,7 +5,6 @@ now, see test_train.py; the name stays for the imports of the other test modules
 """
 
 import os
-import sys
 import tempfile
 
 import ml_collections
@@ -29,8 +28,7 @@ def use_compilation_cache():
 
 def tiny_config(num_steps: int) -> ml_collections.ConfigDict:
     """A DiracNet-10-0.25 on synthetic CIFAR-10, logging every step (shared with the test)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from configs import cifar_dirac
+    from dirac_jax.configs import cifar_dirac
 
     config = cifar_dirac.get_config()
     config.model.depth = 10

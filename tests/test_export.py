@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_dirac
 from dirac_jax import data, evaluate, export, fold, models, train, workdir
+from dirac_jax.configs import fashion_mnist_dirac
 from dirac_jax.formats import onnx_graph, stablehlo
 
 ort = pytest.importorskip("onnxruntime")

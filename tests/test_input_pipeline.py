@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import imagenet_dirac
 from dirac_jax import checkpoint, data, input_pipeline, sharding
+from dirac_jax.configs import imagenet_dirac
 
 
 def _stream_config(tree, **overrides):

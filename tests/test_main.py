@@ -33,7 +33,7 @@ def test_the_configs_are_all_there():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_validates_and_builds(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"dirac_jax.configs.{name}").get_config()
     for field in REQUIRED:
         section, _, leaf = field.rpartition(".")
         assert leaf in (config[section] if section else config), field
@@ -48,7 +48,7 @@ def test_config_loads_validates_and_builds(name):
 
 
 def test_recipes_match_the_papers():
-    from configs import cifar_dirac, cifar_dirac_v1, imagenet_dirac, plainnet
+    from dirac_jax.configs import cifar_dirac, cifar_dirac_v1, imagenet_dirac, plainnet
 
     c = cifar_dirac.get_config()
     assert (c.model.name, c.model.depth, c.model.width) == ("diracnet", 28, 10)
@@ -68,24 +68,84 @@ def _run_main(*flags, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _main_in_process(capsys, *argv) -> tuple[int, str]:
-    """`python -m dirac_jax.main --config=configs/cifar_dirac.py ARGV` in this process.
+def _main_in_process(capsys, *argv, config=None) -> tuple[int, str]:
+    """`python -m dirac_jax.main --config=CONFIG ARGV` in this process.
 
-    Returns its exit status and stderr; the flags are restored afterwards.
+    CONFIG is configs/cifar_dirac.py by default. Returns the exit status and
+    stderr; the flags are restored afterwards.
     """
     from absl import flags
     from absl.testing import flagsaver
 
     from dirac_jax import main as cli
 
-    argv = ["main", f"--config={ROOT / 'configs' / 'cifar_dirac.py'}", *argv]
+    argv = ["main", f"--config={config or ROOT / 'configs' / 'cifar_dirac.py'}", *argv]
     # The config flag reads its `--config.FIELD` overrides from sys.argv.
     with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
         flags.FLAGS.unparse_flags()
-        flags.FLAGS(argv)
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["main"])
+            cli.main(cli.parse_flags(argv))
     return exit_info.value.code, capsys.readouterr().err
+
+
+def test_config_by_name_is_the_shipped_file(tmp_path, capsys):
+    # A shipped config by name, with a preset, reaches the trainer (which rejects the depth).
+    flags = (f"--workdir={tmp_path}", "--config.model.depth=31")
+    status, stderr = _main_in_process(capsys, *flags, config="cifar_wrn_symmetric:soft")
+    assert status == 1 and "depth 31" in stderr, stderr
+    status, stderr = _main_in_process(capsys, config="cifar_dirak")
+    assert status == 1 and len(stderr.strip().splitlines()) == 1
+    assert "no shipped config 'cifar_dirak'; one of cifar100_dirac, cifar_dirac," in stderr
+
+
+def test_the_configs_ship_in_the_package_and_import_without_sys_path():
+    from dirac_jax import configs
+    from dirac_jax.configs import cifar_wrn_symmetric
+
+    assert configs.names() == CONFIGS
+    assert configs.path("cifar_wrn").parent == configs.FOLDER == ROOT / "configs"
+    assert cifar_wrn_symmetric.get_config("soft").symmetry_penalty > 0
+    assert "configs" not in sys.modules  # no top-level `configs` package was needed
+
+
+def test_the_wheel_lists_every_package():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    inits = (ROOT / "dirac_jax").rglob("__init__.py")
+    in_tree = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
+    assert set(packages["packages"]) == in_tree | {"dirac_jax.configs"}
+    assert packages["package-dir"] == {"dirac_jax.configs": "configs"}
+
+
+def test_an_installed_wheel_runs_a_config_by_name(tmp_path):
+    # The package installed from a wheel, run from a folder without the source tree: a config
+    # by name loads (its base too) and reaches the trainer.
+    import shutil
+
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("dirac_jax", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(src)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    cmd = [
+        sys.executable, "-m", "dirac_jax.main", "--config=cifar_dirac_v1",
+        "--config.model.depth=31", f"--workdir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    result = subprocess.run(cmd, cwd=run, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "depth 31" in result.stderr, result.stderr
+    probe = "import dirac_jax.configs.cifar_dirac_v1 as m; print(m.__file__)"
+    where = subprocess.run(
+        [sys.executable, "-c", probe], cwd=run, env=env, capture_output=True, text=True
+    )
+    assert where.stdout.strip() == str(site / "dirac_jax" / "configs" / "cifar_dirac_v1.py")
 
 
 @pytest.mark.parametrize(
@@ -122,9 +182,11 @@ def test_bad_config_through_the_command_line(tmp_path):
 
 
 def test_default_workdir():
+    from dirac_jax import configs
     from dirac_jax.main import default_workdir
 
     assert default_workdir("configs/fashion_mnist_dirac.py") == "runs/fashion_mnist_dirac"
+    assert default_workdir(f"{configs.path('plainnet')}:x") == "runs/plainnet"
 
 
 def test_imagenet_without_its_data_says_how_to_build_it(tmp_path):

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from _bn import random_bn_stats
 
-from configs import fashion_mnist_dirac
 from dirac_jax import data, export, fold, folded, models, quantize, train
 from dirac_jax.bench.fold_latency import random_variables
+from dirac_jax.configs import fashion_mnist_dirac
 from dirac_jax.formats import onnx_graph
 
 ort = pytest.importorskip("onnxruntime")

@@ -123,24 +123,22 @@ def test_every_plan_builds_valid_configs():
                 config_schema.validate_config(config)
 
 
-def test_load_config_uses_the_bases_of_its_own_tree_and_restores_imports(tmp_path):
-    # A copy of configs/ whose base trains a different depth: each variant must see the
-    # base of its own tree, in either order, and leave sys.path and sys.modules as found.
-    other = tmp_path / "configs"
-    other.mkdir()
-    for name in ("cifar_dirac.py", "cifar_plain.py"):
-        (other / name).write_text((ROOT / "configs" / name).read_text())
-    base = other / "cifar_dirac.py"
-    base.write_text(
-        base.read_text() + "\n_get = get_config\n"
-        "def get_config():\n    c = _get()\n    c.model.depth = 10\n    return c\n"
+def test_load_config_reads_any_folder_without_touching_sys_path(tmp_path):
+    # A user's variant outside the package imports its base from the shipped configs.
+    variant = tmp_path / "my_plain.py"
+    variant.write_text(
+        "from dirac_jax.configs import cifar_plain\n"
+        "def get_config():\n    c = cifar_plain.get_config()\n    c.model.depth = 10\n"
+        "    return c\n"
     )
-    path, modules = list(sys.path), set(sys.modules)
-    ours = reproduce.load_config(ROOT / "configs" / "cifar_plain.py").model.depth
-    theirs = reproduce.load_config(other / "cifar_plain.py").model.depth
-    assert reproduce.load_config(ROOT / "configs" / "cifar_plain.py").model.depth == ours
-    assert (ours, theirs) == (28, 10)
-    assert sys.path == path and not any(m.startswith("configs") for m in set(sys.modules) - modules)
+    path = list(sys.path)
+    shipped = reproduce.load_config(ROOT / "configs" / "cifar_plain.py")
+    theirs = reproduce.load_config(variant)
+    assert (shipped.model.name, shipped.model.depth) == ("plain", 28)
+    assert (theirs.model.name, theirs.model.depth) == ("plain", 10)
+    assert sys.path == path and "configs" not in sys.modules
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        reproduce.load_config(tmp_path / "nope.py")
 
 
 def test_symmetric_reports_params_at_test_and_the_projected_soft_net(out):

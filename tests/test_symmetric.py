@@ -21,7 +21,6 @@ import optax
 import pytest
 from _bn import random_bn_stats
 
-from configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
 from dirac_jax import (
     config_schema,
     data,
@@ -35,6 +34,7 @@ from dirac_jax import (
     train,
     workdir,
 )
+from dirac_jax.configs import cifar_wrn_symmetric, fashion_mnist_dirac, imagenet_resnet_symmetric
 from dirac_jax.formats import onnx_graph, stablehlo
 from dirac_jax.reproduce._grid import apply_overrides
 

@@ -24,7 +24,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import cifar_dirac, fashion_mnist_dirac
 from dirac_jax import (
     checkpoint,
     config_schema,
@@ -37,6 +36,7 @@ from dirac_jax import (
     train,
     workdir,
 )
+from dirac_jax.configs import cifar_dirac, fashion_mnist_dirac
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _multihost_worker.use_compilation_cache()

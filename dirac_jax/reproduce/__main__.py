@@ -1,4 +1,4 @@
-r"""Command line: `python -m dirac_jax.reproduce NAME --preset=PRESET --out=DIR`.
+r"""Command line: `python -m dirac_jax.reproduce NAME [--preset=PRESET] [--out=DIR]`.
 
   python -m dirac_jax.reproduce depth --preset=cpu --out=runs/reproduce
   python -m dirac_jax.reproduce all --preset=smoke --out=/tmp/smoke
@@ -12,45 +12,38 @@ unusable checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging as std_logging
 import pathlib
 import sys
 
+from absl import app, flags
 
-def _parse(argv):
-    from dirac_jax.reproduce import EXPERIMENTS, PRESETS
-
-    p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.reproduce", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("name", help=f"one of {sorted(EXPERIMENTS)} or 'all'.")
-    p.add_argument("--preset", default="cpu", help=f"one of {PRESETS} (default cpu).")
-    p.add_argument("--out", default="runs/reproduce", help="output folder.")
-    p.add_argument(
-        "--configs",
-        default=None,
-        help="config folder (default: the configs/ folder of this source tree).",
-    )
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="train nothing: report the runs that have finished so far.",
-    )
-    return p.parse_args(argv)
+_PRESET = flags.DEFINE_string("preset", "cpu", "How big the runs are: smoke, cpu or paper.")
+_OUT = flags.DEFINE_string("out", "runs/reproduce", "Output folder.")
+_CONFIGS = flags.DEFINE_string(
+    "configs",
+    None,
+    "Config folder (default: the configs shipped with the package, dirac_jax.configs).",
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: report the runs that have finished so far."
+)
 
 
-def main(argv=None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+def main(argv) -> int:
+    from dirac_jax import reproduce
+
+    if len(argv) != 2:
+        raise app.UsageError(f"give one experiment, one of {sorted(reproduce.EXPERIMENTS)} or all.")
     from absl import logging
 
-    from dirac_jax import checkpoint, config_schema, data, metrics, reproduce
+    from dirac_jax import checkpoint, config_schema, data, metrics
 
     # This package's INFO lines (one per log step and eval) and everyone's warnings.
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger("absl").addFilter(metrics.own_info_only)
-    names = sorted(reproduce.EXPERIMENTS) if args.name == "all" else [args.name]
-    configs = pathlib.Path(args.configs) if args.configs else None
+    names = sorted(reproduce.EXPERIMENTS) if argv[1] == "all" else [argv[1]]
+    configs = pathlib.Path(_CONFIGS.value) if _CONFIGS.value else None
     expected = (
         ValueError,
         data.DataNotFoundError,
@@ -59,13 +52,13 @@ def main(argv=None) -> int:
     )
     for name in names:
         try:
-            report = reproduce.run(name, args.preset, args.out, configs, args.report_only)
+            report = reproduce.run(name, _PRESET.value, _OUT.value, configs, _REPORT_ONLY.value)
         except expected as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
         if report is None:
             return 0
-        print((pathlib.Path(args.out) / f"{name}.md").read_text(), flush=True)
+        print((pathlib.Path(_OUT.value) / f"{name}.md").read_text(), flush=True)
     return 0
 
 
@@ -73,4 +66,4 @@ if __name__ == "__main__":
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    sys.exit(main())
+    app.run(main)

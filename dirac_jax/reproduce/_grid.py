@@ -12,7 +12,6 @@ as diverged in the report (it is not retried: training is deterministic).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -24,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+
+from dirac_jax import configs as shipped
 
 DIVERGED_FILE = "diverged.json"
 
@@ -63,48 +64,20 @@ class Plan:
         return tuple(self.seeds if cell.seeds is None else cell.seeds)
 
 
-def configs_dir() -> pathlib.Path:
-    """The `configs/` folder of this source tree (the configs ship beside the package)."""
-    return pathlib.Path(__file__).resolve().parents[2] / "configs"
-
-
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, with the `configs` package of its own folder.
+    """`get_config()` of a config file.
 
-    Variants import their base as `from configs import cifar_dirac`, as the flax
-    examples do. While the file runs, the folder above its `configs/` is first on
-    `sys.path` and no other `configs` package is imported; afterwards `sys.path`
-    and the imported modules are as they were. So configs from two trees load
-    side by side, each with its own bases.
+    Variants import their base from the shipped configs (`from dirac_jax.configs
+    import cifar_dirac`), so a file loads from any folder without touching
+    `sys.path`.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")
-    root = str(path.resolve().parent.parent)
     spec = importlib.util.spec_from_file_location(f"_reproduce_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    with _configs_package_of(root):
-        spec.loader.exec_module(module)
-        return module.get_config()
-
-
-@contextlib.contextmanager
-def _configs_package_of(root: str):
-    """Makes `import configs` resolve under `root` for the duration of the block."""
-
-    def ours(name: str) -> bool:
-        return name == "configs" or name.startswith("configs.")
-
-    saved_path = list(sys.path)
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
-    sys.path.insert(0, root)
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in [name for name in sys.modules if ours(name)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]):
@@ -120,7 +93,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def cell_config(cell: Cell, seed: int, configs: pathlib.Path | None = None):
     """The training config of one run: the cell's config file, its overrides, the seed."""
-    config = load_config((configs or configs_dir()) / cell.config)
+    config = load_config((configs or shipped.FOLDER) / cell.config)
     return apply_overrides(config, {**cell.overrides, "seed": seed})
 
 
@@ -154,7 +127,7 @@ def run_plan(plan: Plan, out: str | pathlib.Path, configs: pathlib.Path | None =
     out = pathlib.Path(out)
 
     # Seed by seed: the first seed of every cell comes first, so a grid stopped early
-    # already has whole curves to report (`collect`, `--report-only`). Cells with seeds of
+    # already has whole curves to report (`collect`, `--report_only`). Cells with seeds of
     # their own (a costly reference curve with fewer seeds) come after the others.
     def order(cells):
         rounds = max((len(plan.cell_seeds(c)) for c in cells), default=0)
