@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from absl import app, flags
+
 T = TypeVar("T")
+
+# The flag `main`, `evaluate` and `export` share (absl keeps one flag of a name per process).
+WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run's folder, local or gs://BUCKET/...: where main trains (default runs/<config "
+    "name>); the training workdir (config.json, checkpoints/) that evaluate and export read.",
+)
 
 
 def fail(error: BaseException) -> NoReturn:
@@ -66,19 +76,20 @@ def with_config_paths(argv: list[str], flag: str = "config") -> list[str]:
 
 
 def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:
-    """Runs `work()` for an absl command line that takes flags only.
+    """Runs `work()` for an absl command line that takes flags only and needs `--workdir`.
 
     Quiets orbax (it logs every restore stage at INFO, and a failed restore
     echoes from its threads: `orbax_echoes_dropped`) and turns a user error
     into one line on stderr and exit status 1.
     """
-    from absl import app
     from absl import logging as absl_logging
 
     from dirac_jax.checkpoint import CheckpointError
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if WORKDIR.value is None:
+        raise app.UsageError("--workdir is required: the training run to read.")
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         with orbax_echoes_dropped():

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,7 +52,7 @@ from dirac_jax import (
     steps,
     workdir,
 )
-from dirac_jax._cli import run_workdir_command
+from dirac_jax._cli import WORKDIR, run_workdir_command
 
 __all__ = [
     "batch_for_devices",
@@ -238,39 +239,35 @@ def _line(name: str, m: dict) -> str:
     )
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
+flags.declare_key_flag("workdir")  # required here; shared with main and export (_cli)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size",
+    None,
+    "Images per forward pass, rounded up to a multiple of the devices "
+    "(default: the run's eval_batch_size).",
+)
+_ONNX = flags.DEFINE_string("onnx", None, "Also evaluate this exported ONNX model (onnxruntime).")
 
-    flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
-    flags.DEFINE_integer(
-        "batch_size",
-        None,
-        "Images per forward pass, rounded up to a multiple of the devices "
-        "(default: the run's eval_batch_size).",
+
+def main(argv) -> None:
+    """What `python -m dirac_jax.evaluate` runs once absl has parsed the flags."""
+    result = run_workdir_command(
+        argv,
+        lambda: evaluate_workdir(WORKDIR.value, batch_size=_BATCH_SIZE.value, onnx=_ONNX.value),
     )
-    flags.DEFINE_string("onnx", None, "Also evaluate this exported ONNX model (onnxruntime).")
-    flags.mark_flags_as_required(["workdir"])
-
-    def run(argv):
-        f = flags.FLAGS
-        result = run_workdir_command(
-            argv, lambda: evaluate_workdir(f.workdir, batch_size=f.batch_size, onnx=f.onnx)
-        )
-        print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
-        for name in ("unfolded", "folded", "symmetrized"):
-            if result[name] is not None:
-                print(_line(name, result[name]))
-        if "onnx" in result:
-            m = result["onnx"]
-            agree = f"{m['agree']:.4f} of top-1 as the {result['onnx_reference']} net"
-            print(f"{_line('onnx', m)}  agree {agree}  [{m['file']}]")
-        print(f"written to {_paths.resolve(f.workdir) / workdir.EVAL_FILE}", flush=True)
-
-    app.run(run, argv)
+    print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
+    for name in ("unfolded", "folded", "symmetrized"):
+        if result[name] is not None:
+            print(_line(name, result[name]))
+    if "onnx" in result:
+        m = result["onnx"]
+        agree = f"{m['agree']:.4f} of top-1 as the {result['onnx_reference']} net"
+        print(f"{_line('onnx', m)}  agree {agree}  [{m['file']}]")
+    print(f"written to {_paths.resolve(WORKDIR.value) / workdir.EVAL_FILE}", flush=True)
 
 
 if __name__ == "__main__":
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    main()
+    app.run(main)

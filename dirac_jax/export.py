@@ -45,9 +45,10 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from dirac_jax import _paths, config_schema, data, fold, formats, workdir
-from dirac_jax._cli import run_workdir_command
+from dirac_jax._cli import WORKDIR, run_workdir_command
 
 __all__ = [
     "FORMATS",
@@ -260,49 +261,52 @@ def export_workdir(
     return out
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
+flags.declare_key_flag("workdir")  # required here; shared with main and evaluate (_cli)
+_FORMAT = flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
+_OUT = flags.DEFINE_string("out", None, "The file to write (local or gs://...).")
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", None, f"stablehlo: where the artifact runs, of {PLATFORMS} (default: here)."
+)
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZE, "int8: an INT8 (QDQ) ONNX model.")
+_CALIBRATION_IMAGES = flags.DEFINE_integer(
+    "calibration_images", 512, "Training images that calibrate INT8."
+)
+_PER_TENSOR = flags.DEFINE_boolean(
+    "per_tensor", False, "INT8: one weight scale per tensor, not per channel."
+)
+_CALIBRATION = flags.DEFINE_enum(
+    "calibration", "percentile", ("minmax", "entropy", "percentile"), "INT8 activation ranges."
+)
+_ACTIVATIONS = flags.DEFINE_enum(
+    "activations", "int8", ("int8", "uint8"), "INT8 activations' type."
+)
 
-    flags.DEFINE_string("workdir", None, "A training workdir (config.json and checkpoints/).")
-    flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
-    flags.DEFINE_string("out", None, "The file to write (local or gs://...).")
-    flags.DEFINE_list(
-        "platforms", None, f"stablehlo: where the artifact runs, of {PLATFORMS} (default: here)."
-    )
-    flags.DEFINE_enum("quantize", "none", QUANTIZE, "int8: an INT8 (QDQ) ONNX model.")
-    flags.DEFINE_integer("calibration_images", 512, "Training images that calibrate INT8.")
-    flags.DEFINE_boolean("per_tensor", False, "INT8: one weight scale per tensor, not per channel.")
-    flags.DEFINE_enum(
-        "calibration", "percentile", ("minmax", "entropy", "percentile"), "INT8 activation ranges."
-    )
-    flags.DEFINE_enum("activations", "int8", ("int8", "uint8"), "INT8 activations' type.")
-    flags.mark_flags_as_required(["workdir", "out"])
 
-    def run(argv):
-        f = flags.FLAGS
+def main(argv) -> None:
+    """What `python -m dirac_jax.export` runs once absl has parsed the flags."""
+    if _OUT.value is None:
+        raise app.UsageError("--out is required: the file to write.")
 
-        def work():
-            return export_workdir(
-                f.workdir,
-                f.format,
-                f.out,
-                quantize=f.quantize,
-                calibration_count=f.calibration_images,
-                per_tensor=f.per_tensor,
-                calibration=f.calibration,
-                activations=f.activations,
-                platforms=f.platforms,
-            )
+    def work():
+        return export_workdir(
+            WORKDIR.value,
+            _FORMAT.value,
+            _OUT.value,
+            quantize=_QUANTIZE.value,
+            calibration_count=_CALIBRATION_IMAGES.value,
+            per_tensor=_PER_TENSOR.value,
+            calibration=_CALIBRATION.value,
+            activations=_ACTIVATIONS.value,
+            platforms=_PLATFORMS.value,
+        )
 
-        written = run_workdir_command(argv, work)
-        kind = f.format if f.quantize == "none" else f"{f.format} {f.quantize}"
-        print(f"wrote the folded {kind} model of {f.workdir} to {written}", flush=True)
-
-    app.run(run, argv)
+    written = run_workdir_command(argv, work)
+    kind = _FORMAT.value if _QUANTIZE.value == "none" else f"{_FORMAT.value} {_QUANTIZE.value}"
+    print(f"wrote the folded {kind} model of {WORKDIR.value} to {written}", flush=True)
 
 
 if __name__ == "__main__":
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    main()
+    app.run(main)

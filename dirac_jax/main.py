@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dirac_jax import _paths
-from dirac_jax._cli import fail, orbax_echoes_dropped, with_config_paths
+from dirac_jax._cli import WORKDIR, fail, orbax_echoes_dropped, with_config_paths
 
 __all__ = [
     "default_workdir",
@@ -48,12 +48,6 @@ __all__ = [
     "run",
 ]
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir",
-    None,
-    "Run directory (checkpoints, metrics, plots), local or gs://BUCKET/... "
-    "Default: runs/<config name>.",
-)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost",
     os.environ.get("DIRAC_JAX_MULTIHOST", "") == "1",
@@ -67,6 +61,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (>= 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.declare_key_flag("workdir")  # shared with evaluate and export (_cli); --help lists it
 config_flags.DEFINE_config_file(
     "config",
     None,
@@ -144,7 +139,7 @@ def main(argv) -> None:
 
     config = flags.FLAGS.config
     expected = (config_schema.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
-    workdir = _WORKDIR.value or default_workdir(
+    workdir = WORKDIR.value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
     try:

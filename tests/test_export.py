@@ -155,6 +155,39 @@ def test_reference_export_names_what_it_needs(run_dir, tmp_path):
         export.export_workdir(run_dir, "tflite", tmp_path / "m")
 
 
+def _command_in_process(module, *argv):
+    """`python -m MODULE ARGV` in this process: absl parses ARGV, then `module.main` runs."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        rest = flags.FLAGS([module.__name__, *argv])
+        return module.main(rest)
+
+
+def test_export_and_evaluate_take_their_flags_at_module_level(tmp_path, capsys):
+    from absl import app, flags
+
+    # --help lists what each command defines, and the shared --workdir.
+    for module, names in (
+        (export, {"workdir", "format", "out", "quantize", "calibration_images", "per_tensor"}),
+        (evaluate, {"workdir", "batch_size", "onnx"}),
+    ):
+        key = {f.name for f in flags.FLAGS.get_key_flags_for_module(module.__name__)}
+        assert names <= key, (module.__name__, key)
+    with pytest.raises(app.UsageError, match="--workdir is required"):
+        _command_in_process(evaluate)
+    with pytest.raises(app.UsageError, match="--out is required"):
+        _command_in_process(export, f"--workdir={tmp_path}")
+    with pytest.raises(app.UsageError, match="unexpected arguments: extra"):
+        _command_in_process(evaluate, f"--workdir={tmp_path}", "extra")
+    with pytest.raises(SystemExit) as exit_info:
+        _command_in_process(export, f"--workdir={tmp_path}", f"--out={tmp_path / 'm.onnx'}")
+    assert exit_info.value.code == 1 and "Train first" in capsys.readouterr().err
+    assert flags.FLAGS["workdir"].value is None  # flagsaver put the flags back
+
+
 def test_workdir_errors_say_what_to_do(tmp_path):
     with pytest.raises(workdir.WorkdirError, match="not a training workdir. Train first"):
         workdir.load(tmp_path)
