@@ -42,11 +42,10 @@ __all__ = [
 IMAGENET = "imagenet2012"
 
 
-# Chains fold whole (`fold.fold`); residual nets fold their kernels (`fold.fold_kernels`).
-CHAIN_MODELS = ("diracnet", "diracnet_v1", "plain", "mobilenet")
-
-
-FOLDABLE_MODELS = (*CHAIN_MODELS, "wrn", "resnet")
+# Chains fold whole (`fold.fold`); residual nets fold their kernels (`fold.fold_kernels`):
+# each model class says which (`models.FOLDS`).
+CHAIN_MODELS = tuple(n for n in models.MODEL_NAMES if models.FOLDS[n] == "chain")
+FOLDABLE_MODELS = tuple(n for n in models.MODEL_NAMES if models.FOLDS[n] is not None)
 
 
 # The fold check compares folded and unfolded logits on the first test images:

@@ -62,6 +62,9 @@ _MODELS = {
     "plainnet": (PlainNet, {}),
 }
 MODEL_NAMES = tuple(_MODELS)
+# How each network folds (its class's `folds`): "chain" (`fold.fold`, a conv-ReLU chain),
+# "kernels" (`fold.fold_kernels`, its kernels computed once), or None.
+FOLDS = {name: cls.folds for name, (cls, _) in _MODELS.items()}
 
 
 def get_model(name: str, **kwargs):
@@ -109,6 +112,7 @@ __all__ = [
     "BLOCK_KERNELS",
     "BN_EPSILON",
     "BN_MOMENTUM",
+    "FOLDS",
     "GROUP_BASES",
     "IMAGENET_BLOCKS",
     "MOBILENET_BLOCKS",
