@@ -25,8 +25,8 @@ def test_constant_bytes_counts_literals_by_type():
 
 def test_bench_compile_reports_ratios_of_one_run(capsys, tmp_path):
     bench_compile.main(
-        ["--models", "cifar", "--depth", "10", "--width", "0.25", "--batch", "8", "--repeats", "1"]
-        + ["--programs", "grad", "train", "--json", str(tmp_path / "c.json")]
+        ["--models=cifar", "--depth", "10", "--width=0.25", "--batch", "8", "--repeats", "1"]
+        + ["--programs=grad,train", "--json", str(tmp_path / "c.json")]
     )
     out = capsys.readouterr().out
     for program in ("grad", "train"):
@@ -99,8 +99,10 @@ def test_half_precision_makes_the_jax_model_bf16():
     from dirac_jax import config_schema
 
     for half, dtype in [(False, jnp.float32), (True, jnp.bfloat16)]:
-        args = bench_train._parse(["--depth", "10"] + ["--half-precision"] * half)
-        config = bench_train._config("diracnet", args)
+        args = bench_train.options(depth=10, half_precision=half)
+        config = bench_train.config_for(
+            "diracnet", args.depth, args.width, args.batch, args.half_precision
+        )
         assert config_schema.create_model(config, num_classes=10).dtype == dtype
 
 
@@ -119,7 +121,7 @@ def test_failing_optional_candidate_is_skipped_with_its_reason(capsys):
 
 def test_profile_writes_a_trace_of_the_steps(tmp_path):
     step = jax.jit(lambda: jnp.ones(3) * 2)
-    bench_train._profile(step, str(tmp_path), steps=2)
+    bench_train.profile(step, str(tmp_path), steps=2)
     assert list(tmp_path.rglob("*.xplane.pb"))
 
 
@@ -155,11 +157,52 @@ def _timing_env():
 
 def test_bench_train_bad_arguments_fail_clearly():
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        bench_train.main(["--batch", "6", "--no-torch"])
-    with pytest.raises(ValueError, match="--profile-steps"):
-        bench_train.main(["--batch", "8", "--no-torch", "--profile-steps", "0"])
+        bench_train.main(["--batch=6", "--no_torch"])
+    with pytest.raises(ValueError, match="--profile_steps"):
+        bench_train.main(["--batch", "8", "--no_torch", "--profile_steps=0"])
     with pytest.raises(ValueError, match="--repeats"):
         bench_compile.main(["--repeats", "0"])
+
+
+SUITES = ("bf16", "compile", "cpu_flags", "deploy", "device_check", "fold_latency", "input")
+SUITES += ("int8", "train")
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_every_suite_lists_its_absl_flags_under_help(name, capsys):
+    import importlib
+
+    suite = importlib.import_module(f"dirac_jax.bench.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        suite.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"python -m dirac_jax.bench {name}" in out
+    assert "--json" in out or name == "device_check"
+    defined = list(suite.FLAGS)
+    assert defined and all(f"--{flag}" in out or f"--[no]{flag}" in out for flag in defined)
+    assert not [flag for flag in defined if "-" in flag]  # one spelling: underscores
+
+
+def test_suite_flags_parse_absl_style_and_reject_the_old_spelling(capsys):
+    from dirac_jax.bench import __main__ as bench_main
+    from dirac_jax.bench import fold_latency
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--half-precision"])
+    assert exit_info.value.code == 2 and "half-precision" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_train.main(["--torch_variants=eager,nope"])
+    assert "--torch_variants takes some of" in capsys.readouterr().err
+    # Plain values for a module that runs a suite; a misspelt name is an error.
+    args = bench_train.options(depth=10, half_precision=True)
+    assert (args.depth, args.width, args.half_precision, args.torch_variants[0]) == (
+        10, 1.0, True, "eager"
+    )  # fmt: skip
+    assert fold_latency.options(batch=1).image_size is None  # run picks the stem's size
+    with pytest.raises(TypeError, match="no flag --detph"):
+        bench_train.options(detph=10)
+    assert bench_main.main(["nope"]) == 2 and bench_main.main(["--help"]) == 0
+    assert "SUITE --help lists a suite's flags" in capsys.readouterr().out
 
 
 def test_compile_cases_are_the_goal_shapes():

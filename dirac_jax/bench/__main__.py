@@ -1,4 +1,9 @@
-"""Entry point: `python -m dirac_jax.bench SUITE [--flags]`, SUITE one of `_SUITES`."""
+"""Entry point: `python -m dirac_jax.bench SUITE [--flag=value ...]`, SUITE one of `_SUITES`.
+
+The suite is the first word; the rest are its absl flags (`--half_precision`,
+`--depth=10` or `--depth 10`), and `python -m dirac_jax.bench SUITE --help`
+lists them.
+"""
 
 import importlib
 import sys
@@ -19,8 +24,13 @@ _SUITES = (
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _SUITES:
-        print(f"usage: python -m dirac_jax.bench {{{','.join(_SUITES)}}} [--help]", file=sys.stderr)
-        return 2
+        usage = f"usage: python -m dirac_jax.bench {{{','.join(_SUITES)}}} [--flag=value ...]"
+        asked = argv[:1] in (["--help"], ["-h"])
+        print(
+            f"{usage}\npython -m dirac_jax.bench SUITE --help lists a suite's flags.",
+            file=sys.stdout if asked else sys.stderr,
+        )
+        return 0 if asked else 2
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()

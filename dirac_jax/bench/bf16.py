@@ -20,29 +20,35 @@ that are float32's output correctly rounded to bfloat16.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dirac_jax import layers, param
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 
-__all__ = ["main", "report", "run"]
+__all__ = ["main", "options", "report", "run"]
 
 VARIANTS = ("float32", "cast", "split", "split_f32conv")
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer("channels", 64, "In = out channels.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("size", 32, "Image height and width.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("batch", 32, "Batch size.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("b", 0.1, "The value of b (a = 1).", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 20, "Timed rounds.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench bf16", description=__doc__)
-    p.add_argument("--channels", type=int, default=64, help="in = out channels.")
-    p.add_argument("--size", type=int, default=32, help="image height and width.")
-    p.add_argument("--batch", type=int, default=32, help="batch size.")
-    p.add_argument("--b", type=float, default=0.1, help="the value of b (a = 1).")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds.")
-    p.add_argument("--json", help="also write the results to this JSON file.")
-    return p.parse_args(argv)
+    return _flags.parse(FLAGS, argv, "bf16", __doc__)
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def _forward(variant: str, t: param.Transform):

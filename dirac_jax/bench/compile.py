@@ -19,7 +19,7 @@ the program. For each it reports
 and the DiracNet / plain ratios, against the goals: program size <= 1.5x (the
 Dirac ops themselves add a little), compile time and temporary memory <= 1.1x.
 
-The gradient program has a control besides (`--no-control` skips it): the plain
+The gradient program has a control besides (`--nocontrol` skips it): the plain
 net whose conv kernels are computed in the step as `w * s`, one elementwise op
 forward and one backward per conv. No kernel parameterization computed in the
 step costs less, so the control / plain ratio is the floor of the compile-time
@@ -33,7 +33,6 @@ weight decay, BN statistics, metrics), lowered with an abstract state and batch.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import time
@@ -42,9 +41,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 
 from dirac_jax import config_schema, optim, sharding, steps
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 from dirac_jax.bench import train as bench_train
 from dirac_jax.models import get_model
 
@@ -56,6 +56,7 @@ __all__ = [
     "constant_bytes",
     "grad_step",
     "main",
+    "options",
     "measure",
     "report",
     "run",
@@ -155,13 +156,9 @@ def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tupl
     """
     imagenet = case["stem"] == "imagenet"
     # The config `bench train` times, with this case's stem and dataset.
-    shape = argparse.Namespace(
-        depth=case["depth"],
-        width=case["width"],
-        batch=batch,
-        half_precision=dtype == jnp.bfloat16,
+    config = bench_train.config_for(
+        name, case["depth"], case["width"], batch, half_precision=dtype == jnp.bfloat16
     )
-    config = bench_train._config(name, shape)
     config.model.stem = case["stem"]
     config.dataset.name = "imagenet" if imagenet else "cifar10"
     mesh = sharding.make_mesh()
@@ -207,36 +204,57 @@ def measure(fn: Callable, args: tuple) -> dict:
     }
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_list(
+    "models",
+    sorted(CASES),
+    "Comma-separated; cifar: DiracNet-28-10, 32x32; imagenet: DiracNet-34, 224x224.",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "models",
+    lambda v: set(v) <= set(CASES),
+    f"--models takes some of {','.join(CASES)}.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "depth", None, "Override the depth (e.g. a smaller CIFAR net).", flag_values=FLAGS
+)
+flags.DEFINE_float("width", None, "Override the width multiplier.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 128, "Batch of the compiled step.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Compiles per model, interleaved.", flag_values=FLAGS)
+flags.DEFINE_bool("half_precision", False, "bf16 compute, f32 params.", flag_values=FLAGS)
+flags.DEFINE_list(
+    "programs",
+    ["grad"],
+    "Comma-separated; grad: jax.jit(jax.grad(loss)) of the model; train: the trainer's "
+    "jitted step.",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "programs",
+    lambda v: set(v) <= set(PROGRAMS),
+    f"--programs takes some of {','.join(PROGRAMS)}.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "control",
+    True,
+    "Compile the grad program's control, the plain net with kernels w * s computed in the "
+    "step (the overhead any in-step parameterization pays); --nocontrol skips it.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench compile", description=__doc__)
-    p.add_argument(
-        "--models",
-        nargs="+",
-        choices=sorted(CASES),
-        default=sorted(CASES),
-        help="cifar: DiracNet-28-10, 32x32; imagenet: DiracNet-34, 224x224.",
-    )
-    p.add_argument("--depth", type=int, help="override the depth (e.g. a smaller CIFAR net).")
-    p.add_argument("--width", type=float, help="override the width multiplier.")
-    p.add_argument("--batch", type=int, default=128, help="batch of the compiled step.")
-    p.add_argument("--repeats", type=int, default=3, help="compiles per model, interleaved.")
-    p.add_argument("--half-precision", action="store_true", help="bf16 compute, f32 params.")
-    p.add_argument(
-        "--programs",
-        nargs="+",
-        choices=PROGRAMS,
-        default=["grad"],
-        help="grad: jax.jit(jax.grad(loss)) of the model; train: the trainer's jitted step.",
-    )
-    p.add_argument(
-        "--no-control",
-        dest="control",
-        action="store_false",
-        help="skip the grad program's control, the plain net with kernels w * s computed "
-        "in the step (the overhead any in-step parameterization pays).",
-    )
-    p.add_argument("--json", help="also write the results to this JSON file.")
-    return p.parse_args(argv)
+    args = _flags.parse(FLAGS, argv, "compile", __doc__)
+    return args
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def _label(case: dict) -> str:

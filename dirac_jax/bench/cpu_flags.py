@@ -18,12 +18,15 @@ check that a setting does not change the numbers (a miscompilation would).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from dirac_jax.bench import _flags
 
 __all__ = ["SETTINGS", "main", "report", "run"]
 
@@ -40,18 +43,31 @@ SETTINGS = {
 PROGRAMS = ("train", "conv")
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer("depth", 16, "DiracNet depth, 6n+4.", flag_values=FLAGS)
+flags.DEFINE_float("width", 1.0, "Width multiplier k.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 64, "Training batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 10, "Timed rounds.", flag_values=FLAGS)
+flags.DEFINE_list(
+    "settings",
+    list(SETTINGS),
+    f"Settings to compare, comma-separated, of {list(SETTINGS)}.",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "settings",
+    lambda v: set(v) <= set(SETTINGS),
+    "--settings takes names of SETTINGS.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "worker", False, "Internal: serve one setting to the parent process.", flag_values=FLAGS
+)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench cpu_flags", description=__doc__)
-    p.add_argument("--depth", type=int, default=16, help="DiracNet depth, 6n+4.")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier k.")
-    p.add_argument("--batch", type=int, default=64, help="training batch size.")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds.")
-    p.add_argument(
-        "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="NAME"
-    )
-    p.add_argument("--json", help="also write the results to this JSON file.")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return _flags.parse(FLAGS, argv, "cpu_flags", __doc__)
 
 
 # ---------------------------------------------------------------- worker side

@@ -25,7 +25,6 @@ than a float32 FMA.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import tempfile
@@ -33,14 +32,15 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dirac_jax import data, fold, quantize, torch_reference
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 from dirac_jax.bench.fold_latency import random_variables
 from dirac_jax.formats import onnx_graph
 from dirac_jax.models import get_model
 
-__all__ = ["INT8_FEATURES", "cpu_int8_features", "main", "report", "run"]
+__all__ = ["INT8_FEATURES", "cpu_int8_features", "main", "options", "report", "run"]
 
 # /proc/cpuinfo flags that speed up int8 dot products on x86.
 INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
@@ -61,27 +61,35 @@ def cpu_int8_features() -> dict[str, bool]:
     return {name: name in flags for name in INT8_FEATURES}
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer("depth", 10, "DiracNet depth.", flag_values=FLAGS)
+flags.DEFINE_float("width", 2.0, "Width multiplier k.", flag_values=FLAGS)
+flags.DEFINE_list("batches", ["1", "64"], "Batch sizes, comma-separated.", flag_values=FLAGS)
+flags.register_validator(
+    "batches",
+    lambda v: all(b.isdigit() and int(b) >= 1 for b in v),
+    "--batches takes batch sizes >= 1, comma-separated.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "repeats", 30, "Timed rounds per batch size.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer("warmup", 2, "Untimed calls per candidate.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer(
+    "calibration_images", 64, "INT8 calibration images.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_bool("no_torch", False, "Leave the PyTorch reference out.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and images.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.bench deploy",
-        description="Latency of a DiracNet unfolded, folded, float32 ONNX and INT8 ONNX (CPU).",
-    )
-    p.add_argument("--depth", type=int, default=10)
-    p.add_argument("--width", type=float, default=2.0)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds per batch size.")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--calibration-images", type=int, default=64)
-    p.add_argument("--no-torch", action="store_true", help="leave the PyTorch reference out.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
-    args = p.parse_args(argv)
-    for flag in ("repeats", "warmup", "calibration_images"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
-    if min(args.batches) < 1:
-        p.error(f"--batches must be >= 1, got {args.batches}.")
-    return args
+    return _flags.parse(FLAGS, argv, "deploy", __doc__)
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def _session(path_or_bytes):
@@ -133,7 +141,7 @@ def run(args) -> dict:
     results = {"environment": _timing.environment(), "cpu_int8": cpu_int8_features()}
     results["config"] = vars(args)
     results["batches"] = {}
-    for batch in args.batches:
+    for batch in map(int, args.batches):
         images = rng.integers(0, 256, (batch, *size), dtype=np.uint8)
         candidates = {
             "JAX unfolded": functools.partial(unfolded, variables, images),

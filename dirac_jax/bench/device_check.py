@@ -32,7 +32,6 @@ a JAX compilation cache, so the profile reuses the bf16 step compiled in 3.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -51,6 +50,10 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+
+from absl import flags
+
+from dirac_jax.bench import _flags
 
 __all__ = ["SECTIONS", "Section", "main", "render", "run_sections"]
 
@@ -358,26 +361,13 @@ def _train_section(smoke: bool, out: pathlib.Path, half: bool) -> dict:
     from dirac_jax.bench import train as bench_train
 
     if smoke:  # torch.compile on the CPU takes minutes: eager and channels_last only.
-        argv = [
-            "--depth",
-            "10",
-            "--width",
-            "0.25",
-            "--batch",
-            "8",
-            "--repeats",
-            "2",
-            "--warmup",
-            "1",
-            "--torch-variants",
-            "eager",
-            "channels_last",
-        ]
+        shape = dict(depth=10, width=0.25, batch=8, repeats=2, warmup=1)
+        shape["torch_variants"] = ["eager", "channels_last"]
     else:
-        argv = ["--depth", "28", "--width", "10", "--batch", "128", "--repeats", "20"]
-    if half:  # bf16 is the shortest step, so its input share bounds float32's.
-        argv += ["--half-precision", "--input-share"]
-    results = bench_train.run(bench_train._parse(argv))
+        shape = dict(depth=28, width=10.0, batch=128, repeats=20)
+    # bf16 is the shortest step, so its input share bounds float32's.
+    args = bench_train.options(**shape, half_precision=half, input_share=half)
+    results = bench_train.run(args)
     dirac = next(k for k in results["stats"] if k.endswith("(JAX)") and k.startswith("DiracNet"))
     parts = [f"DiracNet {results['stats'][dirac]['images_per_s']:.0f} img/s"]
     if dirac in results["mfu"]:
@@ -410,8 +400,7 @@ def _imagenet_section(smoke: bool, out: pathlib.Path) -> dict:
     labels = jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), sharded)
     candidates, flops, params = {}, {}, {}
     for depth in depths:
-        shape = argparse.Namespace(depth=depth, width=width, batch=batch, half_precision=True)
-        config = bench_train._config("diracnet", shape)
+        config = bench_train.config_for("diracnet", depth, width, batch, half_precision=True)
         config.model.stem = "imagenet"
         config.dataset.name = "imagenet"
         lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000)
@@ -422,7 +411,7 @@ def _imagenet_section(smoke: bool, out: pathlib.Path) -> dict:
         train_fn, _ = steps.compile_steps(config, mesh, lr_fn, "imagenet", in_memory=False)
         batch_ = {"image": images, "label": labels}
         name = f"DiracNet-{depth}{'' if width == 1 else f'-{width:g}'} (JAX, bf16)"
-        flops[name] = bench_train._flops(train_fn.lower(state, batch_))
+        flops[name] = bench_train.lowered_flops(train_fn.lower(state, batch_))
         params[name] = sum(x.size for x in jax.tree.leaves(state.params))
         candidates[name] = _closure_step(train_fn, state, batch_)
     compile_s = {k: _timing.warm_up(c, 2) for k, c in candidates.items()}
@@ -499,12 +488,12 @@ def _closure_step(train_fn, state, batch):
 def _deploy_section(smoke: bool, out: pathlib.Path) -> dict:
     from dirac_jax.bench import fold_latency
 
-    shape = ["--depth", "10", "--width", "0.25"] if smoke else ["--depth", "28", "--width", "10"]
+    shape = dict(depth=10, width=0.25) if smoke else dict(depth=28, width=10.0)
     runs = [(1, 2, 2), (8, 2, 2)] if smoke else [(1, 30, 3), (256, 10, 2)]
     results, parts, markdown = {}, [], []
     for batch, repeats, warmup in runs:
-        argv = [*shape, "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)]
-        r = fold_latency.run(fold_latency._parse(argv))
+        args = fold_latency.options(**shape, batch=batch, repeats=repeats, warmup=warmup)
+        r = fold_latency.run(args)
         results[f"batch {batch}"] = r
         markdown += [f"Batch {batch}:", "", fold_latency.report(r), ""]
         for key in ("folded / unfolded DiracNet", "folded DiracNet / plain (BN at eval)"):
@@ -518,13 +507,9 @@ def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
     from dirac_jax.bench import _timing
     from dirac_jax.bench import train as bench_train
 
-    shape = (
-        ["--depth", "10", "--width", "0.25", "--batch", "8"]
-        if smoke
-        else ["--depth", "28", "--width", "10", "--batch", "128"]
-    )
+    shape = dict(depth=10, width=0.25, batch=8) if smoke else dict(depth=28, width=10.0, batch=128)
     steps = 2 if smoke else 5
-    args = bench_train._parse([*shape, "--half-precision", "--no-torch"])
+    args = bench_train.options(**shape, half_precision=True, no_torch=True)
     mesh = sharding.make_mesh()
     ds = data.load("cifar10", source="synthetic", synthetic_size=max(args.batch, 512))
     arrays = sharding.put_replicated(mesh, data.prepare(ds))
@@ -533,7 +518,7 @@ def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
     target = out / "profile.tar.gz"
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        bench_train._profile(step, tmp, steps)
+        bench_train.profile(step, tmp, steps)
         traced_s = time.perf_counter() - start
         files = sorted(str(p.relative_to(tmp)) for p in pathlib.Path(tmp).rglob("*") if p.is_file())
         with tarfile.open(target, "w:gz") as tar:
@@ -629,7 +614,7 @@ def _run_child(section, smoke, out, env, timeout, log) -> tuple[str, float, dict
             sys.executable,
             "-m",
             "dirac_jax.bench.device_check",
-            "--run-section",
+            "--run_section",
             section.name,
             "--result",
             str(result_path),
@@ -757,57 +742,64 @@ def run_sections(
     return report
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`bench._flags`)
+flags.DEFINE_string("out", "device_check", "Report folder.", flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "Tiny sizes, on the CPU.", flag_values=FLAGS)
+flags.DEFINE_float(
+    "budget",
+    None,
+    f"Seconds for all sections together (default {DEFAULT_BUDGET_S:.0f}; "
+    f"{SMOKE_BUDGET_S:.0f} with --smoke).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_list(
+    "sections",
+    list(_BY_NAME),
+    "Run only these sections, comma-separated (in the fixed order).",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "sections",
+    lambda v: set(v) <= set(_BY_NAME),
+    f"--sections takes some of {','.join(_BY_NAME)}.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_multi_string(
+    "box",
+    [],
+    "SECTION=SECONDS: replace a section's time box (repeatable), e.g. --box=train_bfloat16=200.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "run_section", None, list(_BY_NAME), "Internal: run this one section.", flag_values=FLAGS
+)
+flags.DEFINE_string("result", None, "Internal: where --run_section writes.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.bench device_check",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", default="device_check", help="report folder (default ./device_check).")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, on the CPU.")
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help=f"seconds for all sections together (default {DEFAULT_BUDGET_S:.0f}; "
-        f"{SMOKE_BUDGET_S:.0f} with --smoke).",
-    )
-    p.add_argument(
-        "--sections",
-        nargs="+",
-        choices=list(_BY_NAME),
-        default=list(_BY_NAME),
-        help="run only these sections (in the fixed order).",
-    )
-    p.add_argument(
-        "--box",
-        action="append",
-        default=[],
-        metavar="SECTION=SECONDS",
-        help="replace a section's time box (repeatable), e.g. --box train_bfloat16=200.",
-    )
-    p.add_argument("--run-section", choices=list(_BY_NAME), help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = _flags.parse(FLAGS, argv, "device_check", __doc__)
+    prog = "python -m dirac_jax.bench device_check"
     boxes = {}
     for item in args.box:
         name, _, seconds = item.partition("=")
         try:
             boxes[name] = float(seconds)
         except ValueError:
-            p.error(f"--box wants SECTION=SECONDS, got {item!r}.")
+            _flags.usage_error(prog, f"--box wants SECTION=SECONDS, got {item!r}.")
         if name not in _BY_NAME or boxes[name] <= 0:
-            p.error(f"--box {item!r}: the section is one of {', '.join(_BY_NAME)}, seconds > 0.")
+            _flags.usage_error(
+                prog, f"--box {item!r}: the section is one of {', '.join(_BY_NAME)}, seconds > 0."
+            )
     args.box = boxes
     if args.budget is None:
         args.budget = SMOKE_BUDGET_S if args.smoke else DEFAULT_BUDGET_S
     if args.budget <= 0:
-        p.error(f"--budget must be > 0, got {args.budget}.")
+        _flags.usage_error(prog, f"--budget must be > 0, got {args.budget}.")
     return args
 
 
 def main(argv=None) -> int:
-    """Runs the sections (or, with the internal `--run-section`, one of them)."""
+    """Runs the sections (or, with the internal `--run_section`, one of them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     out = pathlib.Path(args.out).resolve()

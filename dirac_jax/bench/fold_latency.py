@@ -21,20 +21,22 @@ is ratios of medians from this one run, plus absolute milliseconds for context.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 from dirac_jax.fold import apply_folded, fold, num_params
 from dirac_jax.models import count_params, get_model
 
 __all__ = [
     "main",
+    "options",
     "matching_resnet",
     "param_count",
     "random_variables",
@@ -113,28 +115,32 @@ def matching_resnet(stem: str, depth: int, target: int, images, num_classes: int
     return label, model, param_count(model, images)
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer("depth", 28, "DiracNet depth.", flag_values=FLAGS)
+flags.DEFINE_float("width", 1.0, "Width multiplier k.", flag_values=FLAGS)
+flags.DEFINE_enum("stem", "cifar", ("cifar", "imagenet"), "Network stem.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "image_size",
+    None,
+    "Image size (default 32 for cifar, 224 for imagenet).",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("batch", 64, "Batch size.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("num_classes", 10, "Classes.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 50, "Timed rounds.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed calls per candidate.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and images.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.bench fold_latency",
-        description="Eval latency of folded vs unfolded DiracNet, plain net and ResNet (CPU, jit).",
-    )
-    p.add_argument("--depth", type=int, default=28, help="DiracNet depth (default 28).")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier k (default 1).")
-    p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar")
-    p.add_argument("--image-size", type=int, default=None, help="default 32 (cifar), 224.")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=50, help="timed rounds (default 50).")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
-    args = p.parse_args(argv)
-    if args.image_size is None:
-        args.image_size = 32 if args.stem == "cifar" else 224
-    for flag in ("batch", "repeats", "warmup", "image_size", "num_classes"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
-    return args
+    return _flags.parse(FLAGS, argv, "fold_latency", __doc__)
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def _eval_fn(model):
@@ -143,6 +149,9 @@ def _eval_fn(model):
 
 def run(args) -> dict:
     """Builds the candidates, checks the folds, times them; returns the results dict."""
+    if args.image_size is None:  # the stem's own size
+        size = 32 if args.stem == "cifar" else 224
+        args = types.SimpleNamespace(**{**vars(args), "image_size": size})
     kw = dict(depth=args.depth, width=args.width, num_classes=args.num_classes, stem=args.stem)
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, args.image_size, args.image_size, 3)

@@ -19,29 +19,42 @@ order over the rounds; the ratios are of per-round throughputs.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import time
 
 import numpy as np
+from absl import flags
 
 from dirac_jax import input_pipeline
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 
-__all__ = ["main", "report", "run", "synthetic_jpegs"]
+__all__ = ["main", "options", "report", "run", "synthetic_jpegs"]
+
+
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer(
+    "size", 224, "Crop size (dataset.image_size).", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer("images", 64, "Distinct synthetic JPEGs.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer(
+    "batch", 32, "Host batch of the Grain pipeline.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "batches", 24, "Batches per timed Grain run.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_string("workers", "0,1,2", "Grain worker counts to compare.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Timed rounds.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench input", description=__doc__)
-    p.add_argument("--size", type=int, default=224, help="crop size (dataset.image_size).")
-    p.add_argument("--images", type=int, default=64, help="distinct synthetic JPEGs.")
-    p.add_argument("--batch", type=int, default=32, help="host batch of the Grain pipeline.")
-    p.add_argument("--batches", type=int, default=24, help="batches per timed Grain run.")
-    p.add_argument("--workers", default="0,1,2", help="Grain worker counts to compare.")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds.")
-    p.add_argument("--json", help="also write the results to this JSON file.")
-    return p.parse_args(argv)
+    return _flags.parse(FLAGS, argv, "input", __doc__)
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def synthetic_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0):

@@ -23,18 +23,18 @@ Dirac layer the share of the `W` taps that int8 rounds to zero (`quantize.zero_t
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dirac_jax import config_schema, data, export, fold, quantize, workdir
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 
-__all__ = ["SETUPS", "main", "measure_workdir", "report", "run"]
+__all__ = ["SETUPS", "main", "options", "measure_workdir", "report", "run"]
 
 # (activations, calibration) of every candidate graph: plain post-training quantization,
 # then the export default.
@@ -127,25 +127,35 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
     return result
 
 
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_list("workdirs", None, "Training workdirs, comma-separated.", flag_values=FLAGS)
+flags.mark_flag_as_required("workdirs", flag_values=FLAGS)
+flags.DEFINE_list(
+    "calibrations",
+    [],
+    "More activation range rules to measure with int8 activations, comma-separated "
+    f"(of {', '.join(quantize.CALIBRATIONS)}).",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "calibrations",
+    lambda v: set(v) <= set(quantize.CALIBRATIONS),
+    f"--calibrations takes some of {','.join(quantize.CALIBRATIONS)}.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "calibration_images", 512, "Calibration images.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m dirac_jax.bench int8",
-        description="INT8 (onnxruntime QDQ) vs float32 of trained chain runs, on the test split.",
-    )
-    p.add_argument("--workdirs", nargs="+", required=True, help="training workdirs.")
-    p.add_argument(
-        "--calibrations",
-        nargs="*",
-        default=[],
-        choices=quantize.CALIBRATIONS,
-        help="more activation range rules to measure with int8 activations.",
-    )
-    p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON.")
-    args = p.parse_args(argv)
-    if args.calibration_images < 1:
-        p.error(f"--calibration-images must be >= 1, got {args.calibration_images}.")
-    return args
+    return _flags.parse(FLAGS, argv, "int8", __doc__)
+
+
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
 
 
 def run(args) -> dict:

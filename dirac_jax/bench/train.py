@@ -11,10 +11,10 @@ reports, from one run:
   is <= 1.05);
 * with torch installed, the same step of a PyTorch transcription of the reference
   model (`dirac_jax.torch_reference`), same shapes and batch, in the variants a PyTorch
-  user would pick (`--torch-variants`): eager NCHW, `channels_last`, and
-  `channels_last` + `torch.compile`; with `--half-precision` every PyTorch variant
+  user would pick (`--torch_variants`): eager NCHW, `channels_last`, and
+  `channels_last` + `torch.compile`; with `--half_precision` every PyTorch variant
   runs under `torch.autocast` bfloat16, as the JAX side computes in bfloat16;
-* with `--input-share`, the DiracNet step without augmentation, so the share of
+* with `--input_share`, the DiracNet step without augmentation, so the share of
   the step spent in the device-resident input pipeline (gather, reflect-pad, crop,
   flip) is `1 - off / on`;
 * the model FLOPs per step (XLA's cost analysis of the lowered step, before
@@ -24,7 +24,7 @@ reports, from one run:
 In float32 the MFU is taken against the peak of the math the convolutions may
 use: at the default precision XLA (and cuDNN, for PyTorch) may run float32
 convolutions on TF32 tensor cores, so the TF32 peak applies; with
-`--fp32-precision highest` (or `NVIDIA_TF32_OVERRIDE=0`) they run in full
+`--fp32_precision=highest` (or `NVIDIA_TF32_OVERRIDE=0`) they run in full
 float32, so the plain float32 peak applies.
 
 The candidates are warmed up and then timed round-robin (`_timing`), so the ratios
@@ -35,20 +35,25 @@ with TensorBoard's profile plugin or Perfetto).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from dirac_jax import config_schema, data, optim, sharding, steps
-from dirac_jax.bench import _timing
+from dirac_jax.bench import _flags, _timing
 
 __all__ = [
     "PEAK_TFLOPS",
+    "config_for",
+    "jax_candidate",
+    "lowered_flops",
     "main",
+    "options",
+    "profile",
     "report",
     "run",
 ]
@@ -90,51 +95,66 @@ def peak_mode(half_precision: bool, fp32_precision: str, environ=os.environ) -> 
     return "float32_default"
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench train", description=__doc__)
-    p.add_argument("--depth", type=int, default=16, help="DiracNet depth, 6n+4.")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier k.")
-    p.add_argument("--batch", type=int, default=64, help="global batch size.")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds.")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate.")
-    p.add_argument(
-        "--half-precision",
-        action="store_true",
-        help="bf16 compute with f32 params (JAX), torch.autocast bf16 (PyTorch).",
-    )
-    p.add_argument(
-        "--fp32-precision",
-        choices=("default", "highest"),
-        default="default",
-        help="float32 conv math: 'default' lets XLA and cuDNN use TF32 tensor cores; "
-        "'highest' forces full float32 in both (and the float32 peak for MFU).",
-    )
-    p.add_argument("--no-torch", action="store_true", help="skip every PyTorch candidate.")
-    p.add_argument(
-        "--torch-variants",
-        nargs="+",
-        choices=TORCH_VARIANTS,
-        default=list(TORCH_VARIANTS),
-        help="PyTorch candidates: eager NCHW, channels_last, channels_last + torch.compile.",
-    )
-    p.add_argument(
-        "--input-share",
-        action="store_true",
-        help="also time DiracNet without augmentation: the input pipeline's share of a step.",
-    )
-    p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace to DIR.")
-    p.add_argument("--profile-steps", type=int, default=5, help="DiracNet steps to trace.")
-    p.add_argument("--json", help="also write the results to this JSON file.")
-    return p.parse_args(argv)
+FLAGS = flags.FlagValues()  # this suite's own (`_flags`)
+flags.DEFINE_integer("depth", 16, "DiracNet depth, 6n+4.", flag_values=FLAGS)
+flags.DEFINE_float("width", 1.0, "Width multiplier k.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 64, "Global batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 20, "Timed rounds.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "Untimed calls per candidate.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "half_precision",
+    False,
+    "bf16 compute with f32 params (JAX), torch.autocast bf16 (PyTorch).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "fp32_precision",
+    "default",
+    ("default", "highest"),
+    "float32 conv math: 'default' lets XLA and cuDNN use TF32 tensor cores; "
+    "'highest' forces full float32 in both (and the float32 peak for MFU).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool("no_torch", False, "Skip every PyTorch candidate.", flag_values=FLAGS)
+flags.DEFINE_list(
+    "torch_variants",
+    list(TORCH_VARIANTS),
+    "PyTorch candidates, comma-separated: eager (NCHW), channels_last, compile "
+    "(channels_last + torch.compile).",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "torch_variants",
+    lambda v: set(v) <= set(TORCH_VARIANTS),
+    f"--torch_variants takes some of {','.join(TORCH_VARIANTS)}.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "input_share",
+    False,
+    "Also time DiracNet without augmentation: the input pipeline's share of a step.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("profile", None, "Write a jax.profiler trace to this DIR.", flag_values=FLAGS)
+flags.DEFINE_integer("profile_steps", 5, "DiracNet steps to trace.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
 
 
-def _config(name: str, args, augment: bool = True) -> ml_collections.ConfigDict:
+def options(**values):
+    """This suite's options (`run`'s argument) at the flags' defaults, with `values` set."""
+    return _flags.options(FLAGS, **values)
+
+
+def config_for(
+    name: str, depth: int, width: float, batch: int, half_precision: bool, augment: bool = True
+) -> ml_collections.ConfigDict:
+    """The training config of a timed model: synthetic CIFAR-10 and the paper's SGD recipe."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"name": name, "depth": args.depth, "width": args.width})
+    c.model = ml_collections.ConfigDict({"name": name, "depth": depth, "width": width})
     c.dataset = ml_collections.ConfigDict(
         {"name": "cifar10", "source": "synthetic", "data_dir": None}
     )
-    c.batch_size = args.batch
+    c.batch_size = batch
     c.num_epochs = 1
     c.num_train_steps = 1000
     c.learning_rate = 0.1
@@ -143,12 +163,12 @@ def _config(name: str, args, augment: bool = True) -> ml_collections.ConfigDict:
     c.lr_boundaries = (0.3, 0.6, 0.8)
     c.lr_decay = 0.2
     c.seed = 0
-    c.half_precision = args.half_precision
+    c.half_precision = half_precision
     c.augment = augment
     return c
 
 
-def _flops(lowered) -> float | None:
+def lowered_flops(lowered) -> float | None:
     """XLA's FLOP count of a lowered (unpartitioned, so global) program, if available."""
     try:
         cost = lowered.cost_analysis()
@@ -165,7 +185,7 @@ def jax_candidate(name: str, args, mesh, arrays, augment: bool = True):
       `(step, num_params, flops, lowered)`: `step()` runs a step and returns its
       loss (a device array); `lowered` is the step's `jax.stages.Lowered`.
     """
-    config = _config(name, args, augment)
+    config = config_for(name, args.depth, args.width, args.batch, args.half_precision, augment)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1000)
     model = config_schema.create_model(config, num_classes=10)
     state = steps.create_train_state(
@@ -184,7 +204,7 @@ def jax_candidate(name: str, args, mesh, arrays, augment: bool = True):
         return metrics["loss"]
 
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    return step, num_params, _flops(lowered), lowered
+    return step, num_params, lowered_flops(lowered), lowered
 
 
 def _torch_candidates(args) -> tuple[dict, dict, dict]:
@@ -197,7 +217,7 @@ def _torch_candidates(args) -> tuple[dict, dict, dict]:
     from dirac_jax.torch_reference import synthetic_train_step
 
     # PyTorch's own defaults are TF32 convolutions and full float32 matmuls; set both
-    # as the JAX side runs (`--fp32-precision`). The bench owns its process.
+    # as the JAX side runs (`--fp32_precision`). The bench owns its process.
     tf32 = args.fp32_precision == "default"
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -242,7 +262,7 @@ def _warm_up_all(candidates: dict, warmup: int, optional: set) -> tuple[dict, di
     return compile_s, skipped
 
 
-def _profile(step, directory: str, steps: int) -> None:
+def profile(step, directory: str, steps: int) -> None:
     """A `jax.profiler` trace of `steps` calls of `step`, each annotated as a train step."""
     with jax.profiler.trace(directory):
         for i in range(steps):
@@ -253,10 +273,10 @@ def _profile(step, directory: str, steps: int) -> None:
 def run(args) -> dict:
     if args.batch % jax.device_count():
         raise ValueError(
-            f"--batch {args.batch} must be divisible by the {jax.device_count()} devices."
+            f"--batch={args.batch} must be divisible by the {jax.device_count()} devices."
         )
     if args.profile_steps < 1:
-        raise ValueError(f"--profile-steps must be >= 1, got {args.profile_steps}.")
+        raise ValueError(f"--profile_steps must be >= 1, got {args.profile_steps}.")
     # The precision is read when the steps are traced, inside `_run`.
     precision = "highest" if args.fp32_precision == "highest" else None
     with jax.default_matmul_precision(precision):
@@ -316,7 +336,7 @@ def _run(args) -> dict:
             achieved = f / (stats[k]["median_ms"] / 1e3) / 1e12
             mfu[k] = achieved / (peak * env["device_count"])
     if args.profile:
-        _profile(candidates[dirac_name], args.profile, args.profile_steps)
+        profile(candidates[dirac_name], args.profile, args.profile_steps)
     return {
         "environment": env,
         "args": vars(args),
@@ -385,4 +405,4 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> int:
     """Runs the benchmark, prints a markdown report; `--json PATH` also writes the results."""
-    return _timing.cli(argv, _parse, run, report)
+    return _timing.cli(argv, lambda a: _flags.parse(FLAGS, a, "train", __doc__), run, report)
