@@ -26,7 +26,7 @@ step costs less, so the control / plain ratio is the floor of the compile-time
 overhead on the machine at hand, and DiracNet / control what the Dirac
 computation adds above that floor.
 
-`--programs grad train` also measures the program users compile: the trainer's
+`--programs=grad,train` also measures the program users compile: the trainer's
 own jitted step (`steps.compile_steps`: forward, backward, SGD with momentum and
 weight decay, BN statistics, metrics), lowered with an abstract state and batch.
 """

@@ -1,4 +1,4 @@
-"""INT8 fidelity of trained runs: `python -m dirac_jax.bench int8 --workdirs W [W ...]`.
+"""INT8 fidelity of trained runs: `python -m dirac_jax.bench int8 --workdirs=W[,W...]`.
 
 For each training workdir (a chain: DiracNet, its plain twin, MobileNet) this
 writes the float32 ONNX export and INT8 versions of it (onnxruntime
