@@ -157,9 +157,9 @@ def _timing_env():
 
 def test_bench_train_bad_arguments_fail_clearly():
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        bench_train.main(["--batch=6", "--no_torch"])
+        bench_train.main(["--batch=6", "--notorch"])
     with pytest.raises(ValueError, match="--profile_steps"):
-        bench_train.main(["--batch", "8", "--no_torch", "--profile_steps=0"])
+        bench_train.main(["--batch", "8", "--notorch", "--profile_steps=0"])
     with pytest.raises(ValueError, match="--repeats"):
         bench_compile.main(["--repeats", "0"])
 

@@ -78,7 +78,9 @@ flags.DEFINE_integer("warmup", 2, "Untimed calls per candidate.", lower_bound=1,
 flags.DEFINE_integer(
     "calibration_images", 64, "INT8 calibration images.", lower_bound=1, flag_values=FLAGS
 )
-flags.DEFINE_bool("no_torch", False, "Leave the PyTorch reference out.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "torch", True, "Time the PyTorch reference (--notorch leaves it out).", flag_values=FLAGS
+)
 flags.DEFINE_integer("seed", 0, "Seed of the random weights and images.", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
 
@@ -136,7 +138,7 @@ def run(args) -> dict:
             out = f"{tmp}/{len(sessions)}.onnx"
             quantize.quantize_onnx(onnx_graph.to_onnx(net, **side), out, calib)
             sessions[label] = _session(out)
-    torch_call = None if args.no_torch else _torch_candidate(args.depth, args.width)
+    torch_call = _torch_candidate(args.depth, args.width) if args.torch else None
 
     results = {"environment": _timing.environment(), "cpu_int8": cpu_int8_features()}
     results["config"] = vars(args)

@@ -509,7 +509,7 @@ def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
 
     shape = dict(depth=10, width=0.25, batch=8) if smoke else dict(depth=28, width=10.0, batch=128)
     steps = 2 if smoke else 5
-    args = bench_train.options(**shape, half_precision=True, no_torch=True)
+    args = bench_train.options(**shape, half_precision=True, torch=False)
     mesh = sharding.make_mesh()
     ds = data.load("cifar10", source="synthetic", synthetic_size=max(args.batch, 512))
     arrays = sharding.put_replicated(mesh, data.prepare(ds))

@@ -115,7 +115,9 @@ flags.DEFINE_enum(
     "'highest' forces full float32 in both (and the float32 peak for MFU).",
     flag_values=FLAGS,
 )
-flags.DEFINE_bool("no_torch", False, "Skip every PyTorch candidate.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "torch", True, "Time the PyTorch candidates (--notorch skips them).", flag_values=FLAGS
+)
 flags.DEFINE_list(
     "torch_variants",
     list(TORCH_VARIANTS),
@@ -300,7 +302,7 @@ def _run(args) -> dict:
             model, args, mesh, arrays, augment
         )
     torch_info, torch_names = {}, []
-    if not args.no_torch:
+    if args.torch:
         try:
             steps, counts, torch_info = _torch_candidates(args)
         except ImportError:
