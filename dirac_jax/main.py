@@ -69,7 +69,6 @@ config_flags.DEFINE_config_file(
     "NAME[:PRESET] (e.g. cifar_dirac, fashion_mnist_dirac, cifar_wrn_symmetric:soft).",
     lock_config=True,
 )
-flags.mark_flags_as_required(["config"])
 
 
 def default_workdir(config_path: str) -> str:
@@ -129,6 +128,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if flags.FLAGS.config is None:  # checked here, not marked required: one FLAGS per process
+        raise app.UsageError("--config is required: a config file or a shipped config's name.")
     from dirac_jax import config_schema, metrics
     from dirac_jax.workdir import SUMMARY_FILE
 
