@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from dirac_jax.bench import _host_deps, device_check
+from dirac_jax.bench import _host_deps, device_check, device_sections
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_report_keeps_a_cut_off_section_and_its_output():
     assert "tests/test_x.py::test_y PASSED" in text and "| a | b |" in text
     assert "## 1. Environment" in text and "Last output:" in text
     lines = ["tests/test_x.py::test_y[1] PASSED [ 50%]", "noise", "tests/a.py::b FAILED"]
-    assert [(t["test"], t["outcome"]) for t in device_check._verbose_results(lines)] == [
+    assert [(t["test"], t["outcome"]) for t in device_sections._verbose_results(lines)] == [
         ("test_x::test_y[1]", "passed"),
         ("a::b", "failed"),
     ]

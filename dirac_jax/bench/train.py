@@ -150,7 +150,11 @@ def options(**values):
 def config_for(
     name: str, depth: int, width: float, batch: int, half_precision: bool, augment: bool = True
 ) -> ml_collections.ConfigDict:
-    """The training config of a timed model: synthetic CIFAR-10 and the paper's SGD recipe."""
+    """The training config of a timed model: synthetic CIFAR-10 and the paper's SGD recipe.
+
+    The schema's defaults are filled in (`config_schema.with_defaults`), as
+    `optim` and `steps` expect; the device checks of validation are left out.
+    """
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict({"name": name, "depth": depth, "width": width})
     c.dataset = ml_collections.ConfigDict(
@@ -167,7 +171,7 @@ def config_for(
     c.seed = 0
     c.half_precision = half_precision
     c.augment = augment
-    return c
+    return config_schema.with_defaults(c)  # what `optim` and `steps` read, without validation
 
 
 def lowered_flops(lowered) -> float | None:
