@@ -46,8 +46,6 @@ Example (the training loop's use)::
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
 import os
 import signal
 import threading
@@ -63,29 +61,26 @@ from dirac_jax import data
 from dirac_jax.sharding import process_rows, put_replicated, shard_batch
 
 __all__ = [
-    "EVAL_RESIZE_RATIO",
+    "READ_THREADS",
+    "EvalBatchMaker",
+    "TrainBatchMaker",
+    "close_iterator",
+    "grain_iterator",
     "STREAMED_DATASETS",
     "InMemoryInput",
     "Input",
     "StreamedInput",
     "TrainBatches",
     "create_input",
-    "eval_image",
-    "example_rng",
-    "random_resized_crop_box",
-    "train_image",
 ]
 
 # Datasets too large for the devices' memory: streamed from `data.STREAM_SOURCES`.
 STREAMED_DATASETS = ("imagenet2012",)
 # Eval: resize the shorter side to image_size * 256/224 (256 for 224), centre crop image_size.
-EVAL_RESIZE_RATIO = 256 / 224
 # Inception-style crop (the reference ImageNet recipe): area and aspect-ratio ranges.
-CROP_AREA = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 # Each Grain process (the main one with num_workers=0) decodes with this many threads; PIL
 # releases the GIL while it decodes and resizes, so threads overlap the device step.
-_READ_THREADS = 2
+READ_THREADS = 2
 _READ_BUFFER = 4  # batches a process keeps ready
 # Grain's MapDataset needs a length: more steps than any run takes.
 _MAX_STEPS = 2**40
@@ -229,132 +224,11 @@ class _IndexBatches:
 
 
 # ---------------------------------------------------------------------------
-# Image transforms (NumPy and PIL; they run in Grain's worker processes).
-
-
-def example_rng(seed: int, step: int, row: int) -> np.random.Generator:
-    """The generator of one training example's augmentation: a function of its place only.
-
-    `row` is the example's row in the global batch of `step`, so the crop and
-    flip do not depend on which host or worker decodes it.
-    """
-    return np.random.default_rng([seed, step, row])
-
-
-def random_resized_crop_box(
-    rng: np.random.Generator,
-    width: int,
-    height: int,
-    area: tuple[float, float] = CROP_AREA,
-    ratio: tuple[float, float] = CROP_RATIO,
-    attempts: int = 10,
-) -> tuple[int, int, int, int]:
-    """An Inception-style crop window `(left, top, w, h)` of a `width` x `height` image.
-
-    Up to `attempts` draws of an area fraction uniform in `area` and an aspect
-    ratio log-uniform in `ratio`; the first that fits wins. If none fits, the
-    largest centred window with an aspect ratio inside `ratio` (as torchvision's
-    `RandomResizedCrop`).
-
-    Examples:
-      >>> left, top, w, h = random_resized_crop_box(np.random.default_rng(0), 500, 375)
-      >>> 0 <= left <= 500 - w and 0 <= top <= 375 - h
-      True
-      >>> random_resized_crop_box(np.random.default_rng(0), 1000, 10)  # nothing fits
-      (493, 0, 13, 10)
-    """
-    total = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(attempts):
-        target = total * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, w, h
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _decode_window(encoded: bytes, window, size: int):
-    """The image, decoded at the smallest JPEG scale that keeps `window` >= `size` pixels.
-
-    JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (PIL's `draft`),
-    which is most of the decode cost saved for a small crop of a large photo.
-
-    Returns:
-      `(RGB image, window as (left, top, right, bottom) in its pixels)`.
-    """
-    import PIL.Image
-
-    image = PIL.Image.open(io.BytesIO(encoded))
-    width, height = image.size
-    left, top, w, h = window
-    scale = max(size / w, size / h)
-    if image.format == "JPEG" and scale < 1:
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    sx, sy = image.size[0] / width, image.size[1] / height
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    return image.convert("RGB"), box
-
-
-def train_image(encoded: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Decode, random-resized crop to `size` x `size` (bilinear), random horizontal flip.
-
-    Args:
-      encoded: JPEG or PNG bytes (grey, CMYK and palette images become RGB).
-      rng: the example's generator (`example_rng`).
-      size: output height and width.
-
-    Returns:
-      uint8 array `(size, size, 3)`.
-    """
-    import PIL.Image
-
-    with PIL.Image.open(io.BytesIO(encoded)) as probe:
-        width, height = probe.size
-    window = random_resized_crop_box(rng, width, height)
-    image, box = _decode_window(encoded, window, size)
-    out = np.asarray(image.resize((size, size), PIL.Image.BILINEAR, box=box))
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
-
-
-def eval_image(encoded: bytes, size: int) -> np.ndarray:
-    """Resize the shorter side to `size * 256/224`, then centre crop `size` x `size`.
-
-    Done as one bilinear (antialiased) resample of the centre window of the
-    original image, which is the same geometry as resizing and then cropping,
-    at a fraction of the work.
-
-    Returns:
-      uint8 array `(size, size, 3)`.
-    """
-    import PIL.Image
-
-    with PIL.Image.open(io.BytesIO(encoded)) as probe:
-        width, height = probe.size
-    side = min(width, height) * size / (size * EVAL_RESIZE_RATIO)
-    window = ((width - side) / 2, (height - side) / 2, side, side)
-    image, box = _decode_window(encoded, window, size)
-    return np.asarray(image.resize((size, size), PIL.Image.BILINEAR, box=box))
-
-
-# ---------------------------------------------------------------------------
 # Streamed datasets on Grain.
 
 
 @dataclasses.dataclass
-class _TrainBatchMaker:
+class TrainBatchMaker:
     """Step -> this host's rows of that step's global batch (picklable, for Grain workers)."""
 
     source: Any
@@ -385,13 +259,15 @@ class _TrainBatchMaker:
         labels = np.empty(len(self.rows), np.int32)
         for i, row in enumerate(self.rows):
             record = self.source[int(order[offset * self.batch_size + row])]
-            images[i] = train_image(record["image"], example_rng(self.seed, step, int(row)), size)
+            images[i] = data.train_image(
+                record["image"], data.example_rng(self.seed, step, int(row)), size
+            )
             labels[i] = record["label"]
         return {"image": images, "label": labels, "step": np.int64(step)}
 
 
 @dataclasses.dataclass
-class _EvalBatchMaker:
+class EvalBatchMaker:
     """Eval batch index -> this host's rows of it; rows past the split's end are masked."""
 
     source: Any
@@ -407,18 +283,18 @@ class _EvalBatchMaker:
         labels = np.zeros(len(self.rows), np.int32)
         for i in np.flatnonzero(mask):
             record = self.source[int(positions[i])]
-            images[i] = eval_image(record["image"], size)
+            images[i] = data.eval_image(record["image"], size)
             labels[i] = record["label"]
         return {"image": images, "label": labels, "mask": mask}
 
 
-def _grain_iter(maker, start: int, stop: int, num_workers: int):
+def grain_iterator(maker, start: int, stop: int, num_workers: int):
     """A Grain iterator of `maker(i)` for `i` in `[start, stop)`, decoded by `num_workers`."""
     import grain
 
     ds = grain.MapDataset.range(start, stop).map(maker)
     ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
     )
     if num_workers > 0:
         _default_grain_worker_flag()
@@ -515,17 +391,17 @@ class StreamedInput:
         return _StreamBatches(self)
 
     def _train_iter(self, first_step: int):
-        maker = _TrainBatchMaker(
+        maker = TrainBatchMaker(
             self.train_source, self.train_rows, self.seed, self.batch_size, self.image_size
         )
-        return _grain_iter(maker, first_step, _MAX_STEPS, self.num_workers)
+        return grain_iterator(maker, first_step, _MAX_STEPS, self.num_workers)
 
     def eval_batches(self) -> Iterator[tuple]:
-        maker = _EvalBatchMaker(
+        maker = EvalBatchMaker(
             self.test_source, self.eval_rows, self.eval_batch_size, self.image_size
         )
         num_batches = -(-self.num_test // self.eval_batch_size)
-        batches = _grain_iter(maker, 0, num_batches, self.num_workers)
+        batches = grain_iterator(maker, 0, num_batches, self.num_workers)
         try:
             for batch in batches:
                 yield (
@@ -534,17 +410,17 @@ class StreamedInput:
                     ),
                 )
         finally:
-            _close(batches)
+            close_iterator(batches)
 
     def fold_check_images(self, limit: int) -> np.ndarray:
         count = min(limit, self.num_test)
         images = np.stack(
-            [eval_image(self.test_source[i]["image"], self.image_size) for i in range(count)]
+            [data.eval_image(self.test_source[i]["image"], self.image_size) for i in range(count)]
         )
         return np.asarray(data.normalize(images, self.name))
 
 
-def _close(iterator) -> None:
+def close_iterator(iterator) -> None:
     """Stops a Grain iterator's worker processes now, not at garbage collection."""
     close = getattr(iterator, "close", None)
     if close is not None:
@@ -589,7 +465,7 @@ class _StreamBatches:
 
     def close(self) -> None:
         if self._iterator is not None:
-            _close(self._iterator)
+            close_iterator(self._iterator)
             self._iterator = None
 
     def __iter__(self):

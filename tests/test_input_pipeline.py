@@ -123,16 +123,16 @@ def test_random_resized_crop_box_follows_the_inception_ranges():
     rng = np.random.default_rng(0)
     fractions, ratios = [], []
     for _ in range(300):
-        left, top, w, h = input_pipeline.random_resized_crop_box(rng, 400, 300)
+        left, top, w, h = data.random_resized_crop_box(rng, 400, 300)
         assert 0 <= left and left + w <= 400 and 0 <= top and top + h <= 300
         fractions.append(w * h / (400 * 300))
         ratios.append(w / h)
     assert 0.07 < min(fractions) and max(fractions) <= 1.0 and np.ptp(fractions) > 0.5
     assert 0.74 < min(ratios) and max(ratios) < 1.35
     # Same generator state, same box; nothing fits a 50:1 strip: the centred 4:3 fallback.
-    a = input_pipeline.random_resized_crop_box(np.random.default_rng(7), 400, 300)
-    assert a == input_pipeline.random_resized_crop_box(np.random.default_rng(7), 400, 300)
-    assert input_pipeline.random_resized_crop_box(rng, 500, 10) == (243, 0, 13, 10)
+    a = data.random_resized_crop_box(np.random.default_rng(7), 400, 300)
+    assert a == data.random_resized_crop_box(np.random.default_rng(7), 400, 300)
+    assert data.random_resized_crop_box(rng, 500, 10) == (243, 0, 13, 10)
 
 
 def _gradient_image(width, height):
@@ -144,7 +144,7 @@ def _gradient_image(width, height):
 def test_eval_image_is_resize_then_centre_crop():
     image = _gradient_image(300, 200)
     encoded = _image_data.encode_jpeg(image)
-    out = input_pipeline.eval_image(encoded, 56)
+    out = data.eval_image(encoded, 56)
     assert out.shape == (56, 56, 3) and out.dtype == np.uint8
     # The two-step reference: shorter side to 64 (= 56 * 256/224), then the centre 56.
     decoded = PIL.Image.open(io.BytesIO(encoded)).convert("RGB")
@@ -154,15 +154,15 @@ def test_eval_image_is_resize_then_centre_crop():
     # A frame outside the centre crop never shows.
     framed = np.zeros((200, 300, 3), np.uint8)
     framed[:, :60] = framed[:, -60:] = 255
-    assert input_pipeline.eval_image(_image_data.encode_jpeg(framed), 56).max() < 40
+    assert data.eval_image(_image_data.encode_jpeg(framed), 56).max() < 40
 
 
 def test_train_image_is_a_deterministic_crop_and_flip():
     encoded = _image_data.encode_jpeg(_gradient_image(120, 90))
-    outs = [input_pipeline.train_image(encoded, input_pipeline.example_rng(0, 5, r), 32)
+    outs = [data.train_image(encoded, data.example_rng(0, 5, r), 32)
             for r in range(40)]  # fmt: skip
     assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
-    again = input_pipeline.train_image(encoded, input_pipeline.example_rng(0, 5, 3), 32)
+    again = data.train_image(encoded, data.example_rng(0, 5, 3), 32)
     np.testing.assert_array_equal(again, outs[3])
     assert len({_digest(o) for o in outs}) == 40  # every example its own crop
     # The red channel rises left to right; a flipped crop falls.
@@ -197,7 +197,7 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
     assert inputs.num_classes == 4 and inputs.steps_per_epoch == 3
 
     def maker(rows):
-        return input_pipeline._TrainBatchMaker(inputs.train_source, np.asarray(rows), 3, 8, 32)
+        return input_pipeline.TrainBatchMaker(inputs.train_source, np.asarray(rows), 3, 8, 32)
 
     whole, half_a, half_b = maker(range(8)), maker([0, 1, 4, 5]), maker([2, 3, 6, 7])
     for step in (0, 4):  # epochs 0 and 1
@@ -211,7 +211,7 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
     seen = np.concatenate([whole(s)["label"] for s in range(3)])
     assert np.bincount(seen, minlength=4).tolist() == [6, 6, 6, 6]
     reference = [whole(s) for s in range(4)]
-    workers = input_pipeline._grain_iter(whole, 0, 4, num_workers=2)
+    workers = input_pipeline.grain_iterator(whole, 0, 4, num_workers=2)
     for expected in reference:
         got = next(workers)
         assert int(got["step"]) == int(expected["step"])
@@ -227,15 +227,13 @@ def test_global_batches_do_not_depend_on_host_split_or_workers(image_tree):
 def test_streamed_eval_covers_every_image_once(image_tree):
     config = _stream_config(image_tree, eval_batch_size=16)
     inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
-    expected = np.stack(
-        [input_pipeline.eval_image(inputs.test_source[i]["image"], 32) for i in range(12)]
-    )
+    expected = np.stack([data.eval_image(inputs.test_source[i]["image"], 32) for i in range(12)])
     batches = [b for (b,) in inputs.eval_batches()]
     assert len(batches) == 1 and int(np.sum(batches[0]["mask"])) == 12
     np.testing.assert_array_equal(np.asarray(batches[0]["image"])[:12], expected)
     # Two hosts, each with its half of the rows: together every image once.
     makers = [
-        input_pipeline._EvalBatchMaker(inputs.test_source, np.asarray(rows), 8, 32)
+        input_pipeline.EvalBatchMaker(inputs.test_source, np.asarray(rows), 8, 32)
         for rows in ([0, 1, 2, 3], [4, 5, 6, 7])
     ]
     counted = np.zeros(12, int)
@@ -281,7 +279,7 @@ def test_data_position_with_worker_processes(image_tree, tmp_path):
     # (no saved state) starts its iterator at that step and saves where it began.
     config = _stream_config(image_tree, **{"dataset.num_workers": 2})
     inputs = input_pipeline.StreamedInput(config, sharding.make_mesh())
-    maker = input_pipeline._TrainBatchMaker(inputs.train_source, inputs.train_rows, 3, 8, 32)
+    maker = input_pipeline.TrainBatchMaker(inputs.train_source, inputs.train_rows, 3, 8, 32)
     reference = [maker(step)["image"] for step in range(8)]
     mngr = checkpoint.create_manager(tmp_path)
     batches = inputs.train_batches()

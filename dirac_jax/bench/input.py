@@ -26,7 +26,7 @@ import time
 import numpy as np
 from absl import flags
 
-from dirac_jax import input_pipeline
+from dirac_jax import data, input_pipeline
 from dirac_jax.bench import _flags, _timing
 
 __all__ = ["main", "options", "report", "run", "synthetic_jpegs"]
@@ -80,9 +80,9 @@ def run(args) -> dict:
     size = args.size
     per_core = {}
     for name, fn in (
-        ("train transform", lambda r, i: input_pipeline.train_image(
-            r["image"], input_pipeline.example_rng(0, 0, i), size)),
-        ("eval transform", lambda r, i: input_pipeline.eval_image(r["image"], size)),
+        ("train transform", lambda r, i: data.train_image(
+            r["image"], data.example_rng(0, 0, i), size)),
+        ("eval transform", lambda r, i: data.eval_image(r["image"], size)),
     ):  # fmt: skip
         fn(records[0], 0)
         start = time.perf_counter()
@@ -92,7 +92,7 @@ def run(args) -> dict:
         per_core[name] = 2 * len(records) / (time.perf_counter() - start)
 
     workers = [int(w) for w in args.workers.split(",")]
-    maker = input_pipeline._TrainBatchMaker(
+    maker = input_pipeline.TrainBatchMaker(
         records, np.arange(args.batch), seed=0, batch_size=args.batch, image_size=size
     )
     # Worker processes decode in the background, so candidates cannot be interleaved call by
@@ -101,14 +101,14 @@ def run(args) -> dict:
     times = {f"{w} workers": [] for w in workers}
     for r in range(args.repeats):
         for w in workers if r % 2 == 0 else workers[::-1]:
-            iterator = input_pipeline._grain_iter(maker, 0, 1 << 30, num_workers=w)
+            iterator = input_pipeline.grain_iterator(maker, 0, 1 << 30, num_workers=w)
             for _ in range(2 + 2 * max(w, 1)):
                 next(iterator)
             start = time.perf_counter()
             for _ in range(args.batches):
                 next(iterator)
             times[f"{w} workers"].append(time.perf_counter() - start)
-            input_pipeline._close(iterator)
+            input_pipeline.close_iterator(iterator)
     images = args.batch * args.batches
     stats = {}
     for name, t in times.items():
@@ -152,7 +152,7 @@ def report(results: dict) -> str:
             "",
             f"Grain pipeline, host batch {args['batch']}, {args['batches']} batches per run, "
             f"{args['repeats']} rounds (0 workers: "
-            f"{input_pipeline._READ_THREADS} threads in the training process):",
+            f"{input_pipeline.READ_THREADS} threads in the training process):",
             "",
             _timing.markdown_table(["candidate", "images/s", "median ms/run"], rows),
             "",
