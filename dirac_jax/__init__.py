@@ -11,8 +11,12 @@ steps and the fold of one conv and BN), `fold` (trained net to a plain conv
 chain), `formats` (export formats: ONNX, StableHLO, the reference PyTorch
 state dict), `torch_checkpoint` (the authors' PyTorch checkpoints imported),
 `torch_reference` (the reference net in PyTorch, for tests and benchmarks),
-`data` (dataset readers), `input_pipeline` (device-resident and Grain-streamed
-inputs), `train`, `checkpoint`, `metrics`, `workdir` (a finished run),
+`quantize` (INT8 ONNX of a folded net), `data` (dataset readers and
+transforms), `input_pipeline` (device-resident and Grain-streamed inputs),
+`config_schema` (a training config's defaults and validation), `optim` (schedule
+and optimizer), `sharding` (the mesh and placement), `steps` (the jitted train
+and eval steps), `train` (the loop), `checkpoint`, `metrics`, `workdir` (a
+run's files; a finished run), `xla_cpu` (the XLA:CPU flags the commands set),
 `evaluate` and `export` (its command lines), `reproduce` (the papers'
 experiments), `configs` (the training configs, the repository's configs/).
 
@@ -45,6 +49,7 @@ _ENTRY_POINTS = {
 }
 _SUBMODULES = (
     "checkpoint",
+    "config_schema",
     "configs",
     "data",
     "input_pipeline",
@@ -56,12 +61,17 @@ _SUBMODULES = (
     "layers",
     "metrics",
     "models",
+    "optim",
     "param",
+    "quantize",
     "reproduce",
+    "sharding",
+    "steps",
     "torch_checkpoint",
     "torch_reference",
     "train",
     "workdir",
+    "xla_cpu",
 )
 
 __all__ = ["__version__", *sorted(_ENTRY_POINTS), *_SUBMODULES]

@@ -172,3 +172,14 @@ def test_inference_imports_neither_the_trainer_nor_grain(module):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+def test_the_package_lists_every_public_top_level_module():
+    on_disk = {
+        p.stem if p.suffix == ".py" else p.name
+        for p in PACKAGE.iterdir()
+        if not p.name.startswith("_") and (p.suffix == ".py" or (p / "__init__.py").exists())
+    }
+    on_disk -= {"main", "bench"}  # command lines, run with `python -m`
+    missing = on_disk - set(dirac_jax.__all__)
+    assert not missing, f"dirac_jax.__all__ (its _SUBMODULES) misses {sorted(missing)}"
