@@ -183,3 +183,50 @@ def test_the_package_lists_every_public_top_level_module():
     on_disk -= {"main", "bench"}  # command lines, run with `python -m`
     missing = on_disk - set(dirac_jax.__all__)
     assert not missing, f"dirac_jax.__all__ (its _SUBMODULES) misses {sorted(missing)}"
+
+
+def _layout_order() -> list[str]:
+    """The module paths of the README's Layout section, in its order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^- `(dirac_jax/[\w/]+\.py)`", section, flags=re.M)
+
+
+def test_the_readme_layout_lists_exactly_the_tree():
+    listed = _layout_order()
+    on_disk = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    assert set(listed) == on_disk, (
+        f"not in the README's Layout: {sorted(on_disk - set(listed))}; "
+        f"listed but gone: {sorted(set(listed) - on_disk)}"
+    )
+
+
+def test_imports_flow_down_the_layout():
+    # A module imports only modules listed above it (a package counts at its last module).
+    order = {}
+    for i, path in enumerate(_layout_order()):
+        name = _module_name(ROOT / path)
+        order[name] = i
+        parts = name.split(".")
+        for k in range(2, len(parts)):
+            order[".".join(parts[:k])] = i  # a package: where its last module is
+    climbs = []
+    for path in _layout_order():
+        here = _module_name(ROOT / path)
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            targets = []
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module in order | {"dirac_jax": 0}
+            ):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.append(full if full in order else node.module)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name in order]
+            for target in targets:
+                if target in order and order[target] > order[here]:
+                    climbs.append(f"{path}:{node.lineno} imports {target}")
+    assert not climbs, climbs
