@@ -62,22 +62,20 @@ from dirac_jax.sharding import process_rows, put_replicated, shard_batch
 
 __all__ = [
     "READ_THREADS",
-    "EvalBatchMaker",
-    "TrainBatchMaker",
-    "close_iterator",
-    "grain_iterator",
     "STREAMED_DATASETS",
+    "EvalBatchMaker",
     "InMemoryInput",
     "Input",
     "StreamedInput",
+    "TrainBatchMaker",
     "TrainBatches",
+    "close_iterator",
     "create_input",
+    "grain_iterator",
 ]
 
 # Datasets too large for the devices' memory: streamed from `data.STREAM_SOURCES`.
 STREAMED_DATASETS = ("imagenet2012",)
-# Eval: resize the shorter side to image_size * 256/224 (256 for 224), centre crop image_size.
-# Inception-style crop (the reference ImageNet recipe): area and aspect-ratio ranges.
 # Each Grain process (the main one with num_workers=0) decodes with this many threads; PIL
 # releases the GIL while it decodes and resizes, so threads overlap the device step.
 READ_THREADS = 2

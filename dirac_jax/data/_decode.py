@@ -24,7 +24,9 @@ __all__ = [
     "train_image",
 ]
 
+# Eval: resize the shorter side to image_size * 256/224 (256 for 224), centre crop image_size.
 EVAL_RESIZE_RATIO = 256 / 224
+# Inception-style crop (the reference ImageNet recipe): area and aspect-ratio ranges.
 CROP_AREA = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
