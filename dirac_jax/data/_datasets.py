@@ -42,6 +42,7 @@ DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 SOURCES = ("auto", "idx", "cifar_archive", "tfds", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 
+# Native image shapes; `prepare` pads the 28x28 ones to the models' 32x32.
 _SHAPES = {
     "cifar10": (32, 32, 3),
     "cifar100": (32, 32, 3),
@@ -62,6 +63,7 @@ DEFAULT_DATA_DIRS = {
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
+# IDX type codes (third magic byte); multi-byte types are big-endian.
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 _CIFAR_ARCHIVES = {

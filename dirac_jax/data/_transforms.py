@@ -21,6 +21,8 @@ __all__ = [
     "prepare",
 ]
 
+# Per-channel mean/std of the training images, on the [0, 1] scale. CIFAR-100 uses the
+# CIFAR-10 statistics, as the DiracNets reference code does; they differ by < 2/255.
 _CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 _CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 MEAN_STD = {
