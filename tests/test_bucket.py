@@ -21,8 +21,9 @@ from etils import epath
 from test_checkpoint import _check_sigterm_resume, _main, _saved_tree
 from test_train import _finish, _free_port, _train_losses
 
-from dirac_jax import checkpoint, metrics, train, workdir
+from dirac_jax import checkpoint, metrics, train
 from dirac_jax.formats import stablehlo
+from dirac_jax.workdir import CONFIG_FILE, EVAL_FILE, METRICS_FILE, SUMMARY_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_metric_writer_in_a_bucket_rewrites_and_resumes(gcs):
         # Each record is in the bucket when write returns (no append on GCS: a rewrite).
         assert [r["step"] for r in metrics.read_metrics(root)] == list(range(1, step + 1))
     writer.close()
-    assert _names(root) == {workdir.METRICS_FILE}
+    assert _names(root) == {METRICS_FILE}
     # A resume from step 2 drops the later record, as it does locally.
     writer = metrics.MetricWriter(root, start_step=2, tensorboard=False)
     writer.write({"step": 3, "kind": "train", "train_loss": 30.0})
@@ -81,7 +82,7 @@ def test_a_bf16_run_in_a_bucket_then_evaluate_and_export_from_it(gcs, tmp_path):
     assert f"summary in {root}/summary.json" in trained.stdout
     workdir = epath.Path(root)
     names = _names(workdir)
-    for name in (workdir.CONFIG_FILE, workdir.SUMMARY_FILE, workdir.METRICS_FILE, "curves.png",
+    for name in (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, "curves.png",
                  "dirac_scales.png", "checkpoints/6/commit_success.txt"):  # fmt: skip
         assert name in names, sorted(names)
     assert any(n.startswith("events.out.tfevents.") for n in names), sorted(names)
@@ -90,8 +91,8 @@ def test_a_bf16_run_in_a_bucket_then_evaluate_and_export_from_it(gcs, tmp_path):
 
     evaluated = _run("dirac_jax.evaluate", f"--workdir={root}", cwd=cwd)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    result = json.loads((workdir / workdir.EVAL_FILE).read_text())
-    summary = json.loads((workdir / workdir.SUMMARY_FILE).read_text())
+    result = json.loads((workdir / EVAL_FILE).read_text())
+    summary = json.loads((workdir / SUMMARY_FILE).read_text())
     # One metrics function (strict top-k on float32 logits): a bf16 net's ties count alike.
     assert result["unfolded"]["top1"] == summary["test_accuracy"]
     assert result["unfolded"]["top5"] == summary["test_top5_accuracy"]
@@ -182,7 +183,7 @@ def test_two_processes_share_a_bucket_workdir(gcs, image_tree):
     data_dir = step_dir / checkpoint.DATA_ITEM
     data_files = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
-    summary = json.loads((workdir / workdir.SUMMARY_FILE).read_text())
+    summary = json.loads((workdir / SUMMARY_FILE).read_text())
     assert summary["step"] == num_steps and np.isfinite(summary["test_loss"])
     # The state saved by 2 processes of 4 devices is not restored here: orbax refuses a
     # restore onto this process's 8 devices without target shardings (topology mismatch).

@@ -222,7 +222,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     # Poison the loss from now on: the resumed run's first step (step 5) diverges.
     loss = steps.cross_entropy_loss
     monkeypatch.setattr(
-        train, "cross_entropy_loss", lambda logits, labels: loss(logits, labels) * jnp.nan
+        steps, "cross_entropy_loss", lambda logits, labels: loss(logits, labels) * jnp.nan
     )
     with pytest.raises(checkpoint.NonFiniteLossError) as info:
         train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2, log_every_steps=3), tmp_path)
@@ -237,7 +237,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         np.testing.assert_array_equal(a, b)
     assert checkpoint.all_finite(after)
     # And the kept checkpoint resumes: an unpoisoned rerun finishes from it.
-    monkeypatch.setattr(train, "cross_entropy_loss", loss)
+    monkeypatch.setattr(steps, "cross_entropy_loss", loss)
     summary = train.train_and_evaluate(_tiny(8, checkpoint_every_steps=2), tmp_path)
     assert summary["step"] == 8 and np.isfinite(summary["test_loss"])
 

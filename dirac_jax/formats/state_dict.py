@@ -18,7 +18,7 @@ Example:
   >>> table = state_dict.published_table((2, 2), (8, 16), in_channels=3, num_classes=10)
   >>> table["features.conv.weight"], table["features.group1.block0.conv.weight"]
   ((8, 3, 7, 7), (16, 8, 3, 3))
-  >>> state_dict.imagenet_depth((4, 8, 12, 6), "checkpoint")
+  >>> state_dict.imagenet_depth((6, 8, 12, 6), "checkpoint")
   34
 """
 
