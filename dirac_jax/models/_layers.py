@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # PyTorch's BatchNorm defaults (momentum 0.1 = Flax 0.9, eps 1e-5): the reference
-# checkpoints were trained with them, and the fold and interop rely on the same eps.
+# checkpoints were trained with them, and the fold and the checkpoint import rely on the same eps.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
