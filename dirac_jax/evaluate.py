@@ -124,13 +124,13 @@ def _onnx_session(onnx_path):
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError(f"--onnx needs onnxruntime ({e}): pip install 'dirac_jax[onnx]'.") from e
-    path = pathlib.Path(onnx_path)
+    path = _paths.resolve(onnx_path)  # local, or in a bucket: onnxruntime gets the bytes
     if not path.is_file():
         raise FileNotFoundError(
             f"--onnx: no file {path}; write one with python -m dirac_jax.export."
         )
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
         raise ValueError(f"--onnx: onnxruntime cannot load {path}: {e}") from e
 
@@ -246,7 +246,9 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "Images per forward pass, rounded up to a multiple of the devices "
     "(default: the run's eval_batch_size).",
 )
-_ONNX = flags.DEFINE_string("onnx", None, "Also evaluate this exported ONNX model (onnxruntime).")
+_ONNX = flags.DEFINE_string(
+    "onnx", None, "Also evaluate this exported ONNX model (onnxruntime; local or gs://...)."
+)
 
 
 def main(argv) -> None:

@@ -16,6 +16,7 @@ import sys
 import _image_data
 import jax
 import numpy as np
+import onnx
 import pytest
 from etils import epath
 from test_checkpoint import _check_sigterm_resume, _main, _saved_tree
@@ -109,6 +110,21 @@ def test_a_bf16_run_in_a_bucket_then_evaluate_and_export_from_it(gcs, tmp_path):
     assert jax.export.deserialize(bytearray(blob)).platforms == ("cpu", "cuda")
     logits = stablehlo.load_stablehlo(blob)(np.zeros((2, 32, 32, 3), np.uint8))
     assert logits.shape == (2, 10)
+
+    # INT8 deploy into the bucket, then evaluated from there beside the JAX model.
+    int8 = f"{root}/export/model.int8.onnx"
+    quantized = _run(
+        "dirac_jax.export", f"--workdir={root}", "--format=onnx", "--quantize=int8",
+        f"--out={int8}", "--calibration_images=32", cwd=cwd,
+    )  # fmt: skip
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    model = onnx.load_from_string(epath.Path(int8).read_bytes())
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    onnx_eval = _run("dirac_jax.evaluate", f"--workdir={root}", f"--onnx={int8}", cwd=cwd)
+    assert onnx_eval.returncode == 0, onnx_eval.stderr[-3000:]
+    result = json.loads((workdir / EVAL_FILE).read_text())
+    assert result["onnx"]["count"] == summary["num_test_examples"]
+    assert result["onnx"]["file"] == int8 and 0.0 <= result["onnx"]["agree"] <= 1.0
     assert list(cwd.iterdir()) == []
 
 
@@ -152,12 +168,7 @@ def test_two_processes_share_a_bucket_workdir(gcs, image_tree):
     # workers: the same input, fewer processes on a small CPU).
     num_steps, port = 4, _free_port()
     workdir = epath.Path(gcs.root("two"))
-    # No persistent compilation cache, as test_train's two-process run: programs loaded from
-    # one written by an earlier run have failed the first Gloo collective (DEADLINE_EXCEEDED).
-    env = _env(
-        XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_COMPILATION_CACHE="false"
-    )
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     processes = [
         subprocess.Popen(
             _image_data.imagenet_cli(

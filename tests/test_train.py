@@ -280,11 +280,8 @@ def _start_two_processes(tree, workdir, num_steps, sigterm_process_1_after=None)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
-    # No persistent compilation cache: a process that loads its programs from one written by
-    # an earlier two-process run fails its first cross-process collective ("Gloo context
-    # initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out"), here in the rerun.
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    # The session's persistent compilation cache stays set (tests/conftest.py): the command
+    # line turns it off for a multi-process CPU run, and `_finish` checks that it said so.
     envs = [env, dict(env)]
     if sigterm_process_1_after is not None:
         envs[1][train.SIGTERM_TEST_ENV] = str(sigterm_process_1_after)
@@ -313,6 +310,9 @@ def _finish(processes, timeout=300):
     results = [p.communicate(timeout=timeout) for p in processes]
     for p, (out, err) in zip(processes, results, strict=True):
         assert p.returncode == 0, (out + err)[-3000:]
+        # Each process ran without the persistent cache the test session sets: on CPU only
+        # process 0 would load from it, and its early arrival timed out gloo's setup.
+        assert "persistent compilation cache off" in err, err[-3000:]
     return [out for out, _ in results]
 
 
