@@ -67,6 +67,16 @@ SLOW = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--grain-workers",
+        type=int,
+        default=2,
+        help="Grain worker processes of the streamed preemption test (the ImageNet config's "
+        "own is 32: --grain-workers=32 runs it at that, about 5 minutes on 2 cores).",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(fnmatch.fnmatch(item.nodeid, pattern) for pattern in SLOW):

@@ -264,14 +264,19 @@ def test_sigterm_then_rerun_resumes_bit_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_group_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(tmp_path, image_tree):
-    # configs/imagenet_dirac.py end to end on real JPEGs with two Grain worker processes:
-    # the SIGTERM reaches the whole process group (workers included), the input position
-    # (the workers' interleaved iterator state) is saved with the checkpoint, and the
-    # rerun skips a partial step and resumes from the saved one.
+def test_group_sigterm_then_rerun_resumes_bit_exactly_on_streamed_images(
+    tmp_path, image_tree, request
+):
+    # configs/imagenet_dirac.py end to end on real JPEGs with two Grain worker processes
+    # (`pytest --grain-workers=32` for the config's own count): the SIGTERM reaches the
+    # whole process group (workers included), the input position (the workers'
+    # interleaved iterator state) is saved with the checkpoint, and the rerun skips a
+    # partial step and resumes from the saved one.
+    workers = request.config.getoption("--grain-workers")
+
     def command(workdir, num_steps):
         return _image_data.imagenet_cli(
-            image_tree, workdir, num_steps, "--config.dataset.num_workers=2",
+            image_tree, workdir, num_steps, f"--config.dataset.num_workers={workers}",
             "--config.checkpoint_every_steps=5",
         )  # fmt: skip
 
