@@ -165,12 +165,14 @@ def _train(path, name):
     config = fashion_mnist_dirac.get_config()
     config.model.name = name
     config.model.width = 1.0
-    config.num_train_steps = 40
-    config.learning_rate = 0.3
-    config.eval_every_steps = 40
-    config.log_every_steps = 20
+    config.num_train_steps = 60  # the quickstart's lr: trained, not near chance
+    config.eval_every_steps = 60
+    config.log_every_steps = 30
     config.fold_check_images = 0
-    train.train_and_evaluate(config, path)
+    summary = train.train_and_evaluate(config, path)
+    # A net near chance has near-tied logits that any rounding flips: the bars below need
+    # a trained one.
+    assert summary["test_accuracy"] >= 0.7, summary
     return path
 
 
@@ -214,25 +216,35 @@ def test_int8_export_and_evaluate_commands_keep_the_predictions(runs, tmp_path):
     written = json.loads((path / "eval.json").read_text())
     m, folded = written["onnx"], written["folded"]
     assert m["count"] == 10_000 and m["top1"] <= m["top5"]
-    # 40 steps leave small logit margins, so near-ties flip: 0.94 measured, 0.99+ at 250 steps.
-    assert m["agree"] >= 0.9
-    assert abs(m["top1"] - folded["top1"]) <= 0.01
+    # 60 steps (74% top-1) leave near-ties that rounding flips: measured 97.85% agree,
+    # -0.41 points (the plain twin: 97.25%, -0.42); 99%+ after 250 steps (RESULTS.md).
+    assert m["agree"] >= 0.97, m
+    assert abs(m["top1"] - folded["top1"]) <= 0.01, (m, folded)
 
 
 @pytest.mark.slow
 def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
     test = data.load("fashion_mnist", split="test")
     images = np.asarray(test.images[:2000])
-    errors = {}
+    errors, agree = {}, {}
     for name, path in runs.items():
         model, variables, config = export.workdir.load(path)
         float_proto = export.onnx_model(model, variables, config)
         calib = export.calibration_images(config, 256)
         graph = export.onnx_model(model, variables, config, identity_apart=True)
-        out = quantize.quantize_onnx(graph, tmp_path / f"{name}.onnx", calib)
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
         reference = _run(float_proto, images)
-        errors[name] = quantize.logit_error(logits, reference)
-        assert quantize.agreement(logits, reference) >= 0.9  # 0.94 / 0.96 measured at 40 steps
-    assert errors["diracnet"] <= 2 * errors["plain"], errors
+        for per_channel in (True, False):
+            out = quantize.quantize_onnx(
+                graph, tmp_path / f"{name}{per_channel}.onnx", calib, per_channel=per_channel
+            )
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
+            errors[name, per_channel] = quantize.logit_error(logits, reference)
+            agree[name, per_channel] = quantize.agreement(logits, reference)
+    # The bar is the plain twin's (issue 18): measured at 60 steps, per channel / per tensor,
+    # DiracNet 97.9% / 97.1% agree and 3.2% / 2.8% logit error, its twin 97.2% / 97.2% and
+    # 2.6% / 3.4%.
+    for per_channel in (True, False):
+        dirac, plain = ("diracnet", per_channel), ("plain", per_channel)
+        assert agree[dirac] >= min(agree[plain] - 0.005, 0.98), agree
+        assert errors[dirac] <= 2 * errors[plain], errors
