@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dirac_jax import data, input_pipeline, models
+from dirac_jax import data, models
 
 __all__ = [
     "CHAIN_MODELS",
@@ -26,7 +26,6 @@ __all__ = [
     "ConfigError",
     "FOLDABLE_MODELS",
     "FOLD_CHECK_IMAGES",
-    "IMAGENET",
     "LR_SCHEDULES",
     "RESUMABLE_FIELDS",
     "WEIGHT_DECAY_SCOPES",
@@ -38,8 +37,6 @@ __all__ = [
     "validate_config",
     "with_defaults",
 ]
-
-IMAGENET = "imagenet2012"
 
 
 # Chains fold whole (`fold.fold`); residual nets fold their kernels (`fold.fold_kernels`):
@@ -160,7 +157,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     config = with_defaults(config)
     name, source = config.dataset.name, config.dataset.source
-    streamed = input_pipeline.STREAMED_DATASETS
+    streamed = data.STREAMED_DATASETS
     if name not in streamed and name not in data.DATASETS:
         fail(
             f"unknown dataset {name!r} (config.dataset.name); expected one of "

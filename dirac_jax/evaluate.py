@@ -173,7 +173,7 @@ def evaluate_workdir(
     if batch_size is None:
         batch_size = int(config.get("eval_batch_size") or config.batch_size)
     batch_size = batch_for_devices(batch_size, mesh.size)
-    imagenet = config.dataset.name == config_schema.IMAGENET
+    imagenet = config.dataset.name in data.STREAMED_DATASETS
     if imagenet:
         prepare: Callable = lambda x: data.normalize(x, config.dataset.name)
     else:

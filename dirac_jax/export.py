@@ -152,10 +152,10 @@ def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
     """
     if count < 1:
         raise ValueError(f"--calibration_images must be >= 1, got {count}.")
-    if config.dataset.name == config_schema.IMAGENET:
+    if config.dataset.name in data.STREAMED_DATASETS:
         raise ValueError(
             "INT8 export calibrates on the stored training images of the small datasets; "
-            f"{config_schema.IMAGENET} is streamed. Quantize its float32 ONNX export with "
+            f"{config.dataset.name} is streamed. Quantize its float32 ONNX export with "
             "dirac_jax.quantize.quantize_onnx and your own calibration images."
         )
     source = config.dataset.get("source", "auto") or "auto"

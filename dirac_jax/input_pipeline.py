@@ -62,7 +62,6 @@ from dirac_jax.sharding import process_rows, put_replicated, shard_batch
 
 __all__ = [
     "READ_THREADS",
-    "STREAMED_DATASETS",
     "EvalBatchMaker",
     "InMemoryInput",
     "Input",
@@ -74,8 +73,6 @@ __all__ = [
     "grain_iterator",
 ]
 
-# Datasets too large for the devices' memory: streamed from `data.STREAM_SOURCES`.
-STREAMED_DATASETS = ("imagenet2012",)
 # Each Grain process (the main one with num_workers=0) decodes with this many threads; PIL
 # releases the GIL while it decodes and resizes, so threads overlap the device step.
 READ_THREADS = 2
@@ -486,7 +483,7 @@ class _StreamBatches:
 
 
 def create_input(config, mesh: Mesh) -> Input:
-    """`StreamedInput` for the datasets in `STREAMED_DATASETS`, else `InMemoryInput`."""
-    if config.dataset.name in STREAMED_DATASETS:
+    """`StreamedInput` for the datasets in `data.STREAMED_DATASETS`, else `InMemoryInput`."""
+    if config.dataset.name in data.STREAMED_DATASETS:
         return StreamedInput(config, mesh)
     return InMemoryInput(config, mesh)

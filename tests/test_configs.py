@@ -14,7 +14,7 @@ import pathlib
 import _multihost_worker
 import pytest
 
-from dirac_jax import config_schema, input_pipeline, train, workdir
+from dirac_jax import config_schema, data, train, workdir
 from dirac_jax.reproduce import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ NUM_STEPS = 3
 
 def _tiny(config, image_tree) -> set[str]:
     """Shrinks `config` in place; returns the fields it changed."""
-    streamed = config.dataset.name in input_pipeline.STREAMED_DATASETS
+    streamed = config.dataset.name in data.STREAMED_DATASETS
     config.model.width = 0.125 if streamed else 0.25
     config.num_train_steps = NUM_STEPS
     changed = {"model.width", "num_train_steps", "batch_size", "eval_batch_size"}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dirac_jax import config_schema
+from dirac_jax import config_schema, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if not p.stem.startswith("_"))
@@ -38,7 +38,7 @@ def test_config_loads_validates_and_builds(name):
         section, _, leaf = field.rpartition(".")
         assert leaf in (config[section] if section else config), field
     config_schema.validate_config(config)  # 8 devices: every batch size divides
-    imagenet = config.dataset.name == config_schema.IMAGENET
+    imagenet = config.dataset.name in data.STREAMED_DATASETS
     channels = 1 if "mnist" in config.dataset.name else 3
     model = config_schema.create_model(config, 1000 if imagenet else 10)
     shape = (1, 224, 224, 3) if imagenet else (1, 32, 32, channels)

@@ -58,6 +58,7 @@ from dirac_jax.data._decode import (
 from dirac_jax.data._streams import (
     IMAGE_EXTENSIONS,
     STREAM_SOURCES,
+    STREAMED_DATASETS,
     ImageFolder,
     TfdsImages,
     folder_classes,
@@ -83,6 +84,7 @@ __all__ = [
     "MEAN_STD",
     "NUM_CLASSES",
     "SOURCES",
+    "STREAMED_DATASETS",
     "STREAM_SOURCES",
     "ArrayDataset",
     "DataNotFoundError",

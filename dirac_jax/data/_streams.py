@@ -17,6 +17,7 @@ from dirac_jax.data._datasets import DataNotFoundError, tfds_data_source
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "STREAMED_DATASETS",
     "STREAM_SOURCES",
     "ImageFolder",
     "TfdsImages",
@@ -159,6 +160,8 @@ class TfdsImages:
 
 
 STREAM_SOURCES = ("folder", "tfds")
+# Datasets too large for the devices' memory: streamed from one of `STREAM_SOURCES`.
+STREAMED_DATASETS = ("imagenet2012",)
 
 
 def folder_classes(root) -> tuple[str, ...]:
