@@ -241,9 +241,10 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
             logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
             errors[name, per_channel] = quantize.logit_error(logits, reference)
             agree[name, per_channel] = quantize.agreement(logits, reference)
-    # The bar is the plain twin's (issue 18): measured at 60 steps, per channel / per tensor,
-    # DiracNet 97.9% / 97.1% agree and 3.2% / 2.8% logit error, its twin 97.2% / 97.2% and
-    # 2.6% / 3.4%.
+    # The bar is the plain twin's (issue 18): measured at 60 steps on these 2,000 images, per
+    # channel / per tensor, DiracNet 97.9% / 97.1% agree and 3.2% / 2.8% logit error, its twin
+    # 97.2% / 97.2% and 2.6% / 3.4%.
+    assert min(agree.values()) >= 0.96, agree
     for per_channel in (True, False):
         dirac, plain = ("diracnet", per_channel), ("plain", per_channel)
         assert agree[dirac] >= min(agree[plain] - 0.005, 0.98), agree
