@@ -20,8 +20,9 @@ kernels, `fold.fold_kernels`), then written:
   scale per tensor). A
   DiracNet is then folded with its identity kept apart (`fold.fold(...,
   identity_apart=True)`): INT8 conv of `s b W_norm` plus the exact
-  float32 `s a x`, so the identity's tap does not set the weights' int8 step
-  (`dirac_jax.quantize`).
+  float32 `s a x`, so the identity's tap does not set the weights' int8 step,
+  and the block outputs that the identities carry stay float32
+  (`--stream=int8` rounds them too; `dirac_jax.quantize`).
 * `stablehlo` (every foldable net, residual ones too): the same classifier
   serialized with `jax.export`, any batch size
   (`dirac_jax.formats.stablehlo.export_stablehlo`; load with `load_stablehlo`), for the
@@ -177,6 +178,7 @@ def export_workdir(
     per_tensor: bool = False,
     calibration: str = "percentile",
     activations: str = "int8",
+    stream: str = "float",
     platforms: tuple[str, ...] | None = None,
 ) -> os.PathLike:
     """Folds the run in `path` and writes it to `out` in format `fmt`.
@@ -191,6 +193,9 @@ def export_workdir(
       per_tensor: one int8 weight scale per tensor instead of per output channel.
       calibration: the activation range rule, one of `quantize.CALIBRATIONS`.
       activations: the INT8 activations' type, one of `quantize.ACTIVATIONS`.
+      stream: a DiracNet's block outputs, which its identities carry from
+        block to block: float32 (only the convs' inputs and outputs are
+        rounded) or rounded to int8; one of `quantize.STREAMS`.
       platforms: format stablehlo: the `PLATFORMS` the artifact runs on; None:
         this host's backend.
 
@@ -243,6 +248,7 @@ def export_workdir(
             per_channel=not per_tensor,
             calibration=calibration,
             activations=activations,
+            stream=stream,
         )
     if fmt == "onnx":
         out.write_bytes(onnx_model(model, variables, config).SerializeToString())
@@ -280,6 +286,13 @@ _CALIBRATION = flags.DEFINE_enum(
 _ACTIVATIONS = flags.DEFINE_enum(
     "activations", "int8", ("int8", "uint8"), "INT8 activations' type."
 )
+_STREAM = flags.DEFINE_enum(
+    "stream",
+    "float",
+    ("float", "int8"),
+    "INT8 DiracNet: keep the block outputs its identities carry in float32 (only the convs' "
+    "inputs and outputs are rounded), or round them to int8 too.",
+)
 
 
 def main(argv) -> None:
@@ -297,6 +310,7 @@ def main(argv) -> None:
             per_tensor=_PER_TENSOR.value,
             calibration=_CALIBRATION.value,
             activations=_ACTIVATIONS.value,
+            stream=_STREAM.value,
             platforms=_PLATFORMS.value,
         )
 

@@ -9,13 +9,16 @@ to zero (`zero_tap_shares`). A plain net of the same shape has no such outlier.
 
 The deploy path here keeps the identity apart (`fold.fold(...,
 identity_apart=True)`): each Dirac block is an INT8 conv of `s b W_norm`, which
-gets a step of its own, plus the exact per-channel scaled input `s a x` in
-float32 (Gather and Mul, left unquantized), plus the bias. Everything else
-(convs, the classifier, adds, pools) is quantized by onnxruntime's
-`quantize_static` in QDQ format: int8 symmetric weights, int8 activations
-with percentile ranges calibrated on training images. The choice between this
-and quantizing the summed kernel, and of the calibration, was made by
-measurement (RESULTS.md, `python -m dirac_jax.bench int8`).
+gets a step of its own, plus the exact per-channel scaled input `s a x`, plus
+the bias. By default (`stream="float"`) the identity and the Add that joins it
+to the conv stay in float32 and read the block input before it is quantized,
+so the stream of activations that runs from block to block through the
+identities is never rounded: only each conv's input and output are, as in a
+plain net. Everything else (convs, the classifier, pools) is quantized by
+onnxruntime's `quantize_static` in QDQ format: int8 symmetric weights, int8
+activations with percentile ranges calibrated on training images. The choices
+(summed kernel or identity apart; rounded or float stream; the calibration)
+were made by measurement (RESULTS.md, `python -m dirac_jax.bench int8`).
 
 No int8 kernels are written here: onnxruntime computes, calibrates and inserts
 the QuantizeLinear/DequantizeLinear pairs.
@@ -35,6 +38,7 @@ from dirac_jax.formats import onnx_graph
 __all__ = [
     "ACTIVATIONS",
     "CALIBRATIONS",
+    "STREAMS",
     "agreement",
     "logit_error",
     "quantize_onnx",
@@ -43,6 +47,7 @@ __all__ = [
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
+STREAMS = ("float", "int8")
 
 
 def _import_quantization():
@@ -69,7 +74,7 @@ def quantize_onnx(
     calibration: str = "percentile",
     activations: str = "int8",
     reduce_range: bool = False,
-    float_identity: bool = True,
+    stream: str = "float",
     batch_size: int = 64,
 ) -> pathlib.Path:
     """Writes the INT8 (QDQ) version of an exported float32 classifier to `out`.
@@ -98,9 +103,14 @@ def quantize_onnx(
         histogram (`entropy`), or the 0.001th to 99.999th percentile.
       activations: one of `ACTIVATIONS`, the activations' integer type.
       reduce_range: 7-bit weights (for uint8 activations on x86 without VNNI).
-      float_identity: leave the Dirac identity paths (`onnx_graph.IDENTITY_PREFIX`
-        nodes, present when the net was folded with `identity_apart=True`) in
-        float32, so `s a x` is added exactly.
+      stream: one of `STREAMS`, for nets folded with `identity_apart=True`
+        (`onnx_graph.IDENTITY_PREFIX` and `JOIN_PREFIX` nodes; other nets have
+        none and are quantized the same either way). `float`: the identity
+        (Gather, Mul) and its join (Add, and a ReLU or pool after it) stay
+        float32 and read the unrounded block input, so `s a x` is added
+        exactly; only the convs' inputs and outputs are rounded. `int8`: every
+        block output is rounded, like any activation, and the identity's Mul
+        runs in float32 between a DequantizeLinear and a QuantizeLinear.
       batch_size: images per calibration batch.
 
     Returns:
@@ -114,6 +124,8 @@ def quantize_onnx(
         raise ValueError(f"unknown calibration {calibration!r}; expected one of {CALIBRATIONS}.")
     if activations not in ACTIVATIONS:
         raise ValueError(f"unknown activations {activations!r}; expected one of {ACTIVATIONS}.")
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}.")
     images = np.asarray(calibration_images)
     if images.ndim != 4 or len(images) == 0 or images.dtype != np.uint8:
         raise ValueError(
@@ -135,7 +147,10 @@ def quantize_onnx(
         "percentile": q.CalibrationMethod.Percentile,
     }[calibration]
     out = out if hasattr(out, "write_bytes") else pathlib.Path(out)  # a local or bucket path
-    excluded = onnx_graph.identity_nodes(model) if float_identity else []
+    excluded = onnx_graph.identity_nodes(model)
+    if stream == "float":
+        excluded += onnx_graph.join_nodes(model)
+    relu_fed = _relu_fed_identities(model)
     with tempfile.TemporaryDirectory() as tmp:
         # quantize_static writes its shape-inferred copy and calibration model next to the input.
         src, dst = pathlib.Path(tmp) / "float.onnx", pathlib.Path(tmp) / "int8.onnx"
@@ -154,9 +169,54 @@ def quantize_onnx(
             calibration_providers=["CPUExecutionProvider"],
         )
         quantized = onnx_graph.import_onnx().load(str(dst))
+    if stream == "float":
+        _read_unrounded(quantized, relu_fed)
     _compact(quantized)
     out.write_bytes(quantized.SerializeToString())
     return out
+
+
+def _relu_fed_identities(model) -> set[str]:
+    """The identity nodes whose input is a ReLU's output, in the float graph."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return {
+        n.name
+        for n in model.graph.node
+        if n.name.startswith(onnx_graph.IDENTITY_PREFIX)
+        and n.input[0] in producers
+        and producers[n.input[0]].op_type == "Relu"
+    }
+
+
+def _read_unrounded(model, relu_fed: set[str]) -> None:
+    """Points each identity node that reads a QuantizeLinear-DequantizeLinear pair at its input.
+
+    The quantizer gives a tensor one pair and hands its DequantizeLinear to every
+    reader, excluded nodes too, so the identity would add the rounded `x`.
+    Where the quantizer removed the ReLU before the pair (its asymmetric range
+    clips at zero instead), the float tensor is the conv's output before the
+    ReLU; the identity then gets a float ReLU of its own.
+    """
+    helper = onnx_graph.import_onnx().helper
+    producers = {o: n for n in model.graph.node for o in n.output}
+    relus: dict[str, str] = {}  # float source -> its ReLU's output, one per source
+    for node in list(model.graph.node):
+        if not node.name.startswith(onnx_graph.IDENTITY_PREFIX):
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        source = q.input[0]
+        if node.name in relu_fed and producers[source].op_type != "Relu":
+            if source not in relus:
+                relu = helper.make_node("Relu", [source], [f"{source}_float_relu"])
+                model.graph.node.insert(list(model.graph.node).index(node), relu)
+                relus[source] = relu.output[0]
+            source = relus[source]
+        node.input[0] = source
 
 
 def _compact(model) -> None:

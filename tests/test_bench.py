@@ -213,3 +213,77 @@ def test_compile_cases_are_the_goal_shapes():
     assert (
         bench_compile.CASES["cifar"]["depth"] == 28 and bench_compile.CASES["cifar"]["width"] == 10
     )
+
+
+def _int8_run(model, float_top1, rows, depth=10, width=1.0):
+    return {
+        "model": model,
+        "depth": depth,
+        "width": width,
+        "float_top1": float_top1,
+        "rows": rows,
+        "zero_taps": {},
+    }
+
+
+def _int8_row(variant, weights, top1, agree, error):
+    return {
+        "variant": variant,
+        "weights": weights,
+        "activations": "int8",
+        "calibration": "percentile",
+        "top1": top1,
+        "agree": agree,
+        "logit_error": error,
+        "size": 0.27,
+    }
+
+
+def test_bench_int8_report_holds_the_default_to_the_bars():
+    from dirac_jax.bench import int8 as bench_int8
+
+    graph = bench_int8.DEFAULT[0]
+    dirac = _int8_run(
+        "diracnet",
+        0.86,
+        [
+            _int8_row("naive", "per-channel", 0.80, 0.90, 0.3),  # not the default: no bar row
+            _int8_row(graph, "per-channel", 0.859, 0.991, 0.035),  # 1.75x the twin's error
+            _int8_row(graph, "per-tensor", 0.855, 0.990, 0.5),  # no error bar per tensor
+        ],
+    )
+    twin = _int8_run(
+        "plain",
+        0.84,
+        [
+            _int8_row("naive", "per-channel", 0.84, 0.99, 0.02),
+            _int8_row("naive", "per-tensor", 0.84, 0.99, 0.02),
+        ],
+    )
+    lonely = _int8_run("diracnet", 0.86, dirac["rows"], depth=28)  # no twin: no bar rows
+    env = {
+        "jax": "0",
+        "backend": "cpu",
+        "device_kind": "cpu",
+        "device_count": 1,
+        "cpu_count": 2,
+        "cpu_model": "x",
+        "machine": "x86_64",
+        "system": "Linux",
+        "python": "3",
+    }
+    text = bench_int8.report({"environment": env, "runs": [dirac, twin, lonely]})
+    bars = [line for line in text.splitlines() if "(±" in line]
+    assert len(bars) == 2
+    channel, tensor = bars
+    assert "per-channel" in channel and "| -0.10 (±0.2) |" in channel and "| 1.75 |" in channel
+    assert channel.rstrip(" |").endswith("yes")
+    # -0.50 points and 99.0% meet the per-tensor bars (0.5 points, 98.5%).
+    assert "per-tensor" in tensor and tensor.rstrip(" |").endswith("yes")
+    dirac["rows"][1]["agree"] = 0.989  # under 99%: the per-channel bar fails
+    dirac["rows"][2]["top1"] = 0.8549  # 0.51 points: the per-tensor bar fails
+    text = bench_int8.report({"environment": env, "runs": [dirac, twin]})
+    assert [line.rstrip(" |").endswith("**no**") for line in text.splitlines() if "(±" in line] == [
+        True,
+        True,
+    ]

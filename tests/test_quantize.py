@@ -139,6 +139,27 @@ def test_int8_file_is_quantized_and_small(tmp_path):
     muls = [n for n in q.graph.node if n.op_type == "Mul"]
     assert len(muls) == 6
     assert all(inits[m.input[1]].data_type == onnx.TensorProto.FLOAT for m in muls)
+    # The float stream: the identity reads what the float graph's identity reads (a ReLU's
+    # output, never a rounded copy of it) and the join's sum is not rounded.
+    float_producers = {o: n for n in apart.graph.node for o in n.output}
+    float_reads = sorted(
+        float_producers[n.input[0]].op_type
+        for n in apart.graph.node
+        if n.name.startswith(onnx_graph.IDENTITY_PREFIX)
+        and n.op_type in ("Mul", "Gather")
+        and float_producers[n.input[0]].op_type != "Gather"
+    )
+    reads = sorted(
+        producers[n.input[0]].op_type
+        for n in q.graph.node
+        if n.op_type in ("Mul", "Gather") and producers[n.input[0]].op_type != "Gather"
+    )
+    assert reads == float_reads == ["Relu"] * 6
+    joins = [n for n in q.graph.node if n.op_type == "Add"]
+    assert len(joins) == 6
+    consumers = collections.Counter(i for n in q.graph.node for i in n.input)
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert all(j.output[0] not in quantized and consumers[j.output[0]] for j in joins)
     assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert out.stat().st_size <= 0.3 * len(float_proto.SerializeToString())
     # And it computes the float net's function, to int8 precision.
@@ -148,12 +169,34 @@ def test_int8_file_is_quantized_and_small(tmp_path):
     assert quantize.logit_error(logits, _run(float_proto, images)) < 0.05
 
 
+def test_int8_stream_rounds_the_block_outputs(tmp_path):
+    # stream="int8": the identity and the join read and write rounded tensors, as in a graph
+    # quantized throughout; only the identity's Mul computes in float32.
+    model = models.get_model("diracnet", depth=10, width=0.25, num_classes=3)
+    apart = onnx_graph.to_onnx(fold.fold(model, _variables(model), identity_apart=True), **SIDE)
+    calib = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+    q = onnx.load(str(quantize.quantize_onnx(apart, tmp_path / "q.onnx", calib, stream="int8")))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    muls = [n for n in q.graph.node if n.op_type == "Mul"]
+    gathers = [n for n in q.graph.node if n.op_type == "Gather"]
+    assert len(muls) == 6 and len(gathers) == 2
+    for node in muls + gathers:
+        source = producers[node.input[0]]
+        assert source.op_type == "DequantizeLinear" or (
+            node.op_type == "Mul" and source.op_type == "Gather"
+        )
+    joins = [n for n in q.graph.node if n.op_type == "Add"]
+    assert all(producers[i].op_type == "DequantizeLinear" for j in joins for i in j.input)
+
+
 def test_quantize_rejects_bad_input(tmp_path):
     model = models.get_model("diracnet", depth=10, width=0.25, num_classes=3)
     proto = onnx_graph.to_onnx(fold.fold(model, _variables(model)), **SIDE)
     images = np.zeros((1, 28, 28, 1), np.uint8)
     with pytest.raises(ValueError, match="unknown calibration 'kl'"):
         quantize.quantize_onnx(proto, tmp_path / "q.onnx", images, calibration="kl")
+    with pytest.raises(ValueError, match="unknown stream 'int4'"):
+        quantize.quantize_onnx(proto, tmp_path / "q.onnx", images, stream="int4")
     with pytest.raises(ValueError, match="non-empty uint8"):
         quantize.quantize_onnx(proto, tmp_path / "q.onnx", np.zeros((1, 28, 28, 1), np.float32))
 
@@ -225,7 +268,7 @@ def test_int8_export_and_evaluate_commands_keep_the_predictions(runs, tmp_path):
 @pytest.mark.slow
 def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
     test = data.load("fashion_mnist", split="test")
-    images = np.asarray(test.images[:2000])
+    images = np.asarray(test.images)  # all 10,000: 0.1% of the agreement is 10 predictions
     errors, agree = {}, {}
     for name, path in runs.items():
         model, variables, config = export.workdir.load(path)
@@ -233,19 +276,29 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
         calib = export.calibration_images(config, 256)
         graph = export.onnx_model(model, variables, config, identity_apart=True)
         reference = _run(float_proto, images)
-        for per_channel in (True, False):
+        for per_channel, stream in ((True, "float"), (False, "float"), (True, "int8")):
+            if name == "plain" and stream == "int8":
+                continue  # no identity: the same graph either way
             out = quantize.quantize_onnx(
-                graph, tmp_path / f"{name}{per_channel}.onnx", calib, per_channel=per_channel
+                graph,
+                tmp_path / f"{name}{per_channel}{stream}.onnx",
+                calib,
+                per_channel=per_channel,
+                stream=stream,
             )
             session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
             logits = session.run(None, {onnx_graph.INPUT_NAME: images})[0]
-            errors[name, per_channel] = quantize.logit_error(logits, reference)
-            agree[name, per_channel] = quantize.agreement(logits, reference)
-    # The bar is the plain twin's (issue 18): measured at 60 steps on these 2,000 images, per
-    # channel / per tensor, DiracNet 97.9% / 97.1% agree and 3.2% / 2.8% logit error, its twin
-    # 97.2% / 97.2% and 2.6% / 3.4%.
-    assert min(agree.values()) >= 0.96, agree
+            key = (name, per_channel) if stream == "float" else (name, "int8 stream")
+            errors[key] = quantize.logit_error(logits, reference)
+            agree[key] = quantize.agreement(logits, reference)
+    # The bar is the plain twin's (issue 18). Measured at 60 steps on the 10,000 test images,
+    # per channel / per tensor: DiracNet 97.95% / 97.06% agree and 1.28% / 4.96% logit error,
+    # its twin 97.25% / 97.08% and 2.58% / 3.39%; the int8 stream per channel 97.85%, 3.22%.
     for per_channel in (True, False):
         dirac, plain = ("diracnet", per_channel), ("plain", per_channel)
         assert agree[dirac] >= min(agree[plain] - 0.005, 0.98), agree
         assert errors[dirac] <= 2 * errors[plain], errors
+    assert min(agree.values()) >= 0.96, agree
+    # Per channel the float stream is more faithful than the twin, and than rounding the stream.
+    assert errors["diracnet", True] <= errors["plain", True], errors
+    assert errors["diracnet", True] <= 0.6 * errors["diracnet", "int8 stream"], errors

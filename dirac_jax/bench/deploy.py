@@ -8,8 +8,9 @@ round-robin at each batch size (`_timing.interleaved_times`):
 * the folded JAX chain (`fold.apply_folded`);
 * the float32 ONNX export in onnxruntime (`formats.onnx_graph.to_onnx`);
 * the INT8 ONNX export in onnxruntime, as `dirac_jax.export --quantize=int8`
-  writes it (identity apart, per-channel int8 weights, QDQ; calibrated on
-  random images, which changes no timing);
+  writes it (identity apart, block outputs in float32, per-channel int8
+  weights, QDQ; calibrated on random images, which changes no timing);
+* the same with the block outputs rounded to int8 (`--stream=int8`);
 * the same INT8 with the Dirac identity folded into the kernel (`naive`), so
   the cost of the identity's float32 Mul and Add shows;
 * the PyTorch reference DiracNet (`torch_reference.reference_forward`, eval
@@ -134,9 +135,13 @@ def run(args) -> dict:
     calib = rng.integers(0, 256, (args.calibration_images, *size), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         split = fold.fold(model, variables, identity_apart=True)
-        for label, net in (("INT8 ONNX (identity apart)", split), ("INT8 ONNX (naive)", folded)):
+        for label, net, stream in (
+            ("INT8 ONNX (identity apart)", split, "float"),
+            ("INT8 ONNX (identity apart, int8 stream)", split, "int8"),
+            ("INT8 ONNX (naive)", folded, "float"),
+        ):
             out = f"{tmp}/{len(sessions)}.onnx"
-            quantize.quantize_onnx(onnx_graph.to_onnx(net, **side), out, calib)
+            quantize.quantize_onnx(onnx_graph.to_onnx(net, **side), out, calib, stream=stream)
             sessions[label] = _session(out)
     torch_call = _torch_candidate(args.depth, args.width) if args.torch else None
 

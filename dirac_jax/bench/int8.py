@@ -7,18 +7,28 @@ int8 weights) and runs them all in onnxruntime on the whole test split:
 
 * `naive`: the float32 export as is, every Dirac kernel folded into one
   `s (a I + b W_norm)` (DiracNets eq. 5, `s` the BN scale);
-* `apart` (DiracNets only): the identity kept apart, an INT8 conv of
-  `s b W_norm` plus the exact float32 `s a x` (`fold.fold(...,
-  identity_apart=True)`; the default of `dirac_jax.export --quantize=int8`);
+* `apart, int8 stream` (DiracNets only): the identity kept apart, an INT8 conv
+  of `s b W_norm` plus `s a x` in float32 (`fold.fold(...,
+  identity_apart=True)`), but every block output rounded to int8 like any
+  activation (`quantize.quantize_onnx(..., stream="int8")`);
+* `apart, float stream` (DiracNets only): the same, with the identity, its
+  join and the block outputs in float32, so only the convs' inputs and
+  outputs are rounded (`stream="float"`; the default of
+  `dirac_jax.export --quantize=int8`);
 
 each with per-channel and per-tensor weight scales, with the setup of a plain
 post-training quantization (uint8 activations, MinMax ranges) and with the
 `dirac_jax.export` default (int8 activations, percentile ranges), and any
-other calibrations asked for. A plain twin has no identity, so its `apart`
-graph is its `naive` one and is measured once. Reported: top-1, the share of
+other calibrations asked for. A plain twin has no identity, so its graphs are
+all its `naive` one, measured once. Reported: top-1, the share of
 test predictions equal to the float32 model's, the relative logit error
 `||L_int8 - L_f32|| / ||L_f32||`, the file size against float32, and per
-Dirac layer the share of the `W` taps that int8 rounds to zero (`quantize.zero_tap_shares`).
+Dirac layer the share of the `W` taps that int8 rounds to zero
+(`quantize.zero_tap_shares`). Where a DiracNet's plain twin (same depth and
+width) is among the workdirs, a last table holds the export default against
+the bars of a faithful INT8 deploy: top-1 within 0.2 points of float32, 99%
+of predictions kept and at most 2x the twin's logit error per channel; within
+0.5 points and 98.5% kept per tensor.
 """
 
 from __future__ import annotations
@@ -34,11 +44,32 @@ from absl import flags
 from dirac_jax import config_schema, data, export, fold, quantize, workdir
 from dirac_jax.bench import _flags, _timing
 
-__all__ = ["SETUPS", "main", "options", "measure_workdir", "report", "run"]
+__all__ = [
+    "BARS",
+    "DEFAULT",
+    "GRAPHS",
+    "SETUPS",
+    "main",
+    "measure_workdir",
+    "options",
+    "report",
+    "run",
+]
 
 # (activations, calibration) of every candidate graph: plain post-training quantization,
 # then the export default.
 SETUPS = (("uint8", "minmax"), ("int8", "percentile"))
+# The candidate graphs of a DiracNet: (name, identity kept apart, `quantize_onnx`'s stream).
+GRAPHS = (
+    ("naive", False, "float"),
+    ("apart, int8 stream", True, "int8"),
+    ("apart, float stream", True, "float"),
+)
+# A faithful INT8 deploy: (weights, |top-1 change| in points, agreement %); per channel,
+# also at most 2x the plain twin's logit error.
+BARS = (("per-channel", 0.2, 99.0), ("per-tensor", 0.5, 98.5))
+# What `dirac_jax.export --quantize=int8` writes: (graph, activations, calibration).
+DEFAULT = ("apart, float stream", "int8", "percentile")
 
 
 def _session(path):
@@ -71,13 +102,15 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
     images, labels = np.asarray(test.images), np.asarray(test.labels)
     calib = export.calibration_images(config, calibration_count, seed=config.seed)
     tmp = pathlib.Path(tmp)
-    graphs = {"naive": export.onnx_model(model, variables, config)}
     split = fold.fold(model, variables, identity_apart=True)
     dirac = any(s.kind == "dirac_conv" for s in split.steps)
-    if dirac:
-        graphs["apart"] = export.onnx_model(model, variables, config, identity_apart=True)
+    protos = {
+        apart: export.onnx_model(model, variables, config, identity_apart=apart)
+        for apart in ((False, True) if dirac else (False,))
+    }
+    graphs = [(name, protos[apart], stream) for name, apart, stream in GRAPHS[: 3 if dirac else 1]]
     float_path = tmp / "float.onnx"
-    float_path.write_bytes(graphs["naive"].SerializeToString())
+    float_path.write_bytes(protos[False].SerializeToString())
     reference = _logits(float_path, images)
     result = {
         "workdir": str(path),
@@ -95,10 +128,10 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
             "per_tensor": quantize.zero_tap_shares(split, per_channel=False),
         }
     setups = list(SETUPS) + [("int8", c) for c in calibrations if ("int8", c) not in SETUPS]
-    for variant, graph in graphs.items():
+    for number, (variant, graph, stream) in enumerate(graphs):
         for per_channel in (True, False):
             for activations, calibration in setups:
-                out = tmp / f"{variant}-{per_channel}-{activations}-{calibration}.onnx"
+                out = tmp / f"{number}-{per_channel}-{activations}-{calibration}.onnx"
                 start = time.perf_counter()
                 quantize.quantize_onnx(
                     graph,
@@ -107,6 +140,7 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
                     per_channel=per_channel,
                     calibration=calibration,
                     activations=activations,
+                    stream=stream,
                 )
                 seconds = time.perf_counter() - start
                 logits = _logits(out, images)
@@ -243,7 +277,63 @@ def report(results) -> str:
             "apart per-tensor %",
         ]
         lines += ["", _timing.markdown_table(header, taps)]
+    bars = _bars(results["runs"])
+    if bars:
+        header = [
+            "model",
+            "weights",
+            "points (bar)",
+            "agree % (bar)",
+            "logit error / twin's (bar 2x)",
+            "bars met",
+        ]
+        lines += ["", _timing.markdown_table(header, bars)]
     return "\n".join(lines)
+
+
+def _default_row(run, weights):
+    graph, activations, calibration = DEFAULT
+    if run["model"] != "diracnet":  # a chain without identities: one graph
+        graph = GRAPHS[0][0]
+    for q in run["rows"]:
+        if (q["variant"], q["weights"], q["activations"], q["calibration"]) == (
+            graph,
+            weights,
+            activations,
+            calibration,
+        ):
+            return q
+    return None
+
+
+def _bars(runs) -> list[list]:
+    """The export default of each DiracNet with a plain twin among `runs`, against the bars."""
+    twins = {(r["depth"], r["width"]): r for r in runs if r["model"] == "plain"}
+    rows = []
+    for r in runs:
+        twin = twins.get((r["depth"], r["width"]))
+        if r["model"] != "diracnet" or twin is None:
+            continue
+        for weights, points_bar, agree_bar in BARS:
+            q, t = _default_row(r, weights), _default_row(twin, weights)
+            if q is None or t is None:
+                continue
+            points = 100 * (q["top1"] - r["float_top1"])
+            ratio = q["logit_error"] / t["logit_error"]
+            met = abs(points) <= points_bar + 1e-9 and 100 * q["agree"] >= agree_bar
+            if weights == "per-channel":
+                met = met and ratio <= 2
+            rows.append(
+                [
+                    _name(r),
+                    weights,
+                    f"{points:+.2f} (±{points_bar})",
+                    f"{100 * q['agree']:.2f} (>= {agree_bar})",
+                    f"{ratio:.2f}" + ("" if weights == "per-channel" else " (no bar)"),
+                    "yes" if met else "**no**",
+                ]
+            )
+    return rows
 
 
 def main(argv=None) -> int:

@@ -33,10 +33,12 @@ from dirac_jax.folded import FoldedNet
 __all__ = [
     "IDENTITY_PREFIX",
     "INPUT_NAME",
+    "JOIN_PREFIX",
     "OPSET",
     "OUTPUT_NAME",
     "identity_nodes",
     "import_onnx",
+    "join_nodes",
     "residual_to_onnx",
     "to_onnx",
 ]
@@ -44,8 +46,10 @@ __all__ = [
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 OPSET = 17
-# Node names of the identity path of a `"dirac_conv"` step (its Gather and Mul).
+# Node names of the identity path of a `"dirac_conv"` step (its Gather and Mul), and of the
+# Add that joins that path to the step's conv.
 IDENTITY_PREFIX = "dirac_identity"
+JOIN_PREFIX = "dirac_join"
 
 
 def import_onnx():
@@ -182,7 +186,7 @@ def to_onnx(
             strides, pads, sources = step.args
             y = b.conv(x, p["kernel"], p["bias"], strides, pads)
             scale, n_in = np.asarray(p["scale"], np.float32), np.shape(p["kernel"])[2]
-            x = node("Add", [y, _identity(b, x, n_in, scale, sources)])
+            x = node("Add", [y, _identity(b, x, n_in, scale, sources)], name=JOIN_PREFIX)
         elif step.kind == "relu":
             x = node("Relu", [x])
         elif step.kind == "ncrelu":
@@ -327,6 +331,11 @@ def _identity(b: _Builder, x: str, n_in: int, scale: np.ndarray, sources) -> str
 def identity_nodes(model) -> list[str]:
     """Names of the nodes of `model`'s Dirac identity paths (`IDENTITY_PREFIX`)."""
     return [n.name for n in model.graph.node if n.name.startswith(IDENTITY_PREFIX)]
+
+
+def join_nodes(model) -> list[str]:
+    """Names of the Adds that join each Dirac identity path to its conv (`JOIN_PREFIX`)."""
+    return [n.name for n in model.graph.node if n.name.startswith(JOIN_PREFIX)]
 
 
 def _at(tree, path):
