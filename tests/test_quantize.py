@@ -294,9 +294,11 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
     # The bar is the plain twin's (issue 18). Measured at 60 steps on the 10,000 test images,
     # per channel / per tensor: DiracNet 97.95% / 97.06% agree and 1.28% / 4.96% logit error,
     # its twin 97.25% / 97.08% and 2.58% / 3.39%; the int8 stream per channel 97.85%, 3.22%.
-    for per_channel in (True, False):
+    # A net trained on another CPU differs in its last bits, and at 60 steps a near-tie
+    # flips: per tensor, where the two nets are level, the margin is 1% (100 predictions).
+    for per_channel, margin in ((True, 0.005), (False, 0.01)):
         dirac, plain = ("diracnet", per_channel), ("plain", per_channel)
-        assert agree[dirac] >= min(agree[plain] - 0.005, 0.98), agree
+        assert agree[dirac] >= min(agree[plain] - margin, 0.98), agree
         assert errors[dirac] <= 2 * errors[plain], errors
     assert min(agree.values()) >= 0.96, agree
     # Per channel the float stream is more faithful than the twin, and than rounding the stream.
