@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 
 from dirac_jax import _paths, config_schema, data, fold, formats, workdir
+from dirac_jax import quantize as quantize_lib
 from dirac_jax._cli import WORKDIR, run_workdir_command
 
 __all__ = [
@@ -237,8 +238,6 @@ def export_workdir(
     if not _paths.is_uri(out):  # a bucket has no folders to create
         out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx" and quantize == "int8":
-        from dirac_jax import quantize as quantize_lib
-
         images = calibration_images(config, calibration_count, seed=config.seed)
         proto = onnx_model(model, variables, config, identity_apart=True)
         return quantize_lib.quantize_onnx(
@@ -281,15 +280,15 @@ _PER_TENSOR = flags.DEFINE_boolean(
     "per_tensor", False, "INT8: one weight scale per tensor, not per channel."
 )
 _CALIBRATION = flags.DEFINE_enum(
-    "calibration", "percentile", ("minmax", "entropy", "percentile"), "INT8 activation ranges."
+    "calibration", "percentile", quantize_lib.CALIBRATIONS, "INT8 activation ranges."
 )
 _ACTIVATIONS = flags.DEFINE_enum(
-    "activations", "int8", ("int8", "uint8"), "INT8 activations' type."
+    "activations", "int8", quantize_lib.ACTIVATIONS, "INT8 activations' type."
 )
 _STREAM = flags.DEFINE_enum(
     "stream",
     "float",
-    ("float", "int8"),
+    quantize_lib.STREAMS,
     "INT8 DiracNet: keep the block outputs its identities carry in float32 (only the convs' "
     "inputs and outputs are rounded), or round them to int8 too.",
 )

@@ -148,9 +148,10 @@ def quantize_onnx(
     }[calibration]
     out = out if hasattr(out, "write_bytes") else pathlib.Path(out)  # a local or bucket path
     excluded = onnx_graph.identity_nodes(model)
+    relu_fed: set[str] = set()
     if stream == "float":
         excluded += onnx_graph.join_nodes(model)
-    relu_fed = _relu_fed_identities(model)
+        relu_fed = _relu_fed_identities(model)
     with tempfile.TemporaryDirectory() as tmp:
         # quantize_static writes its shape-inferred copy and calibration model next to the input.
         src, dst = pathlib.Path(tmp) / "float.onnx", pathlib.Path(tmp) / "int8.onnx"
@@ -176,9 +177,14 @@ def quantize_onnx(
     return out
 
 
+def _producers(model) -> dict:
+    """Each tensor name of `model`'s graph -> the node that writes it."""
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def _relu_fed_identities(model) -> set[str]:
     """The identity nodes whose input is a ReLU's output, in the float graph."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = _producers(model)
     return {
         n.name
         for n in model.graph.node
@@ -198,7 +204,7 @@ def _read_unrounded(model, relu_fed: set[str]) -> None:
     ReLU; the identity then gets a float ReLU of its own.
     """
     helper = onnx_graph.import_onnx().helper
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = _producers(model)
     relus: dict[str, str] = {}  # float source -> its ReLU's output, one per source
     for node in list(model.graph.node):
         if not node.name.startswith(onnx_graph.IDENTITY_PREFIX):

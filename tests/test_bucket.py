@@ -168,7 +168,7 @@ def test_two_processes_share_a_bucket_workdir(gcs, image_tree):
     # workers: the same input, fewer processes on a small CPU).
     num_steps, port = 4, _free_port()
     workdir = epath.Path(gcs.root("two"))
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONFAULTHANDLER="1")
     processes = [
         subprocess.Popen(
             _image_data.imagenet_cli(

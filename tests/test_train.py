@@ -10,9 +10,11 @@ import math
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import _image_data
 import _multihost_worker
@@ -278,7 +280,7 @@ def _train_losses(workdir):
 
 def _start_two_processes(tree, workdir, num_steps, sigterm_process_1_after=None):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
     # The session's persistent compilation cache stays set (tests/conftest.py): the command
     # line turns it off for a multi-process CPU run, and `_finish` checks that it said so.
@@ -307,7 +309,25 @@ def _start_two_processes(tree, workdir, num_steps, sigterm_process_1_after=None)
 
 
 def _finish(processes, timeout=300):
-    results = [p.communicate(timeout=timeout) for p in processes]
+    """Waits for `processes`; on a hang, fails with every process's Python stacks.
+
+    Started with PYTHONFAULTHANDLER=1, a process that gets SIGABRT after the deadline prints
+    each of its threads' Python stacks to stderr before it dies.
+    """
+    deadline = time.monotonic() + timeout
+    results, hung = [], []
+    for p in processes:
+        try:
+            results.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            hung.append(p.pid)
+            p.send_signal(signal.SIGABRT)
+            results.append(p.communicate(timeout=60))
+    if hung:
+        pytest.fail(
+            f"processes {hung} of {[p.pid for p in processes]} ran past {timeout} s; stacks:\n"
+            + "\n".join(f"--- process {i} ---\n{err[-6000:]}" for i, (_, err) in enumerate(results))
+        )
     for p, (out, err) in zip(processes, results, strict=True):
         assert p.returncode == 0, (out + err)[-3000:]
         # Each process ran without the persistent cache the test session sets: on CPU only

@@ -108,7 +108,8 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
         apart: export.onnx_model(model, variables, config, identity_apart=apart)
         for apart in ((False, True) if dirac else (False,))
     }
-    graphs = [(name, protos[apart], stream) for name, apart, stream in GRAPHS[: 3 if dirac else 1]]
+    candidates = GRAPHS if dirac else GRAPHS[:1]  # a plain net has no identity to keep apart
+    graphs = [(name, protos[apart], stream) for name, apart, stream in candidates]
     float_path = tmp / "float.onnx"
     float_path.write_bytes(protos[False].SerializeToString())
     reference = _logits(float_path, images)
