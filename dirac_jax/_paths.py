@@ -22,7 +22,7 @@ import os
 
 from etils import epath
 
-__all__ = ["is_uri", "resolve", "save_figure"]
+__all__ = ["is_uri", "resolve", "save_figure", "write_text_atomic"]
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -42,3 +42,21 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **kwargs)
     resolve(path).write_bytes(buffer.getvalue())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` so that a concurrent reader sees the old file or the new, whole.
+
+    `Path.write_text` truncates the file first, so another host or process
+    reading at that moment gets an empty or half-written file. Locally the text
+    goes to a temporary file beside `path`, renamed over it (`os.replace`,
+    atomic on one file system). An object store (`gs://...`) already replaces
+    an object whole when its upload finishes, so there it is one write.
+    """
+    path = resolve(path)
+    if is_uri(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

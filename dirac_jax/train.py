@@ -120,7 +120,15 @@ def _check_config_against_workdir(config, workdir, *, resuming: bool, record: bo
     current = to_json(config)
     accepted = ""
     if resuming and path.exists():
-        recorded = with_defaults(ml_collections.ConfigDict(json.loads(path.read_text())))
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path}, the config this run was started with, is not valid JSON ({e}); it "
+                "is left untouched. Repair it, or delete it to resume without the check that "
+                "the config still trains the same run."
+            ) from None
+        recorded = with_defaults(ml_collections.ConfigDict(recorded))
         old, new = flatten(json.loads(to_json(recorded))), flatten(json.loads(current))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         trajectory = [k for k in changed if k not in RESUMABLE_FIELDS]
@@ -134,8 +142,8 @@ def _check_config_against_workdir(config, workdir, *, resuming: bool, record: bo
                 f"its training. Resume with the recorded config ({path}), or start a new --workdir."
             )
         accepted = listed(changed)
-    if record:
-        path.write_text(current)
+    if record:  # whole or not at all: the other processes of the run read it meanwhile
+        _paths.write_text_atomic(path, current)
     return accepted
 
 
@@ -288,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         # The running means of the last log window (augmented batches, BN in train mode).
         summary["train_accuracy"] = trains[-1]["train_accuracy"] if trains else None
         summary["train_loss"] = trains[-1]["train_loss"] if trains else None
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _paths.write_text_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         metrics.plot_curves(records, workdir / CURVES_FILE)
         metrics.plot_dirac_scales(records, workdir / DIRAC_SCALES_FILE, inputs.steps_per_epoch)
     logging.info("Summary: %s", _format({k: v for k, v in summary.items() if v is not None}))

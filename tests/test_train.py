@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import _image_data
@@ -260,6 +261,48 @@ def test_eval_counts_each_example_once_when_batch_does_not_divide():
 def test_validate_config_names_the_problem(overrides, message):
     with pytest.raises(config_schema.ConfigError, match=message.replace("+", r"\+")):
         config_schema.validate_config(tiny_config(**overrides))
+
+
+def test_the_recorded_config_is_never_read_half_written(tmp_path):
+    # Process 0 records config.json while the other processes of the run read it to check
+    # their config: a reader must see the old file or the new one, whole. A truncating
+    # write was seen to hand a reader an empty file (JSONDecodeError) and hang the run.
+    configs = [config_schema.validate_config(tiny_config(log_every_steps=n)) for n in (1, 2)]
+    train._check_config_against_workdir(configs[0], tmp_path, resuming=False, record=True)
+    stop, errors = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                train._check_config_against_workdir(
+                    configs[0], tmp_path, resuming=True, record=False
+                )
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(2000):
+            train._check_config_against_workdir(
+                configs[i % 2], tmp_path, resuming=True, record=True
+            )
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors, errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.CONFIG_FILE]  # no temp left
+
+
+def test_a_corrupt_recorded_config_is_one_clear_error_and_kept(tmp_path):
+    path = tmp_path / workdir.CONFIG_FILE
+    path.write_text('{"model": ')
+    config = config_schema.validate_config(tiny_config())
+    with pytest.raises(config_schema.ConfigError, match="is not valid JSON") as info:
+        train._check_config_against_workdir(config, tmp_path, resuming=True, record=True)
+    assert str(path) in str(info.value) and "delete it to resume" in str(info.value)
+    assert path.read_text() == '{"model": '
 
 
 # ---------------------------------------------------------------------------
