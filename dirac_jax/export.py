@@ -180,6 +180,7 @@ def export_workdir(
     calibration: str = "percentile",
     activations: str = "int8",
     stream: str = "float",
+    reduce_range: bool = False,
     platforms: tuple[str, ...] | None = None,
 ) -> os.PathLike:
     """Folds the run in `path` and writes it to `out` in format `fmt`.
@@ -197,6 +198,10 @@ def export_workdir(
       stream: a DiracNet's block outputs, which its identities carry from
         block to block: float32 (only the convs' inputs and outputs are
         rounded) or rounded to int8; one of `quantize.STREAMS`.
+      reduce_range: 7-bit int8 weights, for a deploy CPU without VNNI (x86
+        AVX2), whose int8 kernels saturate 16-bit sums of large weights times
+        large activations; it costs precision where nothing saturates
+        (`quantize.quantize_onnx`).
       platforms: format stablehlo: the `PLATFORMS` the artifact runs on; None:
         this host's backend.
 
@@ -248,6 +253,7 @@ def export_workdir(
             calibration=calibration,
             activations=activations,
             stream=stream,
+            reduce_range=reduce_range,
         )
     if fmt == "onnx":
         out.write_bytes(onnx_model(model, variables, config).SerializeToString())
@@ -292,6 +298,11 @@ _STREAM = flags.DEFINE_enum(
     "INT8 DiracNet: keep the block outputs its identities carry in float32 (only the convs' "
     "inputs and outputs are rounded), or round them to int8 too.",
 )
+_REDUCE_RANGE = flags.DEFINE_boolean(
+    "reduce_range",
+    False,
+    "INT8: 7-bit weights, for x86 CPUs without VNNI, whose int8 kernels can saturate.",
+)
 
 
 def main(argv) -> None:
@@ -310,6 +321,7 @@ def main(argv) -> None:
             calibration=_CALIBRATION.value,
             activations=_ACTIVATIONS.value,
             stream=_STREAM.value,
+            reduce_range=_REDUCE_RANGE.value,
             platforms=_PLATFORMS.value,
         )
 

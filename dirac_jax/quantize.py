@@ -86,10 +86,12 @@ def quantize_onnx(
 
     The defaults are the measured best for DiracNets (RESULTS.md): the
     percentile range, since the identity path carries a few large activations
-    from block to block, and int8 activations, since with uint8 ones
-    onnxruntime's x86 kernels without VNNI (AVX2 `vpmaddubsw`) saturate
-    16-bit pair sums of `255 * 127`, which the large Dirac activations reach
-    (`reduce_range=True`, 7-bit weights, is the other way out).
+    from block to block, and int8 activations, which lost less than uint8 ones
+    to onnxruntime's x86 kernels without VNNI: those (AVX2 `vpmaddubsw`) sum
+    pairs of u8 x s8 products in 16 bits, which saturate where large weights
+    meet large activations. `reduce_range=True` (7-bit weights) cannot
+    saturate there; it costs precision elsewhere, and a DiracNet with the
+    float stream does not saturate (RESULTS.md, "Residual nets").
 
     Args:
       model: an `onnx.ModelProto` from `onnx_graph.to_onnx` (or
@@ -102,7 +104,7 @@ def quantize_onnx(
         max seen, the one that minimizes the KL divergence of the quantized
         histogram (`entropy`), or the 0.001th to 99.999th percentile.
       activations: one of `ACTIVATIONS`, the activations' integer type.
-      reduce_range: 7-bit weights (for uint8 activations on x86 without VNNI).
+      reduce_range: 7-bit weights, for x86 CPUs without VNNI (either activation type).
       stream: one of `STREAMS`, for nets folded with `identity_apart=True`
         (`onnx_graph.IDENTITY_PREFIX` and `JOIN_PREFIX` nodes; other nets have
         none and are quantized the same either way). `float`: the identity

@@ -287,3 +287,27 @@ def test_bench_int8_report_holds_the_default_to_the_bars():
         True,
         True,
     ]
+
+
+def test_bench_int8_report_shows_exact_columns_and_keeps_7_bit_rows_out_of_the_bars():
+    from dirac_jax.bench import int8 as bench_int8
+
+    graph = bench_int8.DEFAULT[0]
+    rows = [
+        _int8_row(graph, "per-channel", 0.86, 0.995, 0.02),
+        _int8_row(graph, "per-channel, 7-bit", 0.80, 0.90, 0.3),  # would fail every bar
+    ]
+    for row, exact in zip(rows, (0.996, 0.90), strict=True):
+        row.update(exact_top1=0.861, exact_agree=exact, exact_logit_error=0.019)
+    dirac = _int8_run("diracnet", 0.86, rows)
+    twin = _int8_run("plain", 0.84, [_int8_row("naive", "per-channel", 0.84, 0.99, 0.02)])
+    env = {
+        "jax": "0", "backend": "cpu", "device_kind": "cpu", "device_count": 1, "cpu_count": 2,
+        "cpu_model": "x", "machine": "x86_64", "system": "Linux", "python": "3",
+    }  # fmt: skip
+    text = bench_int8.report({"environment": env, "runs": [dirac, twin]})
+    lines = text.splitlines()
+    assert any("| exact: points | exact: agree % | exact: logit error % |" in x for x in lines)
+    assert any("per-channel, 7-bit" in x and x.endswith("| +0.10 | 90.00 | 1.90 |") for x in lines)
+    bars = [x for x in lines if "(±" in x]
+    assert len(bars) == 1 and bars[0].rstrip(" |").endswith("yes")  # the 8-bit default's row

@@ -169,6 +169,30 @@ def test_int8_file_is_quantized_and_small(tmp_path):
     assert quantize.logit_error(logits, _run(float_proto, images)) < 0.05
 
 
+def test_reduce_range_keeps_the_weights_to_7_bits(tmp_path):
+    # For x86 CPUs without VNNI, whose int8 kernels sum pairs of u8 x s8 products in 16 bits.
+    model = models.get_model("wrn", depth=10, width=1.0, num_classes=10)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 1)), 0)
+    proto = onnx_graph.residual_to_onnx(model, variables, **SIDE)
+    calib = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+    largest = {}
+    for reduce_range in (False, True):
+        out = quantize.quantize_onnx(
+            proto, tmp_path / f"{reduce_range}.onnx", calib, reduce_range=reduce_range
+        )
+        q = onnx.load(str(out))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+        producers = {o: n for n in q.graph.node for o in n.output}
+        weights = [
+            inits[producers[n.input[1]].input[0]]
+            for n in q.graph.node
+            if n.op_type in ("Conv", "Gemm")
+        ]
+        assert len(weights) == 10 and all(w.dtype == np.int8 for w in weights)  # 9 convs, 1 FC
+        largest[reduce_range] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest == {False: 127, True: 64}
+
+
 def test_int8_stream_rounds_the_block_outputs(tmp_path):
     # stream="int8": the identity and the join read and write rounded tensors, as in a graph
     # quantized throughout; only the identity's Mul computes in float32.
@@ -204,7 +228,7 @@ def test_quantize_rejects_bad_input(tmp_path):
 # --- trained runs, through the user's commands ---------------------------------------
 
 
-def _train(path, name):
+def _train(path, name, floor=0.7):
     config = fashion_mnist_dirac.get_config()
     config.model.name = name
     config.model.width = 1.0
@@ -215,7 +239,7 @@ def _train(path, name):
     summary = train.train_and_evaluate(config, path)
     # A net near chance has near-tied logits that any rounding flips: the bars below need
     # a trained one.
-    assert summary["test_accuracy"] >= 0.7, summary
+    assert summary["test_accuracy"] >= floor, summary
     return path
 
 
@@ -224,6 +248,13 @@ def runs(tmp_path_factory):
     if not FASHION_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
     return {name: _train(tmp_path_factory.mktemp(name), name) for name in ("diracnet", "plain")}
+
+
+@pytest.fixture(scope="module")
+def wrn_run(tmp_path_factory):
+    if not FASHION_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    return _train(tmp_path_factory.mktemp("wrn"), "wrn", floor=0.6)  # measured 73.4%
 
 
 def _cli(module, *args):
@@ -304,3 +335,28 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
     # Per channel the float stream is more faithful than the twin, and than rounding the stream.
     assert errors["diracnet", True] <= errors["plain", True], errors
     assert errors["diracnet", True] <= 0.6 * errors["diracnet", "int8 stream"], errors
+
+
+@pytest.mark.slow
+def test_bench_int8_measures_a_residual_net(wrn_run, tmp_path):
+    # A WRN goes through the same quantize_onnx call: no identity to keep apart (one graph),
+    # its shortcut Adds rounded like any activation. `--exact` and `--reduce_range` measured.
+    from dirac_jax.bench import int8 as bench_int8
+
+    result = bench_int8.measure_workdir(
+        wrn_run, calibrations=[], calibration_count=256, tmp=tmp_path, reduce_range=True,
+        exact=True,
+    )  # fmt: skip
+    assert result["model"] == "wrn" and result["zero_taps"] == {}
+    assert {q["variant"] for q in result["rows"]} == {"naive"}
+    # Per channel and per tensor: the setups, and the default with 7-bit weights.
+    assert len(result["rows"]) == 2 * (len(bench_int8.SETUPS) + 1)
+    for q in result["rows"]:
+        # 64 * 255 * 2 < 2**15: with 7-bit weights no int8 kernel saturates, on any CPU.
+        if q["weights"].endswith("7-bit"):
+            assert abs(q["logit_error"] - q["exact_logit_error"]) < 1e-4, q
+        # Measured at 60 steps (73.4% top-1), fused here (AVX2) / exact: 95.29-98.30% /
+        # 96.65-98.30% agree, 1.58-8.07% logit error, within 0.57 points. A sanity floor,
+        # not issue 18's bars: the net is barely trained, and a CPU without VNNI saturates.
+        assert q["agree"] >= 0.93 and q["exact_agree"] >= 0.95, q
+        assert abs(q["top1"] - result["float_top1"]) <= 0.015 and q["size"] <= 0.3, q

@@ -1,7 +1,8 @@
 """INT8 fidelity of trained runs: `python -m dirac_jax.bench int8 --workdirs=W[,W...]`.
 
-For each training workdir (a chain: DiracNet, its plain twin, MobileNet) this
-writes the float32 ONNX export and INT8 versions of it (onnxruntime
+For each training workdir (a chain: DiracNet, its plain twin, MobileNet; or a
+residual net, WRN or ResNet, whose shortcut Adds are rounded like any
+activation) this writes the float32 ONNX export and INT8 versions of it (onnxruntime
 `quantize_static`, QDQ, uint8 activations calibrated on training images,
 int8 weights) and runs them all in onnxruntime on the whole test split:
 
@@ -19,8 +20,8 @@ int8 weights) and runs them all in onnxruntime on the whole test split:
 each with per-channel and per-tensor weight scales, with the setup of a plain
 post-training quantization (uint8 activations, MinMax ranges) and with the
 `dirac_jax.export` default (int8 activations, percentile ranges), and any
-other calibrations asked for. A plain twin has no identity, so its graphs are
-all its `naive` one, measured once. Reported: top-1, the share of
+other calibrations asked for. A plain twin or a residual net has no identity
+to keep apart, so its graphs are all its `naive` one, measured once. Reported: top-1, the share of
 test predictions equal to the float32 model's, the relative logit error
 `||L_int8 - L_f32|| / ||L_f32||`, the file size against float32, and per
 Dirac layer the share of the `W` taps that int8 rounds to zero
@@ -29,6 +30,14 @@ width) is among the workdirs, a last table holds the export default against
 the bars of a faithful INT8 deploy: top-1 within 0.2 points of float32, 99%
 of predictions kept and at most 2x the twin's logit error per channel; within
 0.5 points and 98.5% kept per tensor.
+
+`--reduce_range` adds the export default with 7-bit weights (`export
+--reduce_range`). `--exact` also runs every INT8 file with onnxruntime's graph
+optimizations off, so each QuantizeLinear/DequantizeLinear pair is computed as
+written: the arithmetic a CPU with VNNI does exactly. With them on (the
+default), onnxruntime fuses the pairs into int8 kernels, and on x86 without
+VNNI those sum pairs of u8 x s8 products in 16 bits (AVX2 `vpmaddubsw`), which
+saturate where large weights meet large activations; 7-bit weights cannot.
 """
 
 from __future__ import annotations
@@ -72,14 +81,17 @@ BARS = (("per-channel", 0.2, 99.0), ("per-tensor", 0.5, 98.5))
 DEFAULT = ("apart, float stream", "int8", "percentile")
 
 
-def _session(path):
+def _session(path, exact=False):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if exact:  # no fusion: each QuantizeLinear/DequantizeLinear pair computed as written
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _logits(path, images, batch_size=1000):
-    session = _session(path)
+def _logits(path, images, batch_size=1000, exact=False):
+    session = _session(path, exact)
     name = session.get_inputs()[0].name
     return np.concatenate(
         [
@@ -89,26 +101,35 @@ def _logits(path, images, batch_size=1000):
     )
 
 
-def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
-    """Every INT8 candidate of one run against its float32 export, on the test split."""
+def measure_workdir(
+    path, *, calibrations, calibration_count, tmp, reduce_range=False, exact=False
+) -> dict:
+    """Every INT8 candidate of one run against its float32 export, on the test split.
+
+    `reduce_range` adds the export default with 7-bit weights (`weights` ends in
+    ", 7-bit"); `exact` also runs each INT8 file with onnxruntime's graph
+    optimizations off (`exact_top1`, `exact_agree`, `exact_logit_error`).
+    """
     model, variables, config = workdir.load(path)
     model = model.clone(dtype=jnp.float32)
-    if config.model.name not in config_schema.CHAIN_MODELS:
+    if config.model.name not in config_schema.FOLDABLE_MODELS:
         raise ValueError(
-            f"bench int8 measures chains {config_schema.CHAIN_MODELS}; {path} is not one."
+            f"bench int8 measures the nets that export to ONNX {config_schema.FOLDABLE_MODELS}; "
+            f"{path} holds a {config.model.name!r}."
         )
     source = config.dataset.get("source", "auto") or "auto"
     test = data.load(config.dataset.name, source=source, split="test")
     images, labels = np.asarray(test.images), np.asarray(test.labels)
     calib = export.calibration_images(config, calibration_count, seed=config.seed)
     tmp = pathlib.Path(tmp)
-    split = fold.fold(model, variables, identity_apart=True)
-    dirac = any(s.kind == "dirac_conv" for s in split.steps)
+    chain = config.model.name in config_schema.CHAIN_MODELS
+    split = fold.fold(model, variables, identity_apart=True) if chain else None
+    dirac = chain and any(s.kind == "dirac_conv" for s in split.steps)
     protos = {
         apart: export.onnx_model(model, variables, config, identity_apart=apart)
         for apart in ((False, True) if dirac else (False,))
     }
-    candidates = GRAPHS if dirac else GRAPHS[:1]  # a plain net has no identity to keep apart
+    candidates = GRAPHS if dirac else GRAPHS[:1]  # other nets have no identity to keep apart
     graphs = [(name, protos[apart], stream) for name, apart, stream in candidates]
     float_path = tmp / "float.onnx"
     float_path.write_bytes(protos[False].SerializeToString())
@@ -128,11 +149,14 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
             "per_channel": quantize.zero_tap_shares(split, per_channel=True),
             "per_tensor": quantize.zero_tap_shares(split, per_channel=False),
         }
-    setups = list(SETUPS) + [("int8", c) for c in calibrations if ("int8", c) not in SETUPS]
+    setups = [(a, c, False) for a, c in SETUPS]
+    setups += [("int8", c, False) for c in calibrations if ("int8", c) not in SETUPS]
+    if reduce_range:
+        setups.append((*DEFAULT[1:], True))
     for number, (variant, graph, stream) in enumerate(graphs):
         for per_channel in (True, False):
-            for activations, calibration in setups:
-                out = tmp / f"{number}-{per_channel}-{activations}-{calibration}.onnx"
+            for activations, calibration, seven_bit in setups:
+                out = tmp / f"{number}-{per_channel}-{activations}-{calibration}-{seven_bit}.onnx"
                 start = time.perf_counter()
                 quantize.quantize_onnx(
                     graph,
@@ -141,14 +165,16 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
                     per_channel=per_channel,
                     calibration=calibration,
                     activations=activations,
+                    reduce_range=seven_bit,
                     stream=stream,
                 )
                 seconds = time.perf_counter() - start
                 logits = _logits(out, images)
+                weights = "per-channel" if per_channel else "per-tensor"
                 result["rows"].append(
                     {
                         "variant": variant,
-                        "weights": "per-channel" if per_channel else "per-tensor",
+                        "weights": f"{weights}, 7-bit" if seven_bit else weights,
                         "activations": activations,
                         "calibration": calibration,
                         "top1": float(np.mean(logits.argmax(-1) == labels)),
@@ -158,6 +184,13 @@ def measure_workdir(path, *, calibrations, calibration_count, tmp) -> dict:
                         "quantize_s": seconds,
                     }
                 )
+                if exact:
+                    exact_logits = _logits(out, images, exact=True)
+                    result["rows"][-1].update(
+                        exact_top1=float(np.mean(exact_logits.argmax(-1) == labels)),
+                        exact_agree=quantize.agreement(exact_logits, reference),
+                        exact_logit_error=quantize.logit_error(exact_logits, reference),
+                    )
                 print(result["model"], result["width"], result["rows"][-1], flush=True)
     return result
 
@@ -180,6 +213,19 @@ flags.register_validator(
 )
 flags.DEFINE_integer(
     "calibration_images", 512, "Calibration images.", lower_bound=1, flag_values=FLAGS
+)
+flags.DEFINE_boolean(
+    "reduce_range",
+    False,
+    "Also measure the export default with 7-bit weights (`export --reduce_range`).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_boolean(
+    "exact",
+    False,
+    "Also run each INT8 file with onnxruntime's graph optimizations off: the QDQ arithmetic "
+    "as written, which a CPU with VNNI computes too (slower).",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=FLAGS)
 
@@ -206,19 +252,23 @@ def run(args) -> dict:
                     calibrations=args.calibrations,
                     calibration_count=args.calibration_images,
                     tmp=sub,
+                    reduce_range=args.reduce_range,
+                    exact=args.exact,
                 )
             )
     return {"environment": _timing.environment(), "runs": runs}
 
 
 def _name(r) -> str:
-    kind = {"diracnet": "DiracNet", "plain": "plain twin"}.get(r["model"], r["model"])
+    names = {"diracnet": "DiracNet", "plain": "plain twin", "wrn": "WRN", "resnet": "ResNet"}
+    kind = names.get(r["model"], r["model"])
     return f"{kind}-{r['depth']}-{r['width']:g}"
 
 
 def report(results) -> str:
     """Markdown: the INT8 table, then the per-layer shares of `W` taps rounded to zero."""
     rows = []
+    exact = any("exact_agree" in q for r in results["runs"] for q in r["rows"])
     for r in results["runs"]:
         for q in r["rows"]:
             rows.append(
@@ -236,6 +286,14 @@ def report(results) -> str:
                     f"{q['size']:.2f}",
                 ]
             )
+            if exact and "exact_agree" in q:
+                rows[-1] += [
+                    f"{100 * (q['exact_top1'] - r['float_top1']):+.2f}",
+                    f"{100 * q['exact_agree']:.2f}",
+                    f"{100 * q['exact_logit_error']:.2f}",
+                ]
+            elif exact:  # a run measured without --exact, beside ones with it
+                rows[-1] += ["-"] * 3
     header = [
         "model",
         "float32 top-1 %",
@@ -249,6 +307,8 @@ def report(results) -> str:
         "logit error %",
         "size / float32",
     ]
+    if exact:
+        header += ["exact: points", "exact: agree %", "exact: logit error %"]
     lines = [_timing.describe(results["environment"]), "", _timing.markdown_table(header, rows)]
     taps = []
     for r in results["runs"]:
@@ -294,7 +354,7 @@ def report(results) -> str:
 
 def _default_row(run, weights):
     graph, activations, calibration = DEFAULT
-    if run["model"] != "diracnet":  # a chain without identities: one graph
+    if not any(q["variant"] == graph for q in run["rows"]):  # no identity apart: one graph
         graph = GRAPHS[0][0]
     for q in run["rows"]:
         if (q["variant"], q["weights"], q["activations"], q["calibration"]) == (
