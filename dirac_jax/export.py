@@ -146,20 +146,23 @@ def onnx_model(model, variables, config, *, identity_apart: bool = False):
 
 
 def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
-    """`count` uint8 images of the run's training split at the stored size, drawn at random.
+    """`count` uint8 images of the run's training split, drawn at random, as the export takes them.
+
+    A small dataset's stored images; a streamed one's (ImageNet folder or
+    ArrayRecord, local or in a bucket) decoded with the eval centre crop that
+    `evaluate` applies (`input_pipeline.calibration_images`). Either way the
+    draw is a function of `seed` alone.
 
     Raises:
-      ValueError: `count < 1`, or ImageNet (its training split is streamed, not stored).
+      ValueError: `count < 1`.
       data.DataNotFoundError: the training split is not where the config says.
     """
     if count < 1:
         raise ValueError(f"--calibration_images must be >= 1, got {count}.")
     if config.dataset.name in data.STREAMED_DATASETS:
-        raise ValueError(
-            "INT8 export calibrates on the stored training images of the small datasets; "
-            f"{config.dataset.name} is streamed. Quantize its float32 ONNX export with "
-            "dirac_jax.quantize.quantize_onnx and your own calibration images."
-        )
+        from dirac_jax import input_pipeline
+
+        return input_pipeline.calibration_images(config, count, seed=seed)
     source = config.dataset.get("source", "auto") or "auto"
     split = data.load(
         config.dataset.name, source=source, data_dir=config.dataset.get("data_dir"), split="train"

@@ -68,6 +68,7 @@ __all__ = [
     "StreamedInput",
     "TrainBatchMaker",
     "TrainBatches",
+    "calibration_images",
     "close_iterator",
     "create_input",
     "grain_iterator",
@@ -413,6 +414,46 @@ class StreamedInput:
             [data.eval_image(self.test_source[i]["image"], self.image_size) for i in range(count)]
         )
         return np.asarray(data.normalize(images, self.name))
+
+
+def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
+    """`count` images of a streamed run's training split, as `evaluate` sees an image.
+
+    Drawn without replacement by `seed` (the same rule as the stored datasets'
+    draw in `dirac_jax.export.calibration_images`), in index order, and decoded
+    with the eval transform (`data.eval_image`: the centre crop at
+    `dataset.image_size`), so INT8 activation ranges are calibrated on the
+    inputs the exported classifier takes. Reads the folder or TFDS source of
+    the config, local or in a bucket, in `_CALIBRATION_THREADS` threads (PIL
+    decodes and the bucket reads release the GIL).
+
+    Returns:
+      uint8 `(min(count, num_train), size, size, 3)`.
+
+    Raises:
+      ValueError: `count < 1`, or the source is unknown.
+      data.DataNotFoundError: the training split is not where the config says.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if count < 1:
+        raise ValueError(f"--calibration_images must be >= 1, got {count}.")
+    dataset = config.dataset
+    source = data.open_stream(dataset.name, dataset.source, "train", dataset.data_dir)
+    picked = np.random.default_rng(seed).choice(
+        len(source), size=min(count, len(source)), replace=False
+    )
+    size = int(dataset.image_size)
+
+    def decode(index) -> np.ndarray:
+        return data.eval_image(source[int(index)]["image"], size)
+
+    with ThreadPoolExecutor(_CALIBRATION_THREADS) as pool:
+        return np.stack(list(pool.map(decode, np.sort(picked))))
+
+
+# Calibration reads a few hundred files once: threads hide a bucket's latency per file.
+_CALIBRATION_THREADS = 8
 
 
 def close_iterator(iterator) -> None:
