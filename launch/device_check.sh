@@ -51,7 +51,7 @@ SITE="${DEVICE_CHECK_SITE:-${TMPDIR:-/tmp}/dirac_jax_device_site}"
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
 # The wheels the host lacks: stdlib and pip's packaging only, nothing of the project's deps.
-PLAN="$("$PY" -m dirac_jax.bench._host_deps ${WHEELS:+--wheels "$WHEELS"})" || exit 2
+PLAN="$("$PY" -m benchmarks._host_deps ${WHEELS:+--wheels "$WHEELS"})" || exit 2
 if [ -n "$PLAN" ]; then
   mapfile -t MISSING <<<"$PLAN"  # one wheel path per line
   echo "[device_check] installing into $SITE: $(basename -a "${MISSING[@]}" | tr '\n' ' ')"
@@ -59,4 +59,4 @@ if [ -n "$PLAN" ]; then
   "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
     --upgrade --target "$SITE" "${MISSING[@]}"
 fi
-exec "$PY" -m dirac_jax.bench device_check ${ARGS[@]+"${ARGS[@]}"}
+exec "$PY" -m benchmarks device_check ${ARGS[@]+"${ARGS[@]}"}

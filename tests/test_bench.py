@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dirac_jax.bench import compile as bench_compile
-from dirac_jax.bench import train as bench_train
+from benchmarks import compile as bench_compile
+from benchmarks import train as bench_train
 
 
 def test_constant_bytes_counts_literals_by_type():
@@ -150,7 +150,7 @@ def test_report_states_peak_share_and_skips():
 
 
 def _timing_env():
-    from dirac_jax.bench import _timing
+    from benchmarks import _timing
 
     return _timing.environment()
 
@@ -172,11 +172,11 @@ SUITES += ("int8", "train")
 def test_every_suite_lists_its_absl_flags_under_help(name, capsys):
     import importlib
 
-    suite = importlib.import_module(f"dirac_jax.bench.{name}")
+    suite = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit) as exit_info:
         suite.main(["--help"])
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and f"python -m dirac_jax.bench {name}" in out
+    assert exit_info.value.code == 0 and f"python -m benchmarks {name}" in out
     assert "--json" in out or name == "device_check"
     defined = list(suite.FLAGS)
     assert defined and all(f"--{flag}" in out or f"--[no]{flag}" in out for flag in defined)
@@ -184,8 +184,8 @@ def test_every_suite_lists_its_absl_flags_under_help(name, capsys):
 
 
 def test_suite_flags_parse_absl_style_and_reject_the_old_spelling(capsys):
-    from dirac_jax.bench import __main__ as bench_main
-    from dirac_jax.bench import fold_latency
+    from benchmarks import __main__ as bench_main
+    from benchmarks import fold_latency
 
     with pytest.raises(SystemExit) as exit_info:
         bench_train.main(["--half-precision"])
@@ -240,7 +240,7 @@ def _int8_row(variant, weights, top1, agree, error):
 
 
 def test_bench_int8_report_holds_the_default_to_the_bars():
-    from dirac_jax.bench import int8 as bench_int8
+    from benchmarks import int8 as bench_int8
 
     graph = bench_int8.DEFAULT[0]
     dirac = _int8_run(
@@ -290,7 +290,7 @@ def test_bench_int8_report_holds_the_default_to_the_bars():
 
 
 def test_bench_int8_report_shows_exact_columns_and_keeps_7_bit_rows_out_of_the_bars():
-    from dirac_jax.bench import int8 as bench_int8
+    from benchmarks import int8 as bench_int8
 
     graph = bench_int8.DEFAULT[0]
     rows = [

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from dirac_jax.bench import _host_deps, device_check, device_sections
+from benchmarks import _host_deps, device_check, device_sections
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,9 @@ def test_sections_import_without_the_streamed_input_stack():
     program = (
         "import sys\n"
         + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-        + "import dirac_jax.bench.train, dirac_jax.bench.fold_latency\n"
+        + "import benchmarks.train, benchmarks.fold_latency\n"
         + "import dirac_jax.main, dirac_jax.export\n"
-        + "import dirac_jax.bench.device_check\n"
+        + "import benchmarks.device_check\n"
         + "print('imported')\n"
     )
     done = subprocess.run(
@@ -139,7 +139,7 @@ def test_host_deps_leaves_out_the_streamed_input_stack():
 
 def test_report_keeps_a_cut_off_section_and_its_output():
     report = {
-        "command": "python -m dirac_jax.bench device_check --smoke",
+        "command": "python -m benchmarks device_check --smoke",
         "started_utc": "2026-01-01 00:00:00",
         "smoke": True,
         "budget_s": 100.0,

@@ -126,12 +126,16 @@ def test_the_configs_ship_in_the_package_and_import_without_sys_path():
 
 
 def test_the_wheel_lists_every_package():
+    # Every package under dirac_jax/ and the configs, and nothing from beside the library
+    # (benchmarks/, tests/): tests/test_wheel.py checks the built wheel itself.
     import tomllib
 
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     inits = (ROOT / "dirac_jax").rglob("__init__.py")
     in_tree = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
     assert set(packages["packages"]) == in_tree | {"dirac_jax.configs"}
+    assert len(packages["packages"]) == len(set(packages["packages"]))
+    assert (ROOT / "benchmarks" / "__init__.py").is_file()  # a package, and left out
     assert packages["package-dir"] == {"dirac_jax.configs": "configs"}
 
 

@@ -1,4 +1,9 @@
-"""The public surface: `__all__` everywhere, no imports of private modules, paper citations."""
+"""The public surface: `__all__` everywhere, no imports of private modules, paper citations.
+
+The rules hold for the library (`dirac_jax/`) and for the benchmarks beside it
+(`benchmarks/`), which use the library the way a user does: through its public
+names only. The library never imports the benchmarks (the wheel ships without them).
+"""
 
 import ast
 import importlib
@@ -14,10 +19,16 @@ import dirac_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dirac_jax"
+BENCHMARKS = ROOT / "benchmarks"  # run from a checkout, not in the wheel
+
+
+def _files():
+    """Every module of the library and of the benchmarks."""
+    return sorted([*PACKAGE.rglob("*.py"), *BENCHMARKS.rglob("*.py")])
 
 
 def _public_modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in _files():
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -36,7 +47,7 @@ def test_every_public_module_states_its_api(name):
 
 def test_no_module_imports_another_packages_private_modules():
     offenders = []
-    for path in PACKAGE.rglob("*.py"):
+    for path in _files():
         package = ".".join(path.relative_to(ROOT).parent.parts)
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -47,16 +58,33 @@ def test_no_module_imports_another_packages_private_modules():
             for name in names:
                 parts = name.split(".")
                 private = [i for i, p in enumerate(parts) if p.startswith("_")]
-                if parts[0] == "dirac_jax" and private:
+                if parts[0] in ("dirac_jax", "benchmarks") and private:
                     owner = ".".join(parts[: private[0]])
                     if owner != package:
                         offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not offenders, offenders
 
 
+def test_the_library_never_imports_the_benchmarks():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0] == "benchmarks"
+            ]
+    assert not offenders, offenders
+
+
 def test_docstrings_cite_papers_not_files():
     pattern = re.compile(r"shared/seeds|\b\d{3}_[0-9a-f]{8,}\.txt")
-    files = [*PACKAGE.rglob("*.py"), *(ROOT / "configs").glob("*.py"), ROOT / "README.md"]
+    files = [*_files(), *(ROOT / "configs").glob("*.py"), ROOT / "README.md"]
     cited = [str(p.relative_to(ROOT)) for p in files if pattern.search(p.read_text())]
     assert not cited, f"files that cite unshipped notes: {cited}"
 
@@ -122,7 +150,7 @@ def _uses(path: pathlib.Path):
 def test_no_module_is_longer_than_the_cap():
     long = {
         str(p.relative_to(ROOT)): n
-        for p in PACKAGE.rglob("*.py")
+        for p in _files()
         if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
@@ -131,7 +159,7 @@ def test_no_module_is_longer_than_the_cap():
 def test_no_module_touches_another_modules_private_names():
     offenders = [
         f"{path.relative_to(ROOT)}:{line} uses {module}.{name}"
-        for path in PACKAGE.rglob("*.py")
+        for path in _files()
         for line, module, name in _uses(path)
         if name.startswith("_") and not name.startswith("__") and module != _module_name(path)
     ]
@@ -140,7 +168,7 @@ def test_no_module_touches_another_modules_private_names():
 
 def test_what_a_module_uses_of_another_is_in_its_all():
     offenders = []
-    for path in PACKAGE.rglob("*.py"):
+    for path in _files():
         for line, module, name in _uses(path):
             if module == _module_name(path) or name.startswith("_"):
                 continue
@@ -180,7 +208,7 @@ def test_the_package_lists_every_public_top_level_module():
         for p in PACKAGE.iterdir()
         if not p.name.startswith("_") and (p.suffix == ".py" or (p / "__init__.py").exists())
     }
-    on_disk -= {"main", "bench"}  # command lines, run with `python -m`
+    on_disk -= {"main"}  # a command line, run with `python -m`
     missing = on_disk - set(dirac_jax.__all__)
     assert not missing, f"dirac_jax.__all__ (its _SUBMODULES) misses {sorted(missing)}"
 
@@ -189,12 +217,12 @@ def _layout_order() -> list[str]:
     """The module paths of the README's Layout section, in its order."""
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^- `(dirac_jax/[\w/]+\.py)`", section, flags=re.M)
+    return re.findall(r"^- `((?:dirac_jax|benchmarks)/[\w/]+\.py)`", section, flags=re.M)
 
 
 def test_the_readme_layout_lists_exactly_the_tree():
     listed = _layout_order()
-    on_disk = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    on_disk = {str(p.relative_to(ROOT)) for p in _files() if p.name != "__init__.py"}
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert set(listed) == on_disk, (
         f"not in the README's Layout: {sorted(on_disk - set(listed))}; "
@@ -221,7 +249,7 @@ def test_imports_flow_down_the_layout():
             if (
                 isinstance(node, ast.ImportFrom)
                 and node.module
-                and node.module in order | {"dirac_jax": 0}
+                and node.module in order | {"dirac_jax": 0, "benchmarks": 0}
             ):
                 for alias in node.names:
                     full = f"{node.module}.{alias.name}"

@@ -1,7 +1,7 @@
 """Everything measured and checked on a fresh accelerator host, in one time-boxed run.
 
 `bash launch/device_check.sh [--out DIR] [--wheels DIR] [--smoke]` sets up the
-host's Python (launch/device_check.sh) and runs `python -m dirac_jax.bench
+host's Python (launch/device_check.sh) and runs `python -m benchmarks
 device_check`, which runs these sections in order, each in its own process
 with its own time box:
 
@@ -9,13 +9,13 @@ with its own time box:
    versions, the peak FLOP/s the MFU figures are taken against;
 2. correctness: the tests marked `accelerator` (`pytest -m accelerator`) on
    the device, float32 at full precision, with the tolerances below;
-3. training throughput, float32 and bf16 (`bench train`): DiracNet-28-10,
+3. training throughput, float32 and bf16 (`benchmarks train`): DiracNet-28-10,
    CIFAR shape, batch 128; JAX DiracNet, its plain twin and PyTorch eager /
    `channels_last` / `channels_last` + `torch.compile`; img/s, ratios, MFU,
    and (bf16) the share of the step spent in the device-resident input;
 4. an ImageNet-shaped step: DiracNet-18 and -34 at 224 px, bf16, batch 256,
    synthetic images; img/s and MFU;
-5. deploy (`bench fold_latency`): folded against unfolded DiracNet-28-10 and against
+5. deploy (`benchmarks fold_latency`): folded against unfolded DiracNet-28-10 and against
    its plain twin, at batch 1 and 256;
 6. a `jax.profiler` trace of a few bf16 DiracNet-28-10 steps, packed into
    DIR/profile.tar.gz (open with TensorBoard's profile plugin or Perfetto).
@@ -50,8 +50,8 @@ import time
 
 from absl import flags
 
-from dirac_jax.bench import _flags
-from dirac_jax.bench.device_sections import ROOT, SECTION_FNS, stop_group
+from benchmarks import _flags
+from benchmarks.device_sections import ROOT, SECTION_FNS, stop_group
 
 __all__ = ["SECTIONS", "Section", "main", "render", "run_sections"]
 
@@ -119,7 +119,7 @@ def _run_child(section, smoke, out, env, timeout, log) -> tuple[str, float, dict
         cmd = [
             sys.executable,
             "-m",
-            "dirac_jax.bench.device_check",
+            "benchmarks.device_check",
             "--run_section",
             section.name,
             "--result",
@@ -248,7 +248,7 @@ def run_sections(
     return report
 
 
-FLAGS = flags.FlagValues()  # this suite's own (`bench._flags`)
+FLAGS = flags.FlagValues()  # this suite's own (`benchmarks._flags`)
 flags.DEFINE_string("out", "device_check", "Report folder.", flag_values=FLAGS)
 flags.DEFINE_bool("smoke", False, "Tiny sizes, on the CPU.", flag_values=FLAGS)
 flags.DEFINE_float(
@@ -284,7 +284,7 @@ flags.DEFINE_string("result", None, "Internal: where --run_section writes.", fla
 
 def _parse(argv):
     args = _flags.parse(FLAGS, argv, "device_check", __doc__)
-    prog = "python -m dirac_jax.bench device_check"
+    prog = "python -m benchmarks device_check"
     boxes = {}
     for item in args.box:
         name, _, seconds = item.partition("=")
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         pathlib.Path(args.result).write_text(json.dumps(results, default=str))
         return 0
     names = [n for n in _BY_NAME if n in args.sections]
-    command = "python -m dirac_jax.bench device_check " + shlex.join(argv)
+    command = "python -m benchmarks device_check " + shlex.join(argv)
     report = run_sections(out, args.smoke, args.budget, names, command.strip(), args.box)
     print(f"[device_check] report: {out / 'report.md'} and {out / 'report.json'}")
     return 0 if all(s["status"] == "ok" for s in report["sections"].values()) else 1

@@ -1,4 +1,4 @@
-"""INT8 fidelity of trained runs: `python -m dirac_jax.bench int8 --workdirs=W[,W...]`.
+"""INT8 fidelity of trained runs: `python -m benchmarks int8 --workdirs=W[,W...]`.
 
 For each training workdir (a chain: DiracNet, its plain twin, MobileNet; or a
 residual net, WRN or ResNet, whose shortcut Adds are rounded like any
@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from benchmarks import _flags, _timing
 from dirac_jax import config_schema, data, export, fold, quantize, workdir
-from dirac_jax.bench import _flags, _timing
 
 __all__ = [
     "BARS",
@@ -114,7 +114,8 @@ def measure_workdir(
     model = model.clone(dtype=jnp.float32)
     if config.model.name not in config_schema.FOLDABLE_MODELS:
         raise ValueError(
-            f"bench int8 measures the nets that export to ONNX {config_schema.FOLDABLE_MODELS}; "
+            "benchmarks int8 measures the nets that export to ONNX "
+            f"{config_schema.FOLDABLE_MODELS}; "
             f"{path} holds a {config.model.name!r}."
         )
     source = config.dataset.get("source", "auto") or "auto"

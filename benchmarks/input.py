@@ -1,6 +1,6 @@
 """Input throughput: decode + augment of ImageNet-shaped JPEGs, per core and with Grain workers.
 
-`python -m dirac_jax.bench input` measures the streamed input's host work
+`python -m benchmarks input` measures the streamed input's host work
 (`dirac_jax.input_pipeline`) on synthetic photographs of ImageNet's typical
 size (500x375 JPEGs at quality 90, about ImageNet's mean file size):
 
@@ -26,8 +26,8 @@ import time
 import numpy as np
 from absl import flags
 
+from benchmarks import _flags, _timing
 from dirac_jax import data, input_pipeline
-from dirac_jax.bench import _flags, _timing
 
 __all__ = ["main", "options", "report", "run", "synthetic_jpegs"]
 

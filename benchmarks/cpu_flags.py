@@ -1,10 +1,10 @@
 """XLA:CPU flag settings side by side: compile time, step time and the same numbers.
 
-`python -m dirac_jax.bench cpu_flags` runs one worker process per setting of
+`python -m benchmarks cpu_flags` runs one worker process per setting of
 `XLA_FLAGS` (flags are read once, when a process starts its CPU backend), each
 holding the same jitted programs:
 
-* the trainer's DiracNet training step (`bench train`'s candidate: gather,
+* the trainer's DiracNet training step (`benchmarks train`'s candidate: gather,
   augmentation, forward, backward, SGD) on synthetic CIFAR-sized data;
 * one 3x3 convolution, forward and backward, batch 128, 32x32x64.
 
@@ -26,7 +26,7 @@ import time
 
 from absl import flags
 
-from dirac_jax.bench import _flags
+from benchmarks import _flags
 
 __all__ = ["SETTINGS", "main", "report", "run"]
 
@@ -93,9 +93,9 @@ def _worker(args) -> int:
     """Builds the programs, then answers one command per stdin line with JSON on stdout."""
     import jax
 
+    from benchmarks import _timing
+    from benchmarks.train import jax_candidate
     from dirac_jax import data, sharding
-    from dirac_jax.bench import _timing
-    from dirac_jax.bench.train import jax_candidate
 
     out = sys.stdout
     args.half_precision = False
@@ -128,7 +128,7 @@ def _start(name: str, args) -> subprocess.Popen:
     env["DIRAC_JAX_XLA_CPU_FLAGS"] = "0"
     env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [
-        sys.executable, "-m", "dirac_jax.bench.cpu_flags", "--worker",
+        sys.executable, "-m", "benchmarks.cpu_flags", "--worker",
         "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -145,7 +145,7 @@ def _ask(proc: subprocess.Popen, command: str | None = None) -> dict:
 
 
 def run(args) -> dict:
-    from dirac_jax.bench import _timing
+    from benchmarks import _timing
 
     workers, compile_s = {}, {}
     try:
@@ -188,7 +188,7 @@ def run(args) -> dict:
 
 
 def report(results: dict) -> str:
-    from dirac_jax.bench import _timing
+    from benchmarks import _timing
 
     args = results["args"]
     rows = [
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return _worker(args)
-    from dirac_jax.bench import _timing
+    from benchmarks import _timing
 
     return _timing.cli(argv, _parse, run, report)
 

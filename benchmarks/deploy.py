@@ -1,7 +1,7 @@
-"""Deploy latency, side by side: `python -m dirac_jax.bench deploy [--flags]`.
+"""Deploy latency, side by side: `python -m benchmarks deploy [--flags]`.
 
 One DiracNet (CIFAR stem, 32x32x3 uint8 images, trained-looking random
-variables as `bench fold_latency`) as every deployable form, in one process, timed
+variables as `benchmarks fold_latency`) as every deployable form, in one process, timed
 round-robin at each batch size (`_timing.interleaved_times`):
 
 * the unfolded JAX model (`model.apply`, BN at eval; jit, params as arguments);
@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from benchmarks import _flags, _timing
+from benchmarks.fold_latency import random_variables
 from dirac_jax import data, fold, quantize, torch_reference
-from dirac_jax.bench import _flags, _timing
-from dirac_jax.bench.fold_latency import random_variables
 from dirac_jax.formats import onnx_graph
 from dirac_jax.models import get_model
 

@@ -2,7 +2,7 @@
 
 Run by `launch/device_check.sh` before anything of the project is imported, so
 this module uses the standard library and pip's own `packaging` only (it needs
-no JAX). `python -m dirac_jax.bench._host_deps --wheels DIR` prints the wheel
+no JAX). `python -m benchmarks._host_deps --wheels DIR` prints the wheel
 files to install, one per line, and says on stderr what stays unmet.
 
 What is already installed is used as it is: a requirement is planned from the
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the host
 
 __all__ = ["DEVICE_CHECK_EXTRAS", "STREAMING", "Plan", "plan", "project_requirements"]
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Needed only to stream datasets from disk (the ImageNet pipeline), never by the device check.
 STREAMING = ("grain", "tensorflow-datasets", "array-record")
 # What the accelerator tests need beyond the project's own requirements.
@@ -156,7 +156,7 @@ def _download_hint(names: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dirac_jax.bench._host_deps", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks._host_deps", description=__doc__)
     p.add_argument("--wheels", type=pathlib.Path, default=None, help="folder of wheels.")
     args = p.parse_args(argv)
     if args.wheels is not None and not args.wheels.is_dir():

@@ -1,6 +1,6 @@
 """Compile cost: what the Dirac parameterization adds to a compiled training program.
 
-`python -m dirac_jax.bench compile` lowers and compiles the forward and backward
+`python -m benchmarks compile` lowers and compiles the forward and backward
 pass of DiracNet and of the plain net of the same shape (`get_model("diracnet")`
 and `get_model("plain")`: the same model code, the same layers), as
 `jax.jit(jax.grad(loss)).lower(params, batch_stats, images, labels)` with every
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import optax
 from absl import flags
 
+from benchmarks import _flags, _timing
+from benchmarks import train as bench_train
 from dirac_jax import config_schema, optim, sharding, steps
-from dirac_jax.bench import _flags, _timing
-from dirac_jax.bench import train as bench_train
 from dirac_jax.models import get_model
 
 __all__ = [
@@ -155,7 +155,7 @@ def train_step(name: str, case: dict, batch: int, dtype) -> tuple[Callable, tupl
       `(train_fn, (state, batch))` with `state` and `batch` as `ShapeDtypeStruct`s.
     """
     imagenet = case["stem"] == "imagenet"
-    # The config `bench train` times, with this case's stem and dataset.
+    # The config `benchmarks train` times, with this case's stem and dataset.
     config = bench_train.config_for(
         name, case["depth"], case["width"], batch, half_precision=dtype == jnp.bfloat16
     )

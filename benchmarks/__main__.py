@@ -1,7 +1,7 @@
-"""Entry point: `python -m dirac_jax.bench SUITE [--flag=value ...]`, SUITE one of `_SUITES`.
+"""Entry point: `python -m benchmarks SUITE [--flag=value ...]`, SUITE one of `_SUITES`.
 
 The suite is the first word; the rest are its absl flags (`--half_precision`,
-`--depth=10` or `--depth 10`), and `python -m dirac_jax.bench SUITE --help`
+`--depth=10` or `--depth 10`), and `python -m benchmarks SUITE --help`
 lists them.
 """
 
@@ -24,17 +24,17 @@ _SUITES = (
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in _SUITES:
-        usage = f"usage: python -m dirac_jax.bench {{{','.join(_SUITES)}}} [--flag=value ...]"
+        usage = f"usage: python -m benchmarks {{{','.join(_SUITES)}}} [--flag=value ...]"
         asked = argv[:1] in (["--help"], ["-h"])
         print(
-            f"{usage}\npython -m dirac_jax.bench SUITE --help lists a suite's flags.",
+            f"{usage}\npython -m benchmarks SUITE --help lists a suite's flags.",
             file=sys.stdout if asked else sys.stderr,
         )
         return 0 if asked else 2
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()
-    suite = importlib.import_module(f"dirac_jax.bench.{argv[0]}")
+    suite = importlib.import_module(f"benchmarks.{argv[0]}")
     return suite.main(argv[1:])
 
 

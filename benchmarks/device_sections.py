@@ -1,11 +1,11 @@
 """The device check's sections: what each one measures, in a process of its own.
 
-`python -m dirac_jax.bench device_check` (the driver, `device_check`) runs each
+`python -m benchmarks device_check` (the driver, `device_check`) runs each
 section in a child process under a time box; `SECTION_FNS` maps a section's name
 to its function, `fn(smoke, out) -> {"summary": one line, "markdown": text,
 "data": json-able results}`. The sections: the environment, the accelerator
-tests (correctness), training throughput in float32 and bf16 (`bench train`),
-an ImageNet-shaped step, the folded net's latency (`bench fold_latency`) and a
+tests (correctness), training throughput in float32 and bf16 (`benchmarks train`),
+an ImageNet-shaped step, the folded net's latency (`benchmarks fold_latency`) and a
 profile of a few steps.
 """
 
@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 
 __all__ = ["ROOT", "SECTION_FNS", "stop_group"]
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The accelerator tests of `--smoke`: quick ones, so the run exercises the section's
 # machinery (collection without a GPU-only dependency, result parsing) in seconds.
@@ -57,8 +57,8 @@ def _env_section(smoke: bool, out: pathlib.Path) -> dict:
 
     import jax
 
-    from dirac_jax.bench import _timing
-    from dirac_jax.bench import train as bench_train
+    from benchmarks import _timing
+    from benchmarks import train as bench_train
 
     env = _timing.environment()
     device = jax.devices()[0]
@@ -109,7 +109,7 @@ def _env_section(smoke: bool, out: pathlib.Path) -> dict:
         [
             "peak TFLOP/s for MFU",
             ", ".join(f"{k} {v}" for k, v in (peak or {}).items())
-            or "none known for this device (bench.train.PEAK_TFLOPS)",
+            or "none known for this device (benchmarks.train.PEAK_TFLOPS)",
         ],
         ["nvidia-smi", data["nvidia_smi"] or "-"],
         ["host", _timing.describe(env)],
@@ -304,7 +304,7 @@ def _verbose_results(lines: list[str]) -> list[dict]:
 
 
 def _train_section(smoke: bool, out: pathlib.Path, half: bool) -> dict:
-    from dirac_jax.bench import train as bench_train
+    from benchmarks import train as bench_train
 
     if smoke:  # torch.compile on the CPU takes minutes: eager and channels_last only.
         shape = dict(depth=10, width=0.25, batch=8, repeats=2, warmup=1)
@@ -332,9 +332,9 @@ def _imagenet_section(smoke: bool, out: pathlib.Path) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from benchmarks import _timing
+    from benchmarks import train as bench_train
     from dirac_jax import config_schema, optim, sharding, steps
-    from dirac_jax.bench import _timing
-    from dirac_jax.bench import train as bench_train
 
     depths, width, size, batch, repeats = (
         ([18], 0.25, 32, 4, 2) if smoke else ([18, 34], 1.0, 224, 256, 10)
@@ -432,7 +432,7 @@ def _closure_step(train_fn, state, batch):
 
 
 def _deploy_section(smoke: bool, out: pathlib.Path) -> dict:
-    from dirac_jax.bench import fold_latency
+    from benchmarks import fold_latency
 
     shape = dict(depth=10, width=0.25) if smoke else dict(depth=28, width=10.0)
     runs = [(1, 2, 2), (8, 2, 2)] if smoke else [(1, 30, 3), (256, 10, 2)]
@@ -449,9 +449,9 @@ def _deploy_section(smoke: bool, out: pathlib.Path) -> dict:
 
 def _profile_section(smoke: bool, out: pathlib.Path) -> dict:
 
+    from benchmarks import _timing
+    from benchmarks import train as bench_train
     from dirac_jax import data, sharding
-    from dirac_jax.bench import _timing
-    from dirac_jax.bench import train as bench_train
 
     shape = dict(depth=10, width=0.25, batch=8) if smoke else dict(depth=28, width=10.0, batch=128)
     steps = 2 if smoke else 5
@@ -504,7 +504,7 @@ SECTION_FNS = {
 
 
 def _timing_table(header, rows) -> str:
-    from dirac_jax.bench._timing import markdown_table
+    from benchmarks._timing import markdown_table
 
     return markdown_table(header, rows)
 

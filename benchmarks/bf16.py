@@ -1,6 +1,6 @@
 """bfloat16 Dirac conv: how to keep the identity path exact, measured on one layer.
 
-`python -m dirac_jax.bench bf16` compares, on a 3x3 stride-1 Dirac conv
+`python -m benchmarks bf16` compares, on a 3x3 stride-1 Dirac conv
 (DiracNets v2 eq. 5) with bfloat16 activations, forward and backward:
 
 * `float32`: the layer in float32, the reference for the errors;
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from benchmarks import _flags, _timing
 from dirac_jax import layers, param
-from dirac_jax.bench import _flags, _timing
 
 __all__ = ["main", "options", "report", "run"]
 

@@ -1,6 +1,6 @@
 """Training throughput: DiracNet against its plain twin and against PyTorch at its best.
 
-`python -m dirac_jax.bench train` times full training steps (forward, backward,
+`python -m benchmarks train` times full training steps (forward, backward,
 SGD with momentum and weight decay, BN statistics update) on synthetic CIFAR-sized
 data, in one process, with the trainer's own jitted step (`steps.compile_steps`,
 augmentation on the device, donated state) on a mesh of all local devices. It
@@ -43,8 +43,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from benchmarks import _flags, _timing
 from dirac_jax import config_schema, data, optim, sharding, steps
-from dirac_jax.bench import _flags, _timing
 
 __all__ = [
     "PEAK_TFLOPS",

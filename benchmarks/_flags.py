@@ -1,6 +1,6 @@
 """The benchmark suites' absl flags: each suite's own `FlagValues`, parsed from its argv.
 
-`python -m dirac_jax.bench SUITE --flags` hands the words after SUITE to the
+`python -m benchmarks SUITE --flags` hands the words after SUITE to the
 suite. Every suite defines its flags at module level on a `FlagValues` of its
 own (not absl's global `FLAGS`), so suites that define the same flag name
 (`--depth`, `--batch`, `--json`) import side by side, and a module that runs
@@ -24,7 +24,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], suite: str, doc: s
     A bad flag, or a word that is not a flag, prints one error line and exits 2.
     The values are returned as a namespace (attribute per flag), as `options` makes.
     """
-    prog = f"python -m dirac_jax.bench {suite}"
+    prog = f"python -m benchmarks {suite}"
     argv = list(argv)
     if any(a in _HELP for a in argv):
         help_text = flag_values.get_help(prefix="  ", include_special_flags=False)

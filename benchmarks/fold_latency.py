@@ -1,4 +1,4 @@
-"""Inference latency of a folded DiracNet: `python -m dirac_jax.bench fold_latency [--flags]`.
+"""Inference latency of a folded DiracNet: `python -m benchmarks fold_latency [--flags]`.
 
 DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so the
 net becomes a chain of conv-ReLU pairs, with "no cost at all at inference". This
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dirac_jax.bench import _flags, _timing
+from benchmarks import _flags, _timing
 from dirac_jax.fold import apply_folded, fold, num_params
 from dirac_jax.models import count_params, get_model
 
