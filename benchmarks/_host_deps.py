@@ -11,6 +11,11 @@ range and the folder holds one inside it. The wheels are installed with
 `--no-deps`, so the plan follows the requirements of every planned wheel too.
 The streamed-input stack (Grain, TFDS, ArrayRecord) is left out: no section of
 the device check reads a dataset from disk.
+
+`outside_tested_range` says whether the host's JAX, Flax and Orbax are ones the
+test suite has passed on; the device check stops before its first section when
+they are not, since a failure there would not say whether the host or the
+untested stack is at fault.
 """
 
 from __future__ import annotations
@@ -27,18 +32,38 @@ try:  # pip vendors `packaging`, so it is there wherever pip is.
     from packaging.requirements import Requirement
     from packaging.tags import sys_tags
     from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.version import InvalidVersion, Version
 except ImportError:  # pragma: no cover - depends on the host
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.tags import sys_tags
     from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
-__all__ = ["DEVICE_CHECK_EXTRAS", "STREAMING", "Plan", "plan", "project_requirements"]
+__all__ = [
+    "DEVICE_CHECK_EXTRAS",
+    "STREAMING",
+    "TESTED",
+    "TESTED_THROUGH",
+    "Plan",
+    "installed_versions",
+    "outside_tested_range",
+    "plan",
+    "project_requirements",
+    "pinned_floor",
+]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Needed only to stream datasets from disk (the ImageNet pipeline), never by the device check.
 STREAMING = ("grain", "tensorflow-datasets", "array-record")
 # What the accelerator tests need beyond the project's own requirements.
 DEVICE_CHECK_EXTRAS = ("pytest>=8", "onnx>=1.16", "onnxruntime>=1.18")
+
+# The stack whose versions the device check holds to the range the suite has passed on. The
+# floor is the pinned stack CI tests (launch/constraints.txt, read by `pinned_floor`); the
+# ceiling is the newest stack CI tests, by release prefix: "0.12" takes every 0.12.x, "0.12.12"
+# nothing after it. Raise it when CI has passed on a newer release.
+TESTED = ("jax", "flax", "orbax-checkpoint")
+TESTED_THROUGH = {"jax": "0.12", "flax": "0.12.12", "orbax-checkpoint": "0.12.8"}
 
 
 def project_requirements(pyproject: pathlib.Path = ROOT / "pyproject.toml") -> list[str]:
@@ -51,6 +76,67 @@ def project_requirements(pyproject: pathlib.Path = ROOT / "pyproject.toml") -> l
     skip = {canonicalize_name(n) for n in STREAMING}
     kept = [d for d in deps if canonicalize_name(Requirement(d).name) not in skip]
     return kept + list(DEVICE_CHECK_EXTRAS)
+
+
+def pinned_floor(constraints: pathlib.Path = ROOT / "launch" / "constraints.txt") -> dict:
+    """`{name: version}` of `TESTED` as `constraints` pins them (`name==version` lines)."""
+    pins = {}
+    for line in constraints.read_text().splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep and canonicalize_name(name) in TESTED:
+            pins[canonicalize_name(name)] = version.strip()
+    missing = [n for n in TESTED if n not in pins]
+    if missing:
+        raise ValueError(f"{constraints} pins no version of {', '.join(missing)}")
+    return pins
+
+
+def installed_versions() -> dict:
+    """`{name: version or None}` of `TESTED` in this interpreter (None: not installed)."""
+    return {name: _installed(name) for name in TESTED}
+
+
+def _within(version: str, floor: str, through: str) -> bool:
+    release = Version(version).release
+    ceiling = Version(through).release
+    return release >= Version(floor).release and release[: len(ceiling)] <= ceiling
+
+
+def outside_tested_range(versions, floor=None, through=None) -> str | None:
+    """One line naming what in `versions` is outside the tested range; None if all is in it.
+
+    `versions` maps names of `TESTED` to installed versions (None: not installed);
+    `floor` and `through` default to `pinned_floor()` and `TESTED_THROUGH`.
+
+    Examples:
+      >>> floor = {"jax": "0.10.2", "flax": "0.12.8", "orbax-checkpoint": "0.12.8"}
+      >>> ok = {"jax": "0.12.1", "flax": "0.12.12", "orbax-checkpoint": "0.12.8"}
+      >>> outside_tested_range(ok, floor) is None
+      True
+      >>> print(outside_tested_range(ok | {"flax": "0.13.0"}, floor))
+      untested JAX stack: flax 0.13.0 (tested: jax 0.10.2 to 0.12.x, flax 0.12.8 to 0.12.12, ...)
+    """
+    floor = pinned_floor() if floor is None else floor
+    through = TESTED_THROUGH if through is None else through
+    bad = []
+    for name in TESTED:
+        version = versions.get(name)
+        if version is None:
+            bad.append(f"{name} not installed")
+            continue
+        try:
+            inside = _within(version, floor[name], through[name])
+        except InvalidVersion:
+            inside = False
+        if not inside:
+            bad.append(f"{name} {version}")
+    if not bad:
+        return None
+    span = ", ".join(
+        f"{n} {floor[n]} to {through[n]}{'.x' if len(Version(through[n]).release) < 3 else ''}"
+        for n in TESTED
+    )
+    return f"untested JAX stack: {', '.join(bad)} (tested: {span})"
 
 
 class Plan:

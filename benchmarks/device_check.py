@@ -26,6 +26,10 @@ is stopped (its whole process group) and reported as timed out, and the next
 one starts. Every section's output goes to DIR/device_check.log. Sections share
 a JAX compilation cache, so the profile reuses the bf16 step compiled in 3.
 
+Before the first section, the host's JAX, Flax and Orbax are checked against
+the range the test suite has passed on (`_host_deps.outside_tested_range`): out
+of it, the run stops with one line and exit status 2, unless `--allow_untested`.
+
 `--smoke` runs every section at tiny sizes (a few quick accelerator tests, no
 `torch.compile`) on the CPU; `tests/test_device_check.py` runs it. This module
 is the driver (time boxes, child processes, the report); the sections' code is
@@ -50,7 +54,7 @@ import time
 
 from absl import flags
 
-from benchmarks import _flags
+from benchmarks import _flags, _host_deps
 from benchmarks.device_sections import ROOT, SECTION_FNS, stop_group
 
 __all__ = ["SECTIONS", "Section", "main", "render", "run_sections"]
@@ -276,6 +280,12 @@ flags.DEFINE_multi_string(
     "SECTION=SECONDS: replace a section's time box (repeatable), e.g. --box=train_bfloat16=200.",
     flag_values=FLAGS,
 )
+flags.DEFINE_bool(
+    "allow_untested",
+    False,
+    "Run on a JAX, Flax or Orbax outside the tested range (by default the check stops there).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum(
     "run_section", None, list(_BY_NAME), "Internal: run this one section.", flag_values=FLAGS
 )
@@ -317,6 +327,15 @@ def main(argv=None) -> int:
         print(results["markdown"])
         pathlib.Path(args.result).write_text(json.dumps(results, default=str))
         return 0
+    untested = _host_deps.outside_tested_range(_host_deps.installed_versions())
+    if untested:
+        if not args.allow_untested:
+            print(
+                f"error: {untested}; install a tested version, or pass --allow_untested",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"[device_check] warning: {untested}; running anyway (--allow_untested)")
     names = [n for n in _BY_NAME if n in args.sections]
     command = "python -m benchmarks device_check " + shlex.join(argv)
     report = run_sections(out, args.smoke, args.budget, names, command.strip(), args.box)

@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import _flags, _timing
-from dirac_jax import config_schema, data, optim, sharding, steps
+from dirac_jax import config_schema, data, models, optim, sharding, steps
 
 __all__ = [
     "PEAK_TFLOPS",
@@ -209,7 +209,7 @@ def jax_candidate(name: str, args, mesh, arrays, augment: bool = True):
         cell["state"], metrics = train_fn(cell["state"], arrays, idx)
         return metrics["loss"]
 
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    num_params = models.count_params(state.params)
     return step, num_params, lowered_flops(lowered), lowered
 
 

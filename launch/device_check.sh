@@ -8,11 +8,14 @@
 #   --wheels DIR  a folder of wheels for what the host's Python lacks (default ./.whl if present);
 #                 fill it on a machine with network, see README "On a GPU host"
 #   --smoke       every section at tiny sizes on the CPU (a few minutes)
+#   python -m benchmarks device_check --help lists the rest (--sections, --box, --allow_untested).
 #
 # No network is needed. The host's Python is used as it is (the first of $PYTHON, the checkout's
 # .venv, python3 that imports jax); only what it lacks is installed, from --wheels, with
 # --no-index --no-deps into a folder put first on PYTHONPATH, never into the host's Python. The
-# project runs from this checkout (PYTHONPATH), so none of it is installed either.
+# project runs from this checkout (PYTHONPATH: benchmarks/ and dirac_jax/), so none of it is
+# installed either. A JAX, Flax or Orbax outside the range the tests have passed on stops the run
+# before its first section, with one line and exit status 2 (benchmarks/_host_deps.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -22,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS="${2:?--wheels needs a folder}"; shift 2 ;;
     --wheels=*) WHEELS="${1#--wheels=}"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done

@@ -191,3 +191,82 @@ def test_bad_arguments_fail_clearly(capsys):
         timeout=60,
     )
     assert done.returncode == 2 and "is not a folder" in done.stderr
+
+
+FLOOR = {"jax": "0.10.2", "flax": "0.12.8", "orbax-checkpoint": "0.12.8"}
+THROUGH = {"jax": "0.12", "flax": "0.12.12", "orbax-checkpoint": "0.12.8"}
+
+
+@pytest.mark.parametrize(
+    "versions",
+    [
+        FLOOR,
+        {"jax": "0.11.2", "flax": "0.12.10", "orbax-checkpoint": "0.12.8"},  # the GPU image's jax
+        {"jax": "0.12.99", "flax": "0.12.12", "orbax-checkpoint": "0.12.8"},  # "0.12": any 0.12.x
+        {"jax": "0.12.1.dev20260101", "flax": "0.12.12", "orbax-checkpoint": "0.12.8"},
+    ],
+)
+def test_a_stack_inside_the_tested_range_passes(versions):
+    assert _host_deps.outside_tested_range(versions, FLOOR, THROUGH) is None
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"jax": "0.10.1"}, "jax 0.10.1"),  # under the pinned floor
+        ({"jax": "0.13.0"}, "jax 0.13.0"),  # past 0.12.x
+        ({"flax": "0.12.13"}, "flax 0.12.13"),  # past 0.12.12
+        ({"flax": "0.11.9"}, "flax 0.11.9"),
+        ({"orbax-checkpoint": "0.12.9"}, "orbax-checkpoint 0.12.9"),
+        ({"orbax-checkpoint": None}, "orbax-checkpoint not installed"),
+        ({"flax": "not-a-version"}, "flax not-a-version"),
+        ({"jax": "0.13.0", "flax": "0.12.13"}, "jax 0.13.0, flax 0.12.13"),
+    ],
+)
+def test_a_stack_outside_the_tested_range_is_named_in_one_line(changed, named):
+    line = _host_deps.outside_tested_range(FLOOR | changed, FLOOR, THROUGH)
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"untested JAX stack: {named} (tested: jax 0.10.2 to 0.12.x, ")
+    assert line.endswith("orbax-checkpoint 0.12.8 to 0.12.8)")
+
+
+def test_the_floor_is_the_pinned_stack(tmp_path):
+    pins = (ROOT / "launch" / "constraints.txt").read_text().splitlines()
+    for name, version in _host_deps.pinned_floor().items():
+        assert any(line.lower().replace("_", "-") == f"{name}=={version}" for line in pins), (
+            f"{name}=={version} is not pinned in launch/constraints.txt"
+        )
+    names = set(_host_deps.TESTED)
+    assert set(_host_deps.pinned_floor()) == names == set(_host_deps.TESTED_THROUGH)
+    partial = tmp_path / "constraints.txt"
+    partial.write_text("# header\njax==0.10.2\nFlax==0.12.8  # a comment\n")
+    with pytest.raises(ValueError, match="pins no version of orbax-checkpoint"):
+        _host_deps.pinned_floor(partial)
+    partial.write_text(partial.read_text() + "orbax_checkpoint==0.12.8\n")
+    assert _host_deps.pinned_floor(partial) == FLOOR
+
+
+def test_the_tests_run_on_a_tested_stack():
+    # CI runs the suite on the pinned floor and on the newest stack: both must be inside the
+    # range the device check accepts, or TESTED_THROUGH lags what CI has passed on.
+    assert _host_deps.outside_tested_range(_host_deps.installed_versions()) is None
+
+
+def test_an_untested_stack_stops_the_check_before_any_section(tmp_path, capsys, monkeypatch):
+    ran = []
+
+    def run_sections(*args, **kwargs):
+        ran.append(args)
+        return {"sections": {}}
+
+    monkeypatch.setattr(device_check, "run_sections", run_sections)
+    monkeypatch.setattr(_host_deps, "installed_versions", lambda: FLOOR | {"jax": "0.13.0"})
+    out = tmp_path / "report"
+    assert device_check.main(["--smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: untested JAX stack: jax 0.13.0 ") and "--allow_untested" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not ran and not out.exists()
+    # --allow_untested runs the sections anyway and says so.
+    assert device_check.main(["--smoke", "--out", str(out), "--allow_untested"]) == 0
+    assert len(ran) == 1 and "running anyway" in capsys.readouterr().out
