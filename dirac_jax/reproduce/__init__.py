@@ -10,6 +10,12 @@ fig. 1), `scales` (fig. 2), `init` (sec. 3.4), `plainnet` (Oyedotun et al.,
 Table 1), `symmetric` (the slides' CIFAR table and figure); presets `smoke`,
 `cpu` and `paper` (see `PRESETS`).
 
+This package is part of the library, not an example beside it: checking the
+papers' claims from an installed wheel, on the user's own hardware, is part of
+what the project offers. It depends on the library alone (the trainer, the
+configs, `fold`), never on the benchmarks or a checkout, so it ships in the
+wheel; the benchmarks and the device tooling do not (`benchmarks/`).
+
 Example:
   >>> from dirac_jax import reproduce
   >>> plan = reproduce.EXPERIMENTS["depth"].plan("cpu")
