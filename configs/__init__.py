@@ -1,7 +1,10 @@
 """The training configs, one file per recipe; shipped in the wheel as `dirac_jax.configs`.
 
-Each module has `get_config([preset])`. The folder stays at the repository's top
-level, and setuptools maps it to the subpackage `dirac_jax.configs`
+Each module has `get_config()`, which returns an `ml_collections.ConfigDict`. Two
+also take a variant, the symmetric-kernel mode (`hard`, the default; `soft`;
+`none`): `cifar_wrn_symmetric` and `imagenet_resnet_symmetric`, chosen on the
+command line as `--config=cifar_wrn_symmetric:soft`. The folder stays at the
+repository's top level, and setuptools maps it to the subpackage `dirac_jax.configs`
 (pyproject.toml), so variants import their base as `from dirac_jax.configs
 import cifar_dirac` in a source tree (editable install) and an installed wheel
 alike. The command lines take a config by path (`--config=configs/cifar_dirac.py`)

@@ -39,6 +39,17 @@ all of them agree on the same step, without a collective of our own that a
 dying host could hang. A single process has no coordination service, so there
 `PreemptionSignal` turns SIGTERM into a flag.
 
+Orbax API: this module uses orbax's `CheckpointManager` with `ocp.args` (the
+API orbax now calls "v0"), not `orbax.checkpoint.experimental.v1` (orbax
+0.12.8, the newest release). v1's `training.Checkpointer` would replace the
+four `ocp.args.Composite(...)` wrappers by plain dicts and save nothing else:
+it has no `reached_preemption` (which `Preemption` needs), Grain saves its
+iterator through v0's handler args (`grain.checkpoint.CheckpointSave`), and v1
+is still marked experimental, so its names may change between releases. A
+later move keeps old checkpoints readable: v1's `Checkpointer` is built on the
+same `CheckpointManager` and step layout, and loads this module's checkpoints
+as they are (checked with orbax 0.12.8).
+
 Example:
   >>> import jax.numpy as jnp, tempfile
   >>> mngr = create_manager(tempfile.mkdtemp(), keep=2)
@@ -132,7 +143,8 @@ def create_manager(
     # Partial steps of an interrupted save, by orbax's own test (a tmp name locally, no
     # commit marker on GCS); orbax removes exactly these when the manager opens.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        # `max_to_keep=keep` keeps the same steps; orbax deprecates it for this policy.
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         create=True,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,

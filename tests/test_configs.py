@@ -47,6 +47,29 @@ def test_every_config_file_is_tested():
     assert len(CONFIGS) >= 12 and "imagenet_dirac" in CONFIGS
 
 
+def test_configs_take_the_variants_their_package_docstring_names():
+    # dirac_jax.configs' docstring says every get_config() takes no argument but these two.
+    import importlib
+    import inspect
+
+    import ml_collections
+
+    import dirac_jax.configs
+
+    with_variant = set()
+    for name in CONFIGS:
+        get_config = importlib.import_module(f"dirac_jax.configs.{name}").get_config
+        if inspect.signature(get_config).parameters:
+            with_variant.add(name)
+            for mode in ("hard", "soft", "none"):
+                assert isinstance(get_config(mode), ml_collections.ConfigDict), (name, mode)
+            with pytest.raises(ValueError, match="unknown mode"):
+                get_config("other")
+        assert isinstance(get_config(), ml_collections.ConfigDict), name
+    assert with_variant == {"cifar_wrn_symmetric", "imagenet_resnet_symmetric"}
+    assert all(f"`{name}`" in dirac_jax.configs.__doc__ for name in with_variant)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_starts_at_its_defaults(name, image_tree, tmp_path):
