@@ -90,11 +90,12 @@ def test_docstrings_cite_papers_not_files():
 
 
 def test_top_level_entry_points():
-    from dirac_jax import evaluate, export, fold, models, workdir
+    from dirac_jax import evaluate, export, models, workdir
 
     assert dirac_jax.load is workdir.load
     assert dirac_jax.get_model is models.get_model
-    assert dirac_jax.fold_net is fold.fold
+    with pytest.raises(AttributeError, match=r"fold_net was removed: use dirac_jax\.fold\.fold"):
+        dirac_jax.fold_net  # noqa: B018
     assert dirac_jax.evaluate_workdir is evaluate.evaluate_workdir
     assert dirac_jax.export_workdir is export.export_workdir
     assert set(dirac_jax.__all__) <= set(dir(dirac_jax))
