@@ -270,3 +270,25 @@ def test_an_untested_stack_stops_the_check_before_any_section(tmp_path, capsys, 
     # --allow_untested runs the sections anyway and says so.
     assert device_check.main(["--smoke", "--out", str(out), "--allow_untested"]) == 0
     assert len(ran) == 1 and "running anyway" in capsys.readouterr().out
+
+
+def test_the_launch_script_stops_on_an_untested_stack(tmp_path):
+    # End to end: a Flax past the tested range, put first on the path as the script puts the
+    # wheels it installs, stops launch/device_check.sh before any section, in one line.
+    site = tmp_path / "site"
+    meta = site / "flax-0.13.0.dist-info" / "METADATA"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("Metadata-Version: 2.1\nName: flax\nVersion: 0.13.0\n")
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SITE": str(site)}
+    done = subprocess.run(
+        ["bash", "launch/device_check.sh", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.startswith("error: untested JAX stack: flax 0.13.0 "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
