@@ -6,6 +6,7 @@ command lines (`python -m dirac_jax.main`, ...) and the papers' experiments
 (`dirac_jax.reproduce`), which depend on the library alone.
 """
 
+import importlib.util
 import pathlib
 import shutil
 import subprocess
@@ -36,7 +37,11 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
             shutil.copy(entry, src / entry.name)
     assert all((src / name).exists() for name in CHECKOUT_ONLY)  # there to be left out
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
+    if importlib.util.find_spec("setuptools") is not None:
+        # The venv's own setuptools, no download; a fresh venv on Python 3.12+ has none, and
+        # pip then builds in isolation with setuptools from its index.
+        cmd.append("--no-build-isolation")
     subprocess.run([*cmd, "-w", str(out), str(src)], check=True, timeout=300, cwd=tmp)
     (path,) = out.glob("dirac_jax-*.whl")
     with zipfile.ZipFile(path) as z:
