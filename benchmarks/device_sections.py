@@ -51,7 +51,7 @@ def _env_section(smoke: bool, out: pathlib.Path) -> dict:
 
     import jax
 
-    from benchmarks import _timing
+    from benchmarks import _host_deps, _timing
     from benchmarks import train as bench_train
 
     env = _timing.environment()
@@ -88,6 +88,8 @@ def _env_section(smoke: bool, out: pathlib.Path) -> dict:
         "memory_bytes": (device.memory_stats() or {}).get("bytes_limit"),
         "peak_tflops_per_device": bench_train.PEAK_TFLOPS.get(env["device_kind"]),
         "nvidia_smi": _nvidia_smi(),
+        # None inside the tested range; the driver stops outside it unless --allow_untested.
+        "untested": _host_deps.outside_tested_range(_host_deps.installed_versions()),
     }
     peak = data["peak_tflops_per_device"]
     rows = [
@@ -100,6 +102,7 @@ def _env_section(smoke: bool, out: pathlib.Path) -> dict:
         ["CUDA / cuDNN (jaxlib)", ", ".join(f"{k} {v}" for k, v in data["cuda"].items()) or "-"],
         ["PyTorch", ", ".join(f"{k} {v}" for k, v in data["torch"].items()) or "not installed"],
         ["Python packages", ", ".join(f"{k} {v}" for k, v in versions.items())],
+        ["tested stack", data["untested"] or "jax, flax, orbax-checkpoint in the tested range"],
         [
             "peak TFLOP/s for MFU",
             ", ".join(f"{k} {v}" for k, v in (peak or {}).items())

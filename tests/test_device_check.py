@@ -41,6 +41,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     s = report["sections"]
     env = s["environment"]["data"]["environment"]
     assert env["backend"] == "cpu" and env["device_count"] == 1  # not the test process's 8
+    assert s["environment"]["data"]["untested"] is None  # the suite's stack is a tested one
     tests = s["correctness"]["data"]["tests"]
     assert tests and all(t["outcome"] == "passed" for t in tests)
     assert any("tensorfloat32" in t["test"] for t in tests)
