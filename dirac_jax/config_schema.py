@@ -199,7 +199,15 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 f"config.{field}={size} is not divisible by the {devices} devices "
                 f"(jax.device_count()={devices}); use a multiple of {devices}."
             )
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    steps, epochs = config.num_train_steps, config.num_epochs
+    if not (isinstance(steps, int) and (steps >= 1 or steps == -1)):
+        fail(
+            f"config.num_train_steps must be a step count >= 1, or -1 to train "
+            f"config.num_epochs epochs; got {steps!r}."
+        )
+    if not (isinstance(epochs, int | float) and epochs >= 0):
+        fail(f"config.num_epochs must be a number >= 0, got {epochs!r}.")
+    if steps == -1 and epochs <= 0:
         fail("set config.num_epochs > 0, or config.num_train_steps > 0 to override it.")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
         fail(f"config.learning_rate must be a finite number > 0, got {config.learning_rate!r}.")

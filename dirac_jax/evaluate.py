@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -52,19 +51,22 @@ from dirac_jax import (
     steps,
     workdir,
 )
-from dirac_jax._cli import WORKDIR, run_workdir_command
 
 __all__ = [
     "batch_for_devices",
     "evaluate_workdir",
     "main",
-    "metrics_of",
     "onnx_logits",
 ]
 
-# Sums of loss, top-1 and top-5 hits over the unmasked examples of a batch: the trainer's
-# eval metrics, the same function, so eval.json and summary.json count alike.
-metrics_of = steps.classification_metrics
+# Names of the previous release -> the one name now; they raise an AttributeError naming it.
+_RENAMED = {"metrics_of": "dirac_jax.steps.classification_metrics"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        raise AttributeError(f"dirac_jax.evaluate.{name} was removed: use {_RENAMED[name]}.")
+    raise AttributeError(f"module 'dirac_jax.evaluate' has no attribute {name!r}")
 
 
 def batch_for_devices(batch_size: int, num_devices: int) -> int:
@@ -75,7 +77,7 @@ def batch_for_devices(batch_size: int, num_devices: int) -> int:
       (504, 112, 3)
     """
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}.")
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     return -(-batch_size // num_devices) * num_devices
 
 
@@ -103,16 +105,6 @@ def _imagenet_batches(config, batch_size: int, mesh) -> Iterator[tuple]:
         yield batch["image"], batch["label"], batch["mask"]
 
 
-def _summarize(totals: dict) -> dict:
-    count = int(totals["count"])
-    return {
-        "top1": float(totals["top1"]) / count,
-        "top5": float(totals["top5"]) / count,
-        "loss": float(totals["loss_sum"]) / count,
-        "count": count,
-    }
-
-
 def onnx_logits(session, images: np.ndarray) -> np.ndarray:
     """Logits of an onnxruntime session of an exported classifier on uint8 images."""
     (inp,) = session.get_inputs()
@@ -123,16 +115,18 @@ def _onnx_session(onnx_path):
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ImportError(f"--onnx needs onnxruntime ({e}): pip install 'dirac_jax[onnx]'.") from e
+        raise ImportError(
+            f"evaluating an ONNX file needs onnxruntime ({e}): pip install 'dirac_jax[onnx]'."
+        ) from e
     path = _paths.resolve(onnx_path)  # local, or in a bucket: onnxruntime gets the bytes
     if not path.is_file():
         raise FileNotFoundError(
-            f"--onnx: no file {path}; write one with python -m dirac_jax.export."
+            f"no ONNX file {path}; write one with python -m dirac_jax.export --format=onnx."
         )
     try:
         return ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
-        raise ValueError(f"--onnx: onnxruntime cannot load {path}: {e}") from e
+        raise ValueError(f"onnxruntime cannot load {path} as ONNX: {e}") from e
 
 
 def evaluate_workdir(
@@ -153,7 +147,7 @@ def evaluate_workdir(
       `{"step", "dataset", "unfolded": {...}, "folded": {...} or None,
       "symmetrized": {...} or None}`, each with `top1`, `top5`, `loss` (mean
       cross-entropy) and `count`. `folded` is the float32 net of
-      `fold.folded_apply` (a chain, or a WRN/ResNet with its kernels computed
+      `fold.deployable` (a chain, or a WRN/ResNet with its kernels computed
       once), None for a model that does not fold (PlainNet); `symmetrized`,
       the net with its symmetric convs projected by `param.symmetrize`, is
       None unless the run trained with the soft symmetry penalty
@@ -181,52 +175,49 @@ def evaluate_workdir(
     nets = {"unfolded": lambda v, x: model.apply(v, x, train=False)}
     params = {"unfolded": variables}
     if config.model.name in config_schema.FOLDABLE_MODELS:
-        nets["folded"], params["folded"] = fold.folded_apply(
-            model.clone(dtype=jnp.float32), variables
-        )
+        nets["folded"], params["folded"] = fold.deployable(model, variables)
     if config.get("symmetry_penalty", 0.0) > 0:
         projected = jax.jit(lambda p: models.symmetrize_params(model, p))(variables["params"])
         params["symmetrized"] = {**variables, "params": projected}
         nets["symmetrized"] = nets["unfolded"]
 
     reference = "folded" if "folded" in nets else "unfolded"
+    metrics = steps.classification_metrics  # the trainer's, so eval.json and summary.json agree
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(params, replicated)  # one copy on each of this host's devices
 
     @functools.partial(jax.jit, in_shardings=(replicated, *[batched] * 3), out_shardings=replicated)
     def step_fn(all_params, images, labels, mask):
         x = prepare(images)
-        return {k: metrics_of(nets[k](all_params[k], x), labels, mask) for k in nets}
+        return {k: metrics(nets[k](all_params[k], x), labels, mask) for k in nets}
 
     @jax.jit
     def onnx_step(all_params, images, labels, mask, logits):
-        out = metrics_of(logits, labels, mask)
+        out = metrics(logits, labels, mask)
         expected = nets[reference](all_params[reference], prepare(images))
         same = jnp.argmax(logits, -1) == jnp.argmax(expected, -1)
         return {**out, "agree": jnp.sum(same & mask)}
 
-    batches = _imagenet_batches if imagenet else _small_batches
-    totals = None
-    for images, labels, mask in batches(config, batch_size, mesh):
-        out = step_fn(params, images, labels, mask)
+    def eval_fn(all_params, images, labels, mask):
+        out = step_fn(all_params, images, labels, mask)
         if session is not None:
             logits = onnx_logits(session, images)
-            out["onnx"] = onnx_step(params, images, labels, mask, logits)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.tree.map(np.asarray, totals)
+            out["onnx"] = onnx_step(all_params, images, labels, mask, logits)
+        return out
+
+    batches = _imagenet_batches if imagenet else _small_batches
+    # The trainer's evaluation loop; `agree` comes back as a share of the images.
+    totals = steps.evaluate_batches(eval_fn, params, batches(config, batch_size, mesh))
     result = {
         "step": step,
         "dataset": config.dataset.name,
         "model": config.model.name,
-        "unfolded": _summarize(totals["unfolded"]),
-        "folded": _summarize(totals["folded"]) if "folded" in totals else None,
-        "symmetrized": _summarize(totals["symmetrized"]) if "symmetrized" in totals else None,
+        **{net: totals.get(net) for net in ("unfolded", "folded", "symmetrized")},
         "batch_size": batch_size,
         "devices": mesh.size,
     }
     if session is not None:
-        agree = float(totals["onnx"]["agree"]) / int(totals["onnx"]["count"])
-        result["onnx"] = {**_summarize(totals["onnx"]), "agree": agree, "file": str(onnx)}
+        result["onnx"] = {**totals["onnx"], "file": str(onnx)}
         result["onnx_reference"] = reference
     (_paths.resolve(path) / workdir.EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -239,23 +230,39 @@ def _line(name: str, m: dict) -> str:
     )
 
 
-flags.declare_key_flag("workdir")  # required here; shared with main and export (_cli)
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size",
-    None,
-    "Images per forward pass, rounded up to a multiple of the devices "
-    "(default: the run's eval_batch_size).",
-)
-_ONNX = flags.DEFINE_string(
-    "onnx", None, "Also evaluate this exported ONNX model (onnxruntime; local or gs://...)."
-)
+def _define_flags():
+    """`(--batch_size, --onnx)`, defined in absl's FLAGS when the command line runs."""
+    from absl import flags
+
+    from dirac_jax import _cli
+
+    def define():
+        _cli.shared_flags()
+        flags.declare_key_flag("workdir")  # required here
+        flags.declare_key_flag("verbose")
+        batch_size = flags.DEFINE_integer(
+            "batch_size",
+            None,
+            "Images per forward pass, rounded up to a multiple of the devices "
+            "(default: the run's eval_batch_size).",
+            lower_bound=1,
+        )
+        onnx = flags.DEFINE_string(
+            "onnx", None, "Also evaluate this exported ONNX model (onnxruntime; local or gs://...)."
+        )
+        return batch_size, onnx
+
+    return _cli.define_once(__name__, define)
 
 
 def main(argv) -> None:
     """What `python -m dirac_jax.evaluate` runs once absl has parsed the flags."""
-    result = run_workdir_command(
-        argv,
-        lambda: evaluate_workdir(WORKDIR.value, batch_size=_BATCH_SIZE.value, onnx=_ONNX.value),
+    from dirac_jax import _cli
+
+    batch_size, onnx = _define_flags()
+    path = _cli.shared_flags()[0].value
+    result = _cli.run_workdir_command(
+        argv, lambda: evaluate_workdir(path, batch_size=batch_size.value, onnx=onnx.value)
     )
     print(f"{result['model']} on {result['dataset']} test, step {result['step']}:")
     for name in ("unfolded", "folded", "symmetrized"):
@@ -265,11 +272,13 @@ def main(argv) -> None:
         m = result["onnx"]
         agree = f"{m['agree']:.4f} of top-1 as the {result['onnx_reference']} net"
         print(f"{_line('onnx', m)}  agree {agree}  [{m['file']}]")
-    print(f"written to {_paths.resolve(WORKDIR.value) / workdir.EVAL_FILE}", flush=True)
+    print(f"written to {_paths.resolve(path) / workdir.EVAL_FILE}", flush=True)
 
 
 if __name__ == "__main__":
-    from dirac_jax import xla_cpu
+    import sys
+
+    from dirac_jax import _cli, xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    app.run(main)
+    _cli.run_command("dirac_jax.evaluate", main, _define_flags, sys.argv)

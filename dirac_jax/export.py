@@ -46,11 +46,9 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from dirac_jax import _paths, config_schema, data, fold, formats, workdir
 from dirac_jax import quantize as quantize_lib
-from dirac_jax._cli import WORKDIR, run_workdir_command
 
 __all__ = [
     "FORMATS",
@@ -71,7 +69,7 @@ QUANTIZE = ("none", "int8")
 
 
 def fold_workdir(path: str | os.PathLike):
-    """The trained net of a workdir, folded in float32 (`fold.folded_apply`).
+    """The trained net of a workdir, folded in float32 (`fold.deployable`).
 
     Returns:
       `(apply, folded, config)`: `apply(folded, images)` computes the logits of
@@ -84,12 +82,16 @@ def fold_workdir(path: str | os.PathLike):
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
     model, variables, config = _load_foldable(path)
-    apply, folded = fold.folded_apply(model, variables)
+    apply, folded = fold.deployable(model, variables)
     return apply, folded, config
 
 
 def _load_foldable(path):
-    """`(model in float32, variables, config)` of a run whose model folds; else ValueError."""
+    """`(model, variables, config)` of a run whose model folds; else ValueError.
+
+    The model keeps the run's dtype: every fold computes in float32 whatever it
+    (`fold.deployable`, `fold.fold`, `fold.fold_kernels`).
+    """
     config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in config_schema.FOLDABLE_MODELS:
         raise ValueError(
@@ -97,8 +99,7 @@ def _load_foldable(path):
             f"so export, needs one of {config_schema.FOLDABLE_MODELS}. Evaluate it unfolded with "
             "python -m dirac_jax.evaluate."
         )
-    model, variables, config = workdir.load(path)
-    return model.clone(dtype=jnp.float32), variables, config
+    return workdir.load(path)
 
 
 def classifier(apply, folded, config):
@@ -177,13 +178,7 @@ def export_workdir(
     fmt: str,
     out: str | os.PathLike,
     *,
-    quantize: str = "none",
-    calibration_count: int = 512,
-    per_tensor: bool = False,
-    calibration: str = "percentile",
-    activations: str = "int8",
-    stream: str = "float",
-    reduce_range: bool = False,
+    quantize: quantize_lib.Int8Options | None = None,
     platforms: tuple[str, ...] | None = None,
 ) -> os.PathLike:
     """Folds the run in `path` and writes it to `out` in format `fmt`.
@@ -192,19 +187,10 @@ def export_workdir(
       path: a training workdir.
       fmt: one of `FORMATS` (module docstring).
       out: the file to write; its folder is created.
-      quantize: `"int8"` (format onnx only): the INT8 QDQ model of
-        `dirac_jax.quantize.quantize_onnx`, identity apart for DiracNets.
-      calibration_count: training images that calibrate the INT8 activations.
-      per_tensor: one int8 weight scale per tensor instead of per output channel.
-      calibration: the activation range rule, one of `quantize.CALIBRATIONS`.
-      activations: the INT8 activations' type, one of `quantize.ACTIVATIONS`.
-      stream: a DiracNet's block outputs, which its identities carry from
-        block to block: float32 (only the convs' inputs and outputs are
-        rounded) or rounded to int8; one of `quantize.STREAMS`.
-      reduce_range: 7-bit int8 weights, for a deploy CPU without VNNI (x86
-        AVX2), whose int8 kernels saturate 16-bit sums of large weights times
-        large activations; it costs precision where nothing saturates
-        (`quantize.quantize_onnx`).
+      quantize: format onnx only: write the INT8 QDQ model of
+        `dirac_jax.quantize.quantize_onnx` with these options
+        (`quantize.Int8Options()`: the defaults), identity apart for
+        DiracNets; None: float32.
       platforms: format stablehlo: the `PLATFORMS` the artifact runs on; None:
         this host's backend.
 
@@ -213,24 +199,25 @@ def export_workdir(
 
     Raises:
       ValueError: an unknown format or platform, platforms for a format other
-        than stablehlo, a model that does not fold, or (reference) a net that is
-        not the published ImageNet chain.
+        than stablehlo, quantize for a format other than onnx, a model that
+        does not fold, or (reference) a net that is not the published ImageNet
+        chain.
       ImportError: onnx (format onnx) or torch (reference, not `.npz`) missing.
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}.")
-    if quantize not in QUANTIZE:
-        raise ValueError(f"unknown --quantize {quantize!r}; expected one of {QUANTIZE}.")
-    if quantize != "none" and fmt != "onnx":
-        raise ValueError(f"--quantize={quantize} writes ONNX; use it with --format=onnx.")
+    if quantize is not None and not isinstance(quantize, quantize_lib.Int8Options):
+        raise TypeError(f"quantize must be a quantize.Int8Options or None, got {quantize!r}.")
+    if quantize is not None and fmt != "onnx":
+        raise ValueError(f"INT8 quantization writes ONNX; export format 'onnx', not {fmt!r}.")
     if platforms is not None:
         platforms = tuple(platforms)
         unknown = [p for p in platforms if p not in PLATFORMS]
         if fmt != "stablehlo" or unknown or not platforms:
             raise ValueError(
-                f"--platforms={','.join(platforms)}: a --format=stablehlo export runs on any of "
-                f"{PLATFORMS}, e.g. --platforms=cpu,cuda (got --format={fmt})."
+                f"platforms={platforms}: a 'stablehlo' export runs on any of {PLATFORMS}, e.g. "
+                f"('cpu', 'cuda') (got format {fmt!r})."
             )
     config = workdir.read_config(path)
     chain = config.model.name in config_schema.CHAIN_MODELS
@@ -238,30 +225,20 @@ def export_workdir(
     if residual and fmt == "reference":
         raise ValueError(
             f"the run in {path} trained a {config.model.name!r}, a residual net; the reference "
-            "format is the published PyTorch DiracNet. Write it with --format=onnx or "
-            "--format=stablehlo."
+            "format is the published PyTorch DiracNet. Write it as 'onnx' or 'stablehlo'."
         )
     model, variables, config = _load_foldable(path)
     out = _paths.resolve(out)
     if not _paths.is_uri(out):  # a bucket has no folders to create
         out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx" and quantize == "int8":
-        images = calibration_images(config, calibration_count, seed=config.seed)
+    if quantize is not None:
+        images = calibration_images(config, quantize.calibration_images, seed=config.seed)
         proto = onnx_model(model, variables, config, identity_apart=True)
-        return quantize_lib.quantize_onnx(
-            proto,
-            out,
-            images,
-            per_channel=not per_tensor,
-            calibration=calibration,
-            activations=activations,
-            stream=stream,
-            reduce_range=reduce_range,
-        )
+        return quantize_lib.quantize_onnx(proto, out, images, **quantize.quantize_kwargs())
     if fmt == "onnx":
         out.write_bytes(onnx_model(model, variables, config).SerializeToString())
         return out
-    apply, folded = fold.folded_apply(model, variables)
+    apply, folded = fold.deployable(model, variables)
     if fmt == "stablehlo":
         blob = formats.stablehlo.export_stablehlo(
             classifier(apply, folded, config),
@@ -275,66 +252,113 @@ def export_workdir(
     return out
 
 
-flags.declare_key_flag("workdir")  # required here; shared with main and evaluate (_cli)
-_FORMAT = flags.DEFINE_enum("format", "onnx", FORMATS, "What to write.")
-_OUT = flags.DEFINE_string("out", None, "The file to write (local or gs://...).")
-_PLATFORMS = flags.DEFINE_list(
-    "platforms", None, f"stablehlo: where the artifact runs, of {PLATFORMS} (default: here)."
-)
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", QUANTIZE, "int8: an INT8 (QDQ) ONNX model.")
-_CALIBRATION_IMAGES = flags.DEFINE_integer(
-    "calibration_images", 512, "Training images that calibrate INT8."
-)
-_PER_TENSOR = flags.DEFINE_boolean(
-    "per_tensor", False, "INT8: one weight scale per tensor, not per channel."
-)
-_CALIBRATION = flags.DEFINE_enum(
-    "calibration", "percentile", quantize_lib.CALIBRATIONS, "INT8 activation ranges."
-)
-_ACTIVATIONS = flags.DEFINE_enum(
-    "activations", "int8", quantize_lib.ACTIVATIONS, "INT8 activations' type."
-)
-_STREAM = flags.DEFINE_enum(
-    "stream",
-    "float",
-    quantize_lib.STREAMS,
-    "INT8 DiracNet: keep the block outputs its identities carry in float32 (only the convs' "
-    "inputs and outputs are rounded), or round them to int8 too.",
-)
-_REDUCE_RANGE = flags.DEFINE_boolean(
-    "reduce_range",
-    False,
-    "INT8: 7-bit weights, for x86 CPUs without VNNI, whose int8 kernels can saturate.",
-)
+def _define_flags() -> dict:
+    """The command line's flags, defined in absl's FLAGS when it runs (once per process)."""
+    from absl import flags
+
+    from dirac_jax import _cli
+
+    def define():
+        _cli.shared_flags()
+        flags.declare_key_flag("workdir")  # required here
+        flags.declare_key_flag("verbose")
+        return {
+            "format": flags.DEFINE_enum("format", "onnx", FORMATS, "What to write."),
+            "out": flags.DEFINE_string("out", None, "The file to write (local or gs://...)."),
+            "platforms": flags.DEFINE_list(
+                "platforms",
+                None,
+                f"stablehlo: where the artifact runs, of {PLATFORMS} (default: here).",
+            ),
+            "quantize": flags.DEFINE_enum(
+                "quantize", "none", QUANTIZE, "int8: an INT8 (QDQ) ONNX model."
+            ),
+            "calibration_images": flags.DEFINE_integer(
+                "calibration_images", 512, "Training images that calibrate INT8.", lower_bound=1
+            ),
+            "per_tensor": flags.DEFINE_boolean(
+                "per_tensor", False, "INT8: one weight scale per tensor, not per channel."
+            ),
+            "calibration": flags.DEFINE_enum(
+                "calibration", "percentile", quantize_lib.CALIBRATIONS, "INT8 activation ranges."
+            ),
+            "activations": flags.DEFINE_enum(
+                "activations", "int8", quantize_lib.ACTIVATIONS, "INT8 activations' type."
+            ),
+            "stream": flags.DEFINE_enum(
+                "stream",
+                "float",
+                quantize_lib.STREAMS,
+                "INT8 DiracNet: keep the block outputs its identities carry in float32 (only "
+                "the convs' inputs and outputs are rounded), or round them to int8 too.",
+            ),
+            "reduce_range": flags.DEFINE_boolean(
+                "reduce_range",
+                False,
+                "INT8: 7-bit weights, for x86 CPUs without VNNI, whose int8 kernels can saturate.",
+            ),
+        }
+
+    return _cli.define_once(__name__, define)
 
 
 def main(argv) -> None:
     """What `python -m dirac_jax.export` runs once absl has parsed the flags."""
-    if _OUT.value is None:
-        raise app.UsageError("--out is required: the file to write.")
+    from absl import app
+
+    from dirac_jax import _cli
+
+    f = {name: holder.value for name, holder in _define_flags().items()}
+    path = _cli.shared_flags()[0].value
+    if f["out"] is None:
+        raise app.UsageError("--out is required: the file to write, e.g. --out=model.onnx.")
+    int8_flags = ("calibration_images", "per_tensor", "calibration", "activations", "stream")
+    int8_flags += ("reduce_range",)
+    if f["quantize"] == "none":
+        given = [n for n in int8_flags if _flag_given(n)]
+        if given:
+            raise app.UsageError(f"--{given[0]} is an INT8 option; add --quantize=int8.")
+    if f["quantize"] != "none" and f["format"] != "onnx":
+        raise app.UsageError("--quantize=int8 writes ONNX; use it with --format=onnx.")
+    if f["platforms"] is not None and f["format"] != "stablehlo":
+        raise app.UsageError("--platforms is for --format=stablehlo.")
+    unknown = [p for p in f["platforms"] or () if p not in PLATFORMS]
+    if unknown or f["platforms"] == []:
+        raise app.UsageError(
+            f"--platforms={','.join(f['platforms'])}: name some of {PLATFORMS}, e.g. "
+            "--platforms=cpu,cuda."
+        )
+    options = None
+    if f["quantize"] == "int8":
+        options = quantize_lib.Int8Options(
+            calibration_images=f["calibration_images"],
+            per_channel=not f["per_tensor"],
+            calibration=f["calibration"],
+            activations=f["activations"],
+            stream=f["stream"],
+            reduce_range=f["reduce_range"],
+        )
 
     def work():
         return export_workdir(
-            WORKDIR.value,
-            _FORMAT.value,
-            _OUT.value,
-            quantize=_QUANTIZE.value,
-            calibration_count=_CALIBRATION_IMAGES.value,
-            per_tensor=_PER_TENSOR.value,
-            calibration=_CALIBRATION.value,
-            activations=_ACTIVATIONS.value,
-            stream=_STREAM.value,
-            reduce_range=_REDUCE_RANGE.value,
-            platforms=_PLATFORMS.value,
+            path, f["format"], f["out"], quantize=options, platforms=f["platforms"]
         )
 
-    written = run_workdir_command(argv, work)
-    kind = _FORMAT.value if _QUANTIZE.value == "none" else f"{_FORMAT.value} {_QUANTIZE.value}"
-    print(f"wrote the folded {kind} model of {WORKDIR.value} to {written}", flush=True)
+    written = _cli.run_workdir_command(argv, work)
+    kind = f["format"] if options is None else f"{f['format']} int8"
+    print(f"wrote the folded {kind} model of {path} to {written}", flush=True)
+
+
+def _flag_given(name: str) -> bool:
+    from absl import flags
+
+    return flags.FLAGS[name].present
 
 
 if __name__ == "__main__":
-    from dirac_jax import xla_cpu
+    import sys
+
+    from dirac_jax import _cli, xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    app.run(main)
+    _cli.run_command("dirac_jax.export", main, _define_flags, sys.argv)

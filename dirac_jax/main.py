@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import sys
+from typing import NamedTuple
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from dirac_jax import _paths
-from dirac_jax._cli import WORKDIR, fail, orbax_echoes_dropped, with_config_paths
+from dirac_jax import _cli, _paths
 
 __all__ = [
     "default_workdir",
@@ -48,27 +49,51 @@ __all__ = [
     "run",
 ]
 
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost",
-    os.environ.get("DIRAC_JAX_MULTIHOST", "") == "1",
-    "Call jax.distributed.initialize() first (default from DIRAC_JAX_MULTIHOST=1).",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "HOST:PORT of process 0's coordination service; with --num_processes and --process_id "
-    "starts a multi-process run without cluster auto-detection.",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (>= 1).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
-flags.declare_key_flag("workdir")  # shared with evaluate and export (_cli); --help lists it
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Training config: a file, PATH.py[:PRESET], or a config shipped with the package by name, "
-    "NAME[:PRESET] (e.g. cifar_dirac, fashion_mnist_dirac, cifar_wrn_symmetric:soft).",
-    lock_config=True,
-)
+
+class _Flags(NamedTuple):
+    config: flags.FlagHolder
+    multihost: flags.FlagHolder
+    coordinator: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+
+
+def _define_flags() -> _Flags:
+    """The command line's flags, defined in absl's FLAGS when it runs (once per process)."""
+
+    def define():
+        from ml_collections import config_flags
+
+        _cli.shared_flags()
+        flags.declare_key_flag("workdir")
+        flags.declare_key_flag("verbose")
+        return _Flags(
+            config=config_flags.DEFINE_config_file(
+                "config",
+                None,
+                "Training config: a file, PATH.py[:PRESET], or a config shipped with the "
+                "package by name, NAME[:PRESET] (e.g. cifar_dirac, fashion_mnist_dirac, "
+                "cifar_wrn_symmetric:soft).",
+                lock_config=True,
+            ),
+            multihost=flags.DEFINE_bool(
+                "multihost",
+                os.environ.get("DIRAC_JAX_MULTIHOST", "") == "1",
+                "Call jax.distributed.initialize() first (default from DIRAC_JAX_MULTIHOST=1).",
+            ),
+            coordinator=flags.DEFINE_string(
+                "coordinator_address",
+                None,
+                "HOST:PORT of process 0's coordination service; with --num_processes and "
+                "--process_id starts a multi-process run without cluster auto-detection.",
+            ),
+            num_processes=flags.DEFINE_integer(
+                "num_processes", None, "Processes of the run (>= 1)."
+            ),
+            process_id=flags.DEFINE_integer("process_id", None, "This process's index, 0-based."),
+        )
+
+    return _cli.define_once(__name__, define)
 
 
 def default_workdir(config_path: str) -> str:
@@ -83,33 +108,32 @@ def default_workdir(config_path: str) -> str:
 
 def _init_distributed() -> None:
     """`jax.distributed.initialize` from the flags; exits with one message on bad flags."""
+    f = _define_flags()
+    coordinator, num_processes, process_id = (
+        f.coordinator.value,
+        f.num_processes.value,
+        f.process_id.value,
+    )
     explicit = {
-        "--coordinator_address": _COORDINATOR.value,
-        "--num_processes": _NUM_PROCESSES.value,
-        "--process_id": _PROCESS_ID.value,
+        "--coordinator_address": coordinator,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
     }
     given = [name for name, value in explicit.items() if value is not None]
-    if not given and not _MULTIHOST.value:
+    if not given and not f.multihost.value:
         return
     if given and len(given) < 3:
         missing = ", ".join(name for name in explicit if name not in given)
-        fail(ValueError(f"{', '.join(given)} also needs {missing} (or use --multihost alone)."))
-    if given and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-        fail(
-            ValueError(
-                f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes="
-                f"{_NUM_PROCESSES.value})."
-            )
-        )
+        _cli.fail(f"{', '.join(given)} also needs {missing} (or use --multihost alone).")
+    if given and not 0 <= process_id < num_processes:
+        _cli.fail(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
     import jax
 
     # CPU processes need a cross-process collectives backend; GPUs and TPUs ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if given:
         jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
         )
     else:
         jax.distributed.initialize()
@@ -122,13 +146,13 @@ def _no_persistent_cache_across_cpu_processes() -> None:
 
     On CPU, JAX's cache key keeps the program's device assignment (it strips it
     for GPUs only), so the same program gets another key in each process, and
-    only process 0 writes the cache. A rerun then loads every program in
-    process 0 and compiles every one in the others (measured: 5 of 5 programs
-    hit in process 0, none in process 1). Process 0 reaches each first
-    collective early by the others' compile time, and gloo's context setup waits
-    a fixed 30 s for its peers ("Gloo context initialization failed:
-    DEADLINE_EXCEEDED: GetKeyValue() timed out"). The run waits for its slowest
-    process, so the cache saves it nothing there; off, the processes stay in step.
+    only process 0 writes the cache. A rerun then loads every program from the
+    cache in process 0 and compiles every one in the others (BENCHMARKS.md has
+    the count). Process 0 reaches each first collective early by the others'
+    compile time, and gloo's context setup waits a fixed 30 s for its peers
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue()
+    timed out"). The run waits for its slowest process, so the cache saves it
+    nothing there; off, the processes stay in step.
     """
     import jax
 
@@ -142,55 +166,114 @@ def _no_persistent_cache_across_cpu_processes() -> None:
         )
 
 
+def _override_error(argv: list[str], error: Exception) -> str:
+    """One line for a `--config.FIELD=...` that names no field, with absl's suggestion."""
+    text = str(error)
+    wrong = re.search(r"'([^'\\]+)\\?'", text)
+    wrong_name = wrong.group(1) if wrong else None
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[2:].split("=", 1)[0]
+        parts = path.split(".")
+        if wrong_name in parts:
+            if hint:
+                fixed = ".".join(hint.group(1) if p == wrong_name else p for p in parts)
+                return f"--{path}: the config has no field {wrong_name!r}; did you mean --{fixed}?"
+            return (
+                f"--{path}: the config has no field {wrong_name!r}; see the config file for its "
+                "fields."
+            )
+    return f"a --config.FIELD override names no field of the config: {_cli.one_line(text)}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after a shipped config's name became its file's path."""
+    """absl's flag parsing, after a shipped config's name became its file's path.
+
+    A bad `--config` (a missing file, a variant of a config without variants, a
+    field it lacks) or any flag absl refuses exits with one `error: ...` line.
+    """
+    _define_flags()
     try:
-        argv = with_config_paths(argv)
+        argv = _cli.with_config_paths(argv)
+        for arg in argv:  # `--config PATH` is rewritten in place; read both spellings
+            if arg.startswith("--config="):
+                _cli.check_config_file(arg.split("=", 1)[1])
+        if "--config" in argv[:-1]:
+            _cli.check_config_file(argv[argv.index("--config") + 1])
     except ValueError as e:
-        fail(e)
-    return app.parse_flags_with_usage(argv)
+        _cli.fail(e)
+    try:
+        return _cli.parse_flags("dirac_jax.main", argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+        _cli.fail(_override_error(argv, e))
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
+    """What `python -m dirac_jax.main` runs once the flags are parsed (`run`)."""
+    f = _define_flags()
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if flags.FLAGS.config is None:  # checked here, not marked required: one FLAGS per process
-        raise app.UsageError("--config is required: a config file or a shipped config's name.")
-    from dirac_jax import config_schema, metrics
+        _cli.fail(
+            f"unexpected arguments: {' '.join(argv[1:])}; every setting is a flag, e.g. "
+            "--config.num_train_steps=1000."
+        )
+    if f.config.value is None:  # checked here, not marked required: one FLAGS per process
+        _cli.fail(
+            "--config is required: a config file or a shipped config's name, e.g. "
+            "--config=fashion_mnist_dirac."
+        )
+    from ml_collections import config_flags
+
+    from dirac_jax import config_schema
     from dirac_jax.workdir import SUMMARY_FILE
 
-    logging.get_absl_handler().addFilter(metrics.own_info_only)
+    _cli.quiet_logs()
     _init_distributed()
 
     from dirac_jax import checkpoint, data, train
 
-    config = flags.FLAGS.config
-    expected = (config_schema.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
-    workdir = WORKDIR.value or default_workdir(
+    workdir = _cli.shared_flags()[0].value or default_workdir(
         config_flags.get_config_filename(flags.FLAGS["config"])
     )
+    expected = (config_schema.ConfigError, data.DataNotFoundError, checkpoint.CheckpointError)
     try:
-        with orbax_echoes_dropped():
-            summary = train.train_and_evaluate(config, workdir)
+        _check_workdir(workdir)
+        with _cli.orbax_echoes_dropped():
+            summary = train.train_and_evaluate(f.config.value, workdir)
     except (*expected, checkpoint.NonFiniteLossError) as e:
-        fail(e)
+        _cli.fail(e)
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
         return
     summary_path = _paths.resolve(workdir) / SUMMARY_FILE
+    top1 = summary["test_top1"] if "test_top1" in summary else summary["test_accuracy"]
     print(
-        f"done: step {summary['step']}, test accuracy {summary['test_accuracy']:.4f}, "
+        f"done: step {summary['step']}, test accuracy {top1:.4f}, "
         f"test loss {summary['test_loss']:.4f}, summary in {summary_path}",
         flush=True,
     )
 
 
-def run() -> None:
+def _check_workdir(workdir: str) -> None:
+    """A ConfigError for a `--workdir` that exists and is not a folder."""
+    from dirac_jax import config_schema
+
+    path = _paths.resolve(workdir)
+    if not _paths.is_uri(path) and path.exists() and not path.is_dir():
+        raise config_schema.ConfigError(
+            f"--workdir={workdir} is a file, not a folder; give a new or existing run folder "
+            "(or leave --workdir out for runs/<config name>)."
+        )
+
+
+def run(argv: list[str] | None = None) -> None:
+    """`python -m dirac_jax.main`: defines the flags, parses `argv` (default sys.argv), trains."""
     from dirac_jax import xla_cpu
 
     xla_cpu.apply()  # before JAX starts its CPU backend
-    app.run(main, flags_parser=parse_flags)
+    _cli.run_command("dirac_jax.main", main, _define_flags, argv, parse=parse_flags)
 
 
 if __name__ == "__main__":
-    run()
+    run(sys.argv)

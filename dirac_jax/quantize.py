@@ -26,6 +26,7 @@ the QuantizeLinear/DequantizeLinear pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ __all__ = [
     "ACTIVATIONS",
     "CALIBRATIONS",
     "STREAMS",
+    "Int8Options",
     "agreement",
     "logit_error",
     "quantize_onnx",
@@ -48,6 +50,56 @@ __all__ = [
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
 STREAMS = ("float", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """How an exported classifier is quantized to INT8 (`quantize_onnx`), checked when built.
+
+    `dirac_jax.export.export_workdir(..., quantize=Int8Options())` writes the
+    INT8 model; the defaults are the ones RESULTS.md chose for DiracNets.
+
+    Attributes:
+      calibration_images: training images that calibrate the activations' ranges.
+      per_channel: one int8 weight scale per output channel (else one per tensor).
+      calibration: the activation range rule, one of `CALIBRATIONS`.
+      activations: the activations' integer type, one of `ACTIVATIONS`.
+      stream: a DiracNet's block outputs, which its identities carry from
+        block to block: kept float32 or rounded to int8; one of `STREAMS`.
+      reduce_range: 7-bit weights, for a deploy CPU without VNNI.
+
+    Examples:
+      >>> Int8Options(calibration="entropy").stream
+      'float'
+      >>> Int8Options(calibration_images=0)
+      Traceback (most recent call last):
+      ValueError: calibration_images must be >= 1, got 0.
+    """
+
+    calibration_images: int = 512
+    per_channel: bool = True
+    calibration: str = "percentile"
+    activations: str = "int8"
+    stream: str = "float"
+    reduce_range: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.calibration_images, int) and self.calibration_images >= 1):
+            raise ValueError(f"calibration_images must be >= 1, got {self.calibration_images!r}.")
+        for name, allowed in (
+            ("calibration", CALIBRATIONS),
+            ("activations", ACTIVATIONS),
+            ("stream", STREAMS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}.")
+
+    def quantize_kwargs(self) -> dict:
+        """The keyword arguments of `quantize_onnx` these options set."""
+        kwargs = dataclasses.asdict(self)
+        del kwargs["calibration_images"]
+        return kwargs
 
 
 def _import_quantization():
@@ -84,14 +136,13 @@ def quantize_onnx(
     calibrated by running `calibration_images` through the float model. The
     uint8 image input and the float32 logits stay as they are.
 
-    The defaults are the measured best for DiracNets (RESULTS.md): the
-    percentile range, since the identity path carries a few large activations
-    from block to block, and int8 activations, which lost less than uint8 ones
-    to onnxruntime's x86 kernels without VNNI: those (AVX2 `vpmaddubsw`) sum
-    pairs of u8 x s8 products in 16 bits, which saturate where large weights
-    meet large activations. `reduce_range=True` (7-bit weights) cannot
-    saturate there; it costs precision elsewhere, and a DiracNet with the
-    float stream does not saturate (RESULTS.md, "Residual nets").
+    The defaults are the ones RESULTS.md chose for DiracNets: the percentile
+    range, since the identity path carries a few large activations from block
+    to block, and int8 activations, because onnxruntime's x86 kernels without
+    VNNI (AVX2 `vpmaddubsw`) sum pairs of u8 x s8 products in 16 bits, which
+    saturate where large weights meet large activations. `reduce_range=True`
+    (7-bit weights) cannot saturate there but costs precision elsewhere
+    (RESULTS.md, "Residual nets", has the measurements).
 
     Args:
       model: an `onnx.ModelProto` from `onnx_graph.to_onnx` (or

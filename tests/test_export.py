@@ -156,17 +156,18 @@ def test_reference_export_names_what_it_needs(run_dir, tmp_path):
 
 
 def _command_in_process(module, *argv):
-    """`python -m MODULE ARGV` in this process: absl parses ARGV, then `module.main` runs."""
+    """`python -m MODULE ARGV` in this process: the flags defined and parsed, then `module.main`."""
     from absl import flags
     from absl.testing import flagsaver
 
+    module._define_flags()
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
         rest = flags.FLAGS([module.__name__, *argv])
         return module.main(rest)
 
 
-def test_export_and_evaluate_take_their_flags_at_module_level(tmp_path, capsys):
+def test_export_and_evaluate_define_their_flags_when_they_run(tmp_path, capsys):
     from absl import app, flags
 
     # --help lists what each command defines, and the shared --workdir.
@@ -174,6 +175,7 @@ def test_export_and_evaluate_take_their_flags_at_module_level(tmp_path, capsys):
         (export, {"workdir", "format", "out", "quantize", "calibration_images", "per_tensor"}),
         (evaluate, {"workdir", "batch_size", "onnx"}),
     ):
+        module._define_flags()
         key = {f.name for f in flags.FLAGS.get_key_flags_for_module(module.__name__)}
         assert names <= key, (module.__name__, key)
     with pytest.raises(app.UsageError, match="--workdir is required"):
@@ -186,6 +188,25 @@ def test_export_and_evaluate_take_their_flags_at_module_level(tmp_path, capsys):
         _command_in_process(export, f"--workdir={tmp_path}", f"--out={tmp_path / 'm.onnx'}")
     assert exit_info.value.code == 1 and "Train first" in capsys.readouterr().err
     assert flags.FLAGS["workdir"].value is None  # flagsaver put the flags back
+
+
+def test_int8_options_are_one_value_checked_when_built(tmp_path):
+    from dirac_jax import quantize
+
+    assert quantize.Int8Options().quantize_kwargs() == {
+        "per_channel": True, "calibration": "percentile", "activations": "int8",
+        "stream": "float", "reduce_range": False,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown stream 'int4'; expected one of"):
+        quantize.Int8Options(stream="int4")
+    with pytest.raises(ValueError, match="calibration_images must be >= 1, got 0"):
+        quantize.Int8Options(calibration_images=0)
+    with pytest.raises(ValueError, match="INT8 quantization writes ONNX"):
+        export.export_workdir(
+            tmp_path, "stablehlo", tmp_path / "m", quantize=quantize.Int8Options()
+        )
+    with pytest.raises(TypeError, match="quantize must be a quantize.Int8Options"):
+        export.export_workdir(tmp_path, "onnx", tmp_path / "m", quantize="int8")
 
 
 def test_workdir_errors_say_what_to_do(tmp_path):

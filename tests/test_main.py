@@ -98,21 +98,24 @@ def test_config_by_name_is_the_shipped_file(tmp_path, capsys):
     assert "no shipped config 'cifar_dirak'; one of cifar100_dirac, cifar_dirac," in stderr
 
 
-def test_config_is_required_without_marking_a_process_wide_flag():
+def test_config_is_required_without_marking_a_process_wide_flag(capsys):
     # main, evaluate and export share absl's FLAGS in one process (tests, the device check):
-    # main asks for --config itself, so evaluate's flags parse after main is imported.
-    from absl import app, flags
+    # main asks for --config itself, so evaluate's flags parse after main's are defined.
+    from absl import flags
     from absl.testing import flagsaver
 
-    from dirac_jax import evaluate  # noqa: F401  (defines its flags)
+    from dirac_jax import evaluate
     from dirac_jax import main as cli
 
+    cli._define_flags()
+    evaluate._define_flags()
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["evaluate", "--workdir=w"])
         assert flags.FLAGS.workdir == "w" and flags.FLAGS.batch_size is None
-        with pytest.raises(app.UsageError, match="--config is required"):
+        with pytest.raises(SystemExit):
             cli.main(["main"])
+    assert capsys.readouterr().err.startswith("error: --config is required")
 
 
 def test_the_configs_ship_in_the_package_and_import_without_sys_path():
