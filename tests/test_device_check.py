@@ -250,7 +250,8 @@ def test_the_floor_is_the_pinned_stack(tmp_path):
 def test_the_tests_run_on_a_tested_stack():
     # CI runs the suite on the pinned floor and on the newest stack: both must be inside the
     # range the device check accepts, or TESTED_THROUGH lags what CI has passed on.
-    assert _host_deps.outside_tested_range(_host_deps.installed_versions()) is None
+    untested = _host_deps.outside_tested_range(_host_deps.installed_versions())
+    assert untested is None, f"{untested}: raise TESTED_THROUGH in benchmarks/_host_deps.py"
 
 
 def test_an_untested_stack_stops_the_check_before_any_section(tmp_path, capsys, monkeypatch):
