@@ -13,7 +13,7 @@ benchmarks time it beside the JAX nets.
 * `reference_optimizer`: the reference trainer's `create_optimizer`;
   `make_train_step`: one of its SGD steps on the cross-entropy (optionally
   under bfloat16 autocast); `synthetic_train_step`: that step on fixed
-  synthetic CIFAR data, as `python -m dirac_jax.bench train` times it.
+  synthetic CIFAR data, as `python -m benchmarks train` times it.
 * `folded_module`: the published folded ImageNet `nn.Module`, a chain of
   conv-ReLU pairs with the published `state_dict` keys. The one change: its
   `AvgPool2d(7)` is a global average pool, the same function on 224x224

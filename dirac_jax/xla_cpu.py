@@ -7,7 +7,7 @@ or a step waits forever with every thread idle, and the Python traceback lands
 wherever the main thread happens to be. Turning YNNPACK fusions off
 (`--xla_cpu_experimental_ynn_fusion_type=`, empty) removes that code path, and
 on this project's convolutional steps it is also faster (BENCHMARKS.md,
-`python -m dirac_jax.bench cpu_flags`).
+`python -m benchmarks cpu_flags`).
 
 The command lines (`main`, `evaluate`, `export`, `reproduce`, `bench`) and the
 test harness call `apply()` before JAX starts its CPU backend. Importing the

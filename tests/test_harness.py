@@ -56,7 +56,7 @@ def test_apply_appends_keeps_the_users_value_and_can_be_turned_off(monkeypatch):
         "dirac_jax/evaluate.py",
         "dirac_jax/export.py",
         "dirac_jax/reproduce/__main__.py",
-        "dirac_jax/bench/__main__.py",
+        "benchmarks/__main__.py",
     ],
 )
 def test_every_command_line_applies_the_flags(module):
@@ -140,7 +140,7 @@ def test_the_suite_collects_and_runs_without_torch(tmp_path):
     ran = subprocess.run(
         [*base, "-rs", "tests/test_torch_checkpoint.py", "tests/test_reference_training.py",
          "tests/test_bench.py::test_torch_candidates_train_the_same_model",
-         "dirac_jax/bench/train.py"],
+         "benchmarks/train.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]

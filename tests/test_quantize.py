@@ -19,7 +19,7 @@ import pytest
 from _bn import random_bn_stats
 
 from dirac_jax import data, export, fold, folded, models, quantize, train
-from dirac_jax.bench.fold_latency import random_variables
+from benchmarks.fold_latency import random_variables
 from dirac_jax.configs import fashion_mnist_dirac
 from dirac_jax.formats import onnx_graph
 
@@ -341,7 +341,7 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
 def test_bench_int8_measures_a_residual_net(wrn_run, tmp_path):
     # A WRN goes through the same quantize_onnx call: no identity to keep apart (one graph),
     # its shortcut Adds rounded like any activation. `--exact` and `--reduce_range` measured.
-    from dirac_jax.bench import int8 as bench_int8
+    from benchmarks import int8 as bench_int8
 
     result = bench_int8.measure_workdir(
         wrn_run, calibrations=[], calibration_count=256, tmp=tmp_path, reduce_range=True,

@@ -235,7 +235,7 @@ def _scaled_unit(b: Array, w: Array, eps: float) -> Array:
     of `w` alike, and every per-filter factor derives from one `rsqrt`. Autodiff
     of `normalize` computes more small pieces, each its own XLA fusion, and each
     fusion is compiled once per Dirac layer of every train step (see
-    `python -m dirac_jax.bench compile`). Values and gradients equal
+    `python -m benchmarks compile`). Values and gradients equal
     `b * normalize(w)` and its autodiff to float rounding (`tests/test_param.py`).
     """
     inv, _ = _inverse_norm(w, eps)
