@@ -104,7 +104,7 @@ def test_top_level_entry_points():
 
 
 # ---------------------------------------------------------------------------
-# The layout's rules (README "Layout").
+# The layout's rules (docs/layout.md).
 
 MAX_MODULE_LINES = 600
 
@@ -215,18 +215,17 @@ def test_the_package_lists_every_public_top_level_module():
 
 
 def _layout_order() -> list[str]:
-    """The module paths of the README's Layout section, in its order."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^- `((?:dirac_jax|benchmarks)/[\w/]+\.py)`", section, flags=re.M)
+    """The module paths of the documentation's Layout page (docs/layout.md), in its order."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    return re.findall(r"^- `((?:dirac_jax|benchmarks)/[\w/]+\.py)`", text, flags=re.M)
 
 
-def test_the_readme_layout_lists_exactly_the_tree():
+def test_the_layout_page_lists_exactly_the_tree():
     listed = _layout_order()
     on_disk = {str(p.relative_to(ROOT)) for p in _files() if p.name != "__init__.py"}
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert set(listed) == on_disk, (
-        f"not in the README's Layout: {sorted(on_disk - set(listed))}; "
+        f"not in docs/layout.md: {sorted(on_disk - set(listed))}; "
         f"listed but gone: {sorted(set(listed) - on_disk)}"
     )
 

@@ -31,9 +31,9 @@ class NNXParamConv(nnx.Module):
       in_features, out_features: channels.
       kernel_size: an int (with `ndim`, default 2) or one size per spatial axis.
       factory: `kernel_shape -> param.Transform`, e.g. `param.dirac`.
-      strides, padding, kernel_dilation, feature_group_count, use_bias, dtype,
-        param_dtype, precision: as `flax.nnx.Conv`; `exact_identity` as
-        `layers.param_conv`.
+      strides, padding, kernel_dilation, feature_group_count: as `flax.nnx.Conv`.
+      use_bias, dtype, param_dtype, precision: as `flax.nnx.Conv`.
+      exact_identity: as `layers.param_conv`.
       ndim: spatial axes when `kernel_size` is an int.
       rngs: `nnx.Rngs`; its `params` stream draws the raw parameters.
 
