@@ -8,10 +8,16 @@ r"""Command line: train and evaluate one config, resuming from its workdir.
 files of configs/, installed as `dirac_jax.configs`), so an installed wheel
 runs them without the source tree. Any config field can be overridden with
 `--config.FIELD=VALUE` (the config is locked, so a misspelt field is an
-error). Rerunning the same command resumes from the latest checkpoint in the
-workdir. A bad config, missing data, an
+error that names the field meant). Rerunning the same command resumes from
+the latest checkpoint in the workdir. A bad flag or config, missing data, an
 unusable checkpoint or a diverged run exits with status 1 and one `error: ...`
-message on stderr; a SIGTERM saves a checkpoint and exits with status 0.
+line on stderr; a SIGTERM saves a checkpoint and exits with status 0.
+
+A run prints its summary line, one line per `config.log_every_steps` (with a
+progress bar on a terminal), the eval lines and a final `done: ...` line.
+Other libraries' INFO logs (orbax's checkpoint stages, jax's backend probes)
+are hidden; `--verbose` (or absl's `--verbosity=0`) shows them, for debugging.
+The same holds for `dirac_jax.evaluate` and `dirac_jax.export`.
 The workdir may be in a bucket, `--workdir=gs://BUCKET/runs/NAME` (the `gcs`
 extra: `pip install 'dirac_jax[gcs]'`), which every host of a pod reads and
 writes alike.

@@ -18,7 +18,7 @@ plain net. Everything else (convs, the classifier, pools) is quantized by
 onnxruntime's `quantize_static` in QDQ format: int8 symmetric weights, int8
 activations with percentile ranges calibrated on training images. The choices
 (summed kernel or identity apart; rounded or float stream; the calibration)
-were made by measurement (RESULTS.md, `python -m dirac_jax.bench int8`).
+were made by measurement (RESULTS.md; `python -m benchmarks int8` from a checkout).
 
 No int8 kernels are written here: onnxruntime computes, calibrates and inserts
 the QuantizeLinear/DequantizeLinear pairs.
