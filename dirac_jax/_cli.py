@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import gc
+import io
 import logging
 import os
 import sys
@@ -206,6 +207,36 @@ def with_config_paths(argv: list[str], flag: str = "config") -> list[str]:
         elif arg == f"--{flag}" and i + 1 < len(out):
             out[i + 1] = config_path(out[i + 1])
     return out
+
+
+class _DropQuantizerAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        source = record.pathname.replace(os.sep, "/")
+        return not ("onnxruntime/quantization/" in source and record.levelno <= logging.WARNING)
+
+
+@contextlib.contextmanager
+def quantizer_chatter_hidden():
+    """Hides what onnxruntime's quantizer prints on a successful run, unless --verbose.
+
+    It prints its calibration progress to stdout and advises pre-processing
+    (shape inference, graph optimization) at WARNING; the exported graph
+    needs neither, and the lines would bury the command's one result line.
+    Errors still raise.
+    """
+    _, verbose = shared_flags()
+    if verbose.value:
+        yield
+        return
+    from absl import logging as absl_logging
+
+    handler, record_filter = absl_logging.get_absl_handler(), _DropQuantizerAdvice()
+    handler.addFilter(record_filter)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        handler.removeFilter(record_filter)
 
 
 def run_workdir_command(argv: list[str], work: Callable[[], T]) -> T:

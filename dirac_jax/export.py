@@ -337,9 +337,10 @@ def main(argv) -> None:
         )
 
     def work():
-        return export_workdir(
-            path, f["format"], f["out"], quantize=options, platforms=f["platforms"]
-        )
+        with _cli.quantizer_chatter_hidden():
+            return export_workdir(
+                path, f["format"], f["out"], quantize=options, platforms=f["platforms"]
+            )
 
     written = _cli.run_workdir_command(argv, work)
     kind = f["format"] if options is None else f"{f['format']} int8"

@@ -314,3 +314,11 @@ def test_a_quickstart_run_is_quiet_even_from_a_checkout_named_dirac_jax(tmp_path
     # The summary line, one line per log interval (2), the eval line and the final summary.
     assert len(lines) <= 6, lines
     assert result.stdout.startswith("done: step 4")
+    # An INT8 export: one line, without onnxruntime's calibration progress and advice.
+    out = tmp_path / "m.int8.onnx"
+    args = [f"--workdir={tmp_path / 'run'}", "--quantize=int8", "--calibration_images=32"]
+    env = {"PYTHONPATH": pythonpath}
+    export_run = _python("-m", "dirac_jax.export", *args, f"--out={out}", cwd=checkout, env=env)
+    assert export_run.returncode == 0, export_run.stderr[-3000:]
+    assert export_run.stderr == "" and len(export_run.stdout.splitlines()) == 1, export_run
+    assert out.stat().st_size > 0
