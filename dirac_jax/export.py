@@ -309,6 +309,11 @@ def main(argv) -> None:
     path = _cli.shared_flags()[0].value
     if f["out"] is None:
         raise app.UsageError("--out is required: the file to write, e.g. --out=model.onnx.")
+    if os.path.isdir(f["out"]):
+        raise app.UsageError(
+            f"--out={f['out']} is a folder; give the file to write, e.g. "
+            f"--out={os.path.join(f['out'], 'model.onnx')}."
+        )
     int8_flags = ("calibration_images", "per_tensor", "calibration", "activations", "stream")
     int8_flags += ("reduce_range",)
     if f["quantize"] == "none":

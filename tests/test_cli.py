@@ -213,6 +213,7 @@ EXPORT_MISTAKES = [
     ),
     (["--workdir={empty}", "--out={out}", "--calibration_images=0"], "--calibration_images=0"),
     (["--out={out}"], "--workdir is required"),
+    (["--workdir={empty}", "--out={tmp}"], "is a folder; give the file to write, e.g. --out="),
 ]
 
 
