@@ -4,21 +4,31 @@ DiracNets (arXiv:1706.00388, v1 and v2), the symmetric parameterizations of the
 first author's slides (S. Zagoruyko, Dec. 26, 2017), and the PlainNet recipe of
 Oyedotun et al., in JAX and Flax.
 
-Subpackages, each one concept: `param` (weight parameterizations, jax and numpy
-only), `layers` (conv layers with a `param` kernel for Linen, NNX and plain
-JAX), `models` (the papers' networks), `folded` (a folded net: the chain's
-steps and the fold of one conv and BN), `fold` (trained net to a plain conv
-chain), `formats` (export formats: ONNX, StableHLO, the reference PyTorch
-state dict), `torch_checkpoint` (the authors' PyTorch checkpoints imported),
-`torch_reference` (the reference net in PyTorch, for tests and benchmarks),
-`quantize` (INT8 ONNX of a folded net), `data` (dataset readers and
-transforms), `input_pipeline` (device-resident and Grain-streamed inputs),
-`config_schema` (a training config's defaults and validation), `optim` (schedule
-and optimizer), `sharding` (the mesh and placement), `steps` (the jitted train
-and eval steps), `train` (the loop), `checkpoint`, `metrics`, `workdir` (a
-run's files; a finished run), `xla_cpu` (the XLA:CPU flags the commands set),
-`evaluate` and `export` (its command lines), `reproduce` (the papers'
-experiments), `configs` (the training configs, the repository's configs/).
+The package is the library, one concept per module, from the maths down to the
+commands that use it:
+
+* The maths and the networks: `param` (weight parameterizations, jax and
+  numpy only), `layers` (conv layers with a `param` kernel for Linen, NNX and
+  plain JAX), `folded` (a folded net, the fold of one conv and BN, and the
+  contract a model that folds satisfies), `models` (the papers' networks).
+* Deployment: `fold` (a trained net to a plain conv chain, `fold.deployable`),
+  `formats` (ONNX, StableHLO, the reference PyTorch state dict), `quantize`
+  (INT8 ONNX of a folded net), `torch_checkpoint` (the authors' PyTorch
+  checkpoints imported), `torch_reference` (the reference net in PyTorch).
+* Training: `data` (dataset readers and transforms), `input_pipeline`
+  (device-resident and Grain-streamed inputs), `config_schema` (a config's
+  defaults, validation and model), `optim`, `sharding`, `steps` (the jitted
+  train and eval steps and the one evaluation loop), `checkpoint`, `metrics`,
+  `workdir` (a run's files; a finished run loaded back), `train` (the loop),
+  `xla_cpu` (the XLA:CPU flags the commands set).
+* Commands: `evaluate` and `export` (importable functions; the flags are
+  defined only when their command line runs), `reproduce` (the papers'
+  experiments, runnable from an installed wheel), `configs` (the training
+  configs, the repository's `configs/`).
+
+Benchmarks and device tooling are not in the package: they live in the
+repository's top-level `benchmarks/`, run from a checkout as
+`python -m benchmarks SUITE`.
 
 Entry points, imported on first use so `from dirac_jax import param` stays light:
 
@@ -28,10 +38,12 @@ Entry points, imported on first use so `from dirac_jax import param` stays light
 * `dirac_jax.evaluate_workdir(workdir)` and `dirac_jax.export_workdir(workdir,
   format, out)`: what `python -m dirac_jax.evaluate` and `python -m
   dirac_jax.export` run.
-* `dirac_jax.fold_net(model, variables)`: the folded conv-ReLU chain (`fold.fold`).
+
+The folded conv-ReLU chain of a trained net is `dirac_jax.fold.fold(model,
+variables)`.
 
 Command lines: `python -m dirac_jax.main` (train), `python -m dirac_jax.evaluate`,
-`python -m dirac_jax.export`, `python -m dirac_jax.bench`.
+`python -m dirac_jax.export`, `python -m dirac_jax.reproduce`.
 """
 
 import importlib
@@ -45,8 +57,9 @@ _ENTRY_POINTS = {
     "load": ("dirac_jax.workdir", "load"),
     "evaluate_workdir": ("dirac_jax.evaluate", "evaluate_workdir"),
     "export_workdir": ("dirac_jax.export", "export_workdir"),
-    "fold_net": ("dirac_jax.fold", "fold"),
 }
+# Names of the previous release -> the one name now; they raise an AttributeError naming it.
+_RENAMED = {"fold_net": "dirac_jax.fold.fold"}
 _SUBMODULES = (
     "checkpoint",
     "config_schema",
@@ -83,6 +96,8 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(module), attribute)
     if name in _SUBMODULES:
         return importlib.import_module(f"dirac_jax.{name}")
+    if name in _RENAMED:
+        raise AttributeError(f"dirac_jax.{name} was removed: use {_RENAMED[name]}.")
     raise AttributeError(f"module 'dirac_jax' has no attribute {name!r}")
 
 

@@ -56,13 +56,17 @@ __all__ = [
     "batch_for_devices",
     "evaluate_workdir",
     "main",
-    "metrics_of",
     "onnx_logits",
 ]
 
-# Sums of loss, top-1 and top-5 hits over the unmasked examples of a batch: the trainer's
-# eval metrics, the same function, so eval.json and summary.json count alike.
-metrics_of = steps.classification_metrics
+# Names of the previous release -> the one name now; they raise an AttributeError naming it.
+_RENAMED = {"metrics_of": "dirac_jax.steps.classification_metrics"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        raise AttributeError(f"dirac_jax.evaluate.{name} was removed: use {_RENAMED[name]}.")
+    raise AttributeError(f"module 'dirac_jax.evaluate' has no attribute {name!r}")
 
 
 def batch_for_devices(batch_size: int, num_devices: int) -> int:
@@ -99,16 +103,6 @@ def _imagenet_batches(config, batch_size: int, mesh) -> Iterator[tuple]:
     inputs = input_pipeline.StreamedInput(config, mesh, train=False)
     for (batch,) in inputs.eval_batches():
         yield batch["image"], batch["label"], batch["mask"]
-
-
-def _summarize(totals: dict) -> dict:
-    count = int(totals["count"])
-    return {
-        "top1": float(totals["top1"]) / count,
-        "top5": float(totals["top5"]) / count,
-        "loss": float(totals["loss_sum"]) / count,
-        "count": count,
-    }
 
 
 def onnx_logits(session, images: np.ndarray) -> np.ndarray:
@@ -153,7 +147,7 @@ def evaluate_workdir(
       `{"step", "dataset", "unfolded": {...}, "folded": {...} or None,
       "symmetrized": {...} or None}`, each with `top1`, `top5`, `loss` (mean
       cross-entropy) and `count`. `folded` is the float32 net of
-      `fold.folded_apply` (a chain, or a WRN/ResNet with its kernels computed
+      `fold.deployable` (a chain, or a WRN/ResNet with its kernels computed
       once), None for a model that does not fold (PlainNet); `symmetrized`,
       the net with its symmetric convs projected by `param.symmetrize`, is
       None unless the run trained with the soft symmetry penalty
@@ -181,52 +175,49 @@ def evaluate_workdir(
     nets = {"unfolded": lambda v, x: model.apply(v, x, train=False)}
     params = {"unfolded": variables}
     if config.model.name in config_schema.FOLDABLE_MODELS:
-        nets["folded"], params["folded"] = fold.folded_apply(
-            model.clone(dtype=jnp.float32), variables
-        )
+        nets["folded"], params["folded"] = fold.deployable(model, variables)
     if config.get("symmetry_penalty", 0.0) > 0:
         projected = jax.jit(lambda p: models.symmetrize_params(model, p))(variables["params"])
         params["symmetrized"] = {**variables, "params": projected}
         nets["symmetrized"] = nets["unfolded"]
 
     reference = "folded" if "folded" in nets else "unfolded"
+    metrics = steps.classification_metrics  # the trainer's, so eval.json and summary.json agree
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(params, replicated)  # one copy on each of this host's devices
 
     @functools.partial(jax.jit, in_shardings=(replicated, *[batched] * 3), out_shardings=replicated)
     def step_fn(all_params, images, labels, mask):
         x = prepare(images)
-        return {k: metrics_of(nets[k](all_params[k], x), labels, mask) for k in nets}
+        return {k: metrics(nets[k](all_params[k], x), labels, mask) for k in nets}
 
     @jax.jit
     def onnx_step(all_params, images, labels, mask, logits):
-        out = metrics_of(logits, labels, mask)
+        out = metrics(logits, labels, mask)
         expected = nets[reference](all_params[reference], prepare(images))
         same = jnp.argmax(logits, -1) == jnp.argmax(expected, -1)
         return {**out, "agree": jnp.sum(same & mask)}
 
-    batches = _imagenet_batches if imagenet else _small_batches
-    totals = None
-    for images, labels, mask in batches(config, batch_size, mesh):
-        out = step_fn(params, images, labels, mask)
+    def eval_fn(all_params, images, labels, mask):
+        out = step_fn(all_params, images, labels, mask)
         if session is not None:
             logits = onnx_logits(session, images)
-            out["onnx"] = onnx_step(params, images, labels, mask, logits)
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.tree.map(np.asarray, totals)
+            out["onnx"] = onnx_step(all_params, images, labels, mask, logits)
+        return out
+
+    batches = _imagenet_batches if imagenet else _small_batches
+    # The trainer's evaluation loop; `agree` comes back as a share of the images.
+    totals = steps.evaluate_batches(eval_fn, params, batches(config, batch_size, mesh))
     result = {
         "step": step,
         "dataset": config.dataset.name,
         "model": config.model.name,
-        "unfolded": _summarize(totals["unfolded"]),
-        "folded": _summarize(totals["folded"]) if "folded" in totals else None,
-        "symmetrized": _summarize(totals["symmetrized"]) if "symmetrized" in totals else None,
+        **{net: totals.get(net) for net in ("unfolded", "folded", "symmetrized")},
         "batch_size": batch_size,
         "devices": mesh.size,
     }
     if session is not None:
-        agree = float(totals["onnx"]["agree"]) / int(totals["onnx"]["count"])
-        result["onnx"] = {**_summarize(totals["onnx"]), "agree": agree, "file": str(onnx)}
+        result["onnx"] = {**totals["onnx"], "file": str(onnx)}
         result["onnx_reference"] = reference
     (_paths.resolve(path) / workdir.EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -69,7 +69,7 @@ QUANTIZE = ("none", "int8")
 
 
 def fold_workdir(path: str | os.PathLike):
-    """The trained net of a workdir, folded in float32 (`fold.folded_apply`).
+    """The trained net of a workdir, folded in float32 (`fold.deployable`).
 
     Returns:
       `(apply, folded, config)`: `apply(folded, images)` computes the logits of
@@ -82,12 +82,16 @@ def fold_workdir(path: str | os.PathLike):
       workdir.WorkdirError, checkpoint.CheckpointError: as `workdir.load`.
     """
     model, variables, config = _load_foldable(path)
-    apply, folded = fold.folded_apply(model, variables)
+    apply, folded = fold.deployable(model, variables)
     return apply, folded, config
 
 
 def _load_foldable(path):
-    """`(model in float32, variables, config)` of a run whose model folds; else ValueError."""
+    """`(model, variables, config)` of a run whose model folds; else ValueError.
+
+    The model keeps the run's dtype: every fold computes in float32 whatever it
+    (`fold.deployable`, `fold.fold`, `fold.fold_kernels`).
+    """
     config = workdir.read_config(path)  # fail before reading a checkpoint that cannot fold
     if config.model.name not in config_schema.FOLDABLE_MODELS:
         raise ValueError(
@@ -95,8 +99,7 @@ def _load_foldable(path):
             f"so export, needs one of {config_schema.FOLDABLE_MODELS}. Evaluate it unfolded with "
             "python -m dirac_jax.evaluate."
         )
-    model, variables, config = workdir.load(path)
-    return model.clone(dtype=jnp.float32), variables, config
+    return workdir.load(path)
 
 
 def classifier(apply, folded, config):
@@ -235,7 +238,7 @@ def export_workdir(
     if fmt == "onnx":
         out.write_bytes(onnx_model(model, variables, config).SerializeToString())
         return out
-    apply, folded = fold.folded_apply(model, variables)
+    apply, folded = fold.deployable(model, variables)
     if fmt == "stablehlo":
         blob = formats.stablehlo.export_stablehlo(
             classifier(apply, folded, config),

@@ -11,19 +11,24 @@ is one convolution with a bias:
 (`s` broadcast over the output axis). The folded net costs a plain net's
 inference and nothing more.
 
-Each model says how it folds, with its class attribute `folds`:
+Each model says how it folds, with its class attribute `folds`, and satisfies
+the matching contract of `dirac_jax.folded`:
 
-* `"chain"` (DiracNet, MobileNet): no shortcut, so the whole net folds into a
-  chain of conv-ReLU pairs. `fold` checks the variables and asks the model
-  (`model.fold_chain`), which walks its own plan with its own kernel factories,
-  so the folded kernel comes from the same transform code the model runs
-  (the chain's types and the per-layer folds are in `dirac_jax.folded`).
-* `"kernels"` (WRN, ResNet): residual nets are not a chain, so `fold` raises
-  for them; `fold_kernels` folds what does fold in them, their kernel
-  parameterizations (symmetric kernels, `I + W`): it returns the model's
-  `plain_twin()` with every kernel a plain tensor, which `dirac_jax.export`
-  writes.
+* `"chain"` (DiracNet, MobileNet; `folded.ChainFoldable`): no shortcut, so the
+  whole net folds into a chain of conv-ReLU pairs. `fold` checks the variables
+  and asks the model (`model.fold_chain`), which walks its own plan with its
+  own kernel factories (`folded.ChainBuilder`), so the folded kernel comes from
+  the same transform code the model runs.
+* `"kernels"` (WRN, ResNet; `folded.KernelFoldable`): residual nets are not a
+  chain, so `fold` raises for them; `fold_kernels` folds what does fold in
+  them, their kernel parameterizations (symmetric kernels, `I + W`): it returns
+  the model's `plain_twin()` with every kernel a plain tensor, which
+  `dirac_jax.export` writes.
 * `None` (PlainNet): no fold.
+
+`deployable` picks the fold a model has and returns the float32 net that
+`dirac_jax.export` writes, the trainer's fold check measures and
+`dirac_jax.evaluate` reports.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -52,23 +57,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirac_jax import param
-from dirac_jax.folded import KINDS, FoldedNet, effective_kernel
+from dirac_jax.folded import KINDS, ChainFoldable, FoldedNet, KernelFoldable, effective_kernel
 from dirac_jax.layers import conv
-from dirac_jax.models import VARIANTS, global_avg_pool, max_pool
+from dirac_jax.models import VARIANTS, count_params, global_avg_pool, max_pool
 
 __all__ = [
     "apply_folded",
+    "deployable",
     "fold",
     "fold_kernels",
-    "folded_apply",
     "folded_identity",
     "num_params",
 ]
 
+# Names of the previous release -> the one name now; they raise an AttributeError naming it.
+_RENAMED = {"folded_apply": "deployable"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        raise AttributeError(
+            f"dirac_jax.fold.{name} was renamed: use dirac_jax.fold.{_RENAMED[name]}."
+        )
+    raise AttributeError(f"module 'dirac_jax.fold' has no attribute {name!r}")
+
 
 def _folds(model) -> str | None:
-    """How `model` folds: its `folds` attribute (`"chain"`, `"kernels"` or None)."""
-    return getattr(model, "folds", None)
+    """How `model` folds: `"chain"` or `"kernels"` when it satisfies that contract, else None."""
+    how = getattr(model, "folds", None)
+    if how == "chain" and isinstance(model, ChainFoldable):
+        return how
+    if how == "kernels" and isinstance(model, KernelFoldable):
+        return how
+    return None
 
 
 def _check_variables(variables, dtype):
@@ -92,7 +113,8 @@ def fold(model, variables: Any, *, dtype=jnp.float32, identity_apart: bool = Fal
 
     DiracNets sec. 1/2: Dirac parameterization and BN fold into the filters, so
     the net becomes a chain of conv-ReLU pairs. The model folds itself
-    (`model.fold_chain`, for a model whose `folds` is `"chain"`): a DiracNet's
+    (`model.fold_chain`, `folded.ChainFoldable`; any model that satisfies that
+    contract folds here): a DiracNet's
     stem conv uses `kernel_factory("plain")`, its block convs `"dirac"` (v2),
     `"dirac_v1"` (v1) or `"plain"`, exactly as the model; each following BN
     (running statistics, eps `BN_EPSILON`) becomes the conv's bias and a
@@ -105,9 +127,9 @@ def fold(model, variables: Any, *, dtype=jnp.float32, identity_apart: bool = Fal
     `conv3x3/2, relu, [conv3x3 depthwise, relu, conv1x1, relu] x 13, avg_pool, dense`.
 
     Args:
-      model: a `DiracNet` of variant `"v2"`, `"v1"` or `"plain"`, or a
-        `MobileNet`, symmetric or not (its `dtype` is ignored; the folded net is
-        computed in `dtype`).
+      model: a `folded.ChainFoldable`: a `DiracNet` of variant `"v2"`, `"v1"`
+        or `"plain"`, or a `MobileNet`, symmetric or not (its `dtype` is
+        ignored; the folded net is computed in `dtype`).
       variables: `{"params", "batch_stats"}` as returned by `model.init` or training.
       dtype: dtype of every computation and of the folded parameters; use
         `jnp.float64` under `jax.enable_x64(True)` for a tighter fold.
@@ -136,8 +158,8 @@ def fold(model, variables: Any, *, dtype=jnp.float32, identity_apart: bool = Fal
             else "it has no fold"
         )
         raise ValueError(
-            f"fold supports DiracNet variants {VARIANTS} and MobileNet, got "
-            f"{type(model).__name__}: {why}."
+            f"fold supports DiracNet variants {VARIANTS}, MobileNet and other models that "
+            f"satisfy folded.ChainFoldable, got {type(model).__name__}: {why}."
         )
     _check_variables(variables, dtype)
     try:
@@ -168,7 +190,7 @@ def fold_kernels(model, variables: Any, *, dtype=jnp.float32):
     classifier are copied. Pure: works under `jit`.
 
     Args:
-      model: a `WideResNet` or `ResNet`, symmetric or not.
+      model: a `folded.KernelFoldable`: a `WideResNet` or `ResNet`, symmetric or not.
       variables: `{"params", "batch_stats"}` of that model.
       dtype: dtype of the computed kernels (the other leaves keep theirs).
 
@@ -233,20 +255,43 @@ def fold_kernels(model, variables: Any, *, dtype=jnp.float32):
     return twin, {"params": walk(shapes, params, ()), "batch_stats": variables["batch_stats"]}
 
 
-def folded_apply(model, variables: Any, *, dtype=jnp.float32):
-    """The deployable net of a trained model: `(apply, folded)`, `apply(folded, images)`.
+def deployable(model, variables: Any, *, dtype=jnp.float32):
+    """The deployable net of a trained model: `(apply, params)`, `apply(params, images)`.
 
-    DiracNets and MobileNets fold into a chain (`fold`, `apply_folded`); WRNs
-    and ResNets keep their shortcuts and fold their kernels (`fold_kernels`).
-    This is the net `dirac_jax.export` writes and the training fold check
-    compares with the trained one.
+    The one "fold to `dtype`" of the library: DiracNets and MobileNets fold
+    into a chain (`fold`; `apply` is `apply_folded`); WRNs and ResNets keep
+    their shortcuts and fold their kernels (`fold_kernels`; `apply` runs the
+    plain twin). This is the net `dirac_jax.export` writes, the trainer's fold
+    check compares with the trained one, and `dirac_jax.evaluate` reports as
+    `folded`. The model computes in `dtype` whatever its own `dtype` (a
+    bfloat16 run's net is deployed in float32).
+
+    Args:
+      model: a model that folds (`folded.ChainFoldable` or `folded.KernelFoldable`).
+      variables: its `{"params", "batch_stats"}`.
+      dtype: dtype of the computation and of the folded parameters.
+
+    Returns:
+      `(apply, params)`: `apply(params, images)` computes the logits of
+      normalized NHWC images.
 
     Raises:
       ValueError: a model that does not fold (its `folds` is None, e.g.
         PlainNet), or variables of another model.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from dirac_jax.models import get_model
+      >>> model = get_model("wrn", depth=10, width=0.25)
+      >>> x = jnp.ones((1, 32, 32, 3))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> apply, params = deployable(model, variables)
+      >>> bool(jnp.allclose(apply(params, x), model.apply(variables, x), atol=1e-5))
+      True
     """
     if _folds(model) == "kernels":
         twin, twin_variables = fold_kernels(model, variables, dtype=dtype)
+        twin = twin.clone(dtype=dtype)
         return (lambda v, x: twin.apply(v, x, train=False)), twin_variables
     return apply_folded, fold(model, variables, dtype=dtype)
 
@@ -317,4 +362,4 @@ def folded_identity(x: jax.Array, scale: jax.Array, sources) -> jax.Array:
 
 def num_params(folded: FoldedNet) -> int:
     """Total number of scalars in the folded parameters (kernels and biases)."""
-    return sum(int(x.size) for x in jax.tree.leaves(folded.params))
+    return int(count_params(folded.params))

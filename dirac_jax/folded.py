@@ -11,16 +11,19 @@ is one convolution with a bias:
 (`s` broadcast over the output axis).
 
 This room holds what a folded net is (`FoldedStep`, `FoldedNet`, the step
-`KINDS`) and the per-layer folds a model builds its chain from: `fold_conv_bn`,
-`fold_batch_norm`, `effective_kernel` and `split_identity`. Each model that
-folds into a chain says how (`DiracNet.fold_chain`, `MobileNet.fold_chain`);
-`dirac_jax.fold` asks it and runs the chain (`fold.apply_folded`). It imports
-no model, so the models can import it.
+`KINDS`), the per-layer folds (`fold_conv_bn`, `fold_batch_norm`,
+`effective_kernel`, `split_identity`), the one chain builder a model folds
+itself with (`ChainBuilder`), and the contract a model that folds satisfies
+(`ChainFoldable`, `KernelFoldable`): `dirac_jax.fold` asks for nothing else,
+so a new model folds by satisfying one of them. It imports no model, so the
+models can import it; the BatchNorm epsilon every model uses lives here
+(`BN_EPSILON`) for that reason.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import flax
 import jax
@@ -28,9 +31,13 @@ import jax.numpy as jnp
 
 __all__ = [
     "BLOCK_CONV_ARGS",
+    "BN_EPSILON",
     "KINDS",
+    "ChainBuilder",
+    "ChainFoldable",
     "FoldedNet",
     "FoldedStep",
+    "KernelFoldable",
     "effective_kernel",
     "fold_batch_norm",
     "fold_conv_bn",
@@ -42,8 +49,9 @@ KINDS = ("conv", "dirac_conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense"
 # Conv args `(strides, padding)` of every folded 3x3 block conv: stride 1, SAME.
 BLOCK_CONV_ARGS = ((1, 1), ((1, 1), (1, 1)))
 
-# PyTorch's and Flax's BatchNorm epsilon; the models pass their own `BN_EPSILON`.
-_EPSILON = 1e-5
+# The BatchNorm epsilon of every model here, and so of every fold: PyTorch's and Flax's
+# default, which the reference checkpoints were trained with.
+BN_EPSILON = 1e-5
 
 
 class FoldedStep(NamedTuple):
@@ -87,7 +95,7 @@ def fold_conv_bn(
     scale: jax.Array | None = None,
     bn_bias: jax.Array | None = None,
     conv_bias: jax.Array | None = None,
-    epsilon: float = _EPSILON,
+    epsilon: float = BN_EPSILON,
 ) -> dict[str, jax.Array]:
     """Folds one `conv -> BatchNorm` (running statistics) into one conv with bias.
 
@@ -106,8 +114,8 @@ def fold_conv_bn(
       scale, bn_bias: the BN affine parameters (`None`: 1 and 0, as a BN with
         `use_scale=False` / `use_bias=False`).
       conv_bias: the conv's bias, if it has one.
-      epsilon: the BN's epsilon (PyTorch's and Flax's default, `1e-5`, is the
-        models' `BN_EPSILON`).
+      epsilon: the BN's epsilon (default `BN_EPSILON`, PyTorch's and Flax's
+        `1e-5`, which every model here uses).
 
     Returns:
       `{"kernel", "bias"}` in the kernel's dtype.
@@ -147,7 +155,7 @@ def fold_conv_bn(
     return {"kernel": kernel * s, "bias": bias}
 
 
-def fold_batch_norm(kernel, bn_params, bn_stats, *, dtype, epsilon: float = _EPSILON) -> dict:
+def fold_batch_norm(kernel, bn_params, bn_stats, *, dtype, epsilon: float = BN_EPSILON) -> dict:
     """`conv -> BN` of a Flax model's layer as one `{"kernel", "bias"}` in `dtype`.
 
     `bn_params` is the BatchNorm's `{"scale", "bias"}`, `bn_stats` its
@@ -219,3 +227,144 @@ def split_identity(
     scale = jnp.broadcast_to(jnp.asarray(identity.scale(raw), dtype), s.shape) * s
     sources = tuple(tuple(int(i) for i in row) for row in identity.sources)
     return {"kernel": folded["kernel"], "scale": scale, "bias": folded["bias"]}, sources
+
+
+def _at(tree: Mapping, path: Sequence[str]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+class ChainBuilder:
+    """Builds a `FoldedNet` step by step from a Flax model's `params` and `batch_stats`.
+
+    A model's `fold_chain` walks its own layers in order and calls `conv_bn`
+    for each `conv -> BN` pair, `dense` for the classifier and `add` for the
+    other steps; `build` returns the chain. Layers are named by their module
+    paths, e.g. `("group0", "block1", "conv")`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from dirac_jax.folded import ChainBuilder
+      >>> from dirac_jax import param
+      >>> params = {"conv": {"w": jnp.ones((1, 1, 2, 3))},
+      ...           "bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
+      >>> stats = {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
+      >>> chain = ChainBuilder(params, stats, dtype=jnp.float32)
+      >>> args = ((1, 1), ((0, 0), (0, 0)))
+      >>> chain.conv_bn(param.plain, ("conv",), ("bn",), (1, 1, 2, 3), args, what="plain")
+      >>> chain.add("relu")
+      >>> [s.kind for s in chain.build().steps]
+      ['conv', 'relu']
+    """
+
+    def __init__(
+        self, params: Mapping, batch_stats: Mapping, *, dtype, epsilon: float = BN_EPSILON
+    ):
+        self.params, self.batch_stats = params, batch_stats
+        self.dtype, self.epsilon = dtype, epsilon
+        self._steps: list[FoldedStep] = []
+        self._params: list[dict] = []
+
+    def add(self, kind: str, args: tuple = (), params: dict | None = None) -> None:
+        """Appends one step (`KINDS`) with its parameters (none for an activation or a pool)."""
+        self._steps.append(FoldedStep(kind, args))
+        self._params.append({} if params is None else params)
+
+    def conv_bn(
+        self,
+        factory: Callable,
+        conv: Sequence[str],
+        bn: Sequence[str],
+        shape: Sequence[int],
+        args: tuple,
+        *,
+        what: str,
+        identity_apart: bool = False,
+    ) -> None:
+        """Appends the conv at path `conv` with the BN at path `bn` folded into it.
+
+        Args:
+          factory: the conv's kernel factory, the model's own, so the folded
+            kernel comes from the transform the model runs.
+          conv, bn: module paths of the conv (its raw kernel parameters) and of
+            the BatchNorm that follows it.
+          shape: the kernel shape.
+          args: the `"conv"` step's args (`FoldedStep`).
+          what: the factory's name, for error messages.
+          identity_apart: a kernel with an identity part (`param.Identity`)
+            becomes a `"dirac_conv"` step (`split_identity`), args `(*args,
+            sources)`; other kernels are one `"conv"` either way.
+
+        Raises:
+          KeyError: a path is not in `params` or `batch_stats`.
+          ValueError: the raw parameters are not those of `factory(shape)`.
+        """
+        raw = _at(self.params, conv)
+        bn_params, bn_stats = _at(self.params, bn), _at(self.batch_stats, bn)
+        where = ".".join(conv)
+        if identity_apart and factory(tuple(shape)).identity is not None:
+            p, sources = split_identity(
+                factory, raw, shape, bn_params, bn_stats,
+                what=what, where=where, dtype=self.dtype, epsilon=self.epsilon,
+            )  # fmt: skip
+            self.add("dirac_conv", (*args, sources), p)
+            return
+        kernel = effective_kernel(factory, raw, shape, what=what, where=where, dtype=self.dtype)
+        folded = fold_batch_norm(
+            kernel, bn_params, bn_stats, dtype=self.dtype, epsilon=self.epsilon
+        )
+        self.add("conv", args, folded)
+
+    def dense(self, path: Sequence[str]) -> None:
+        """Appends the classifier at `path` (`{"kernel", "bias"}`) as a `"dense"` step."""
+        fc = _at(self.params, path)
+        self.add("dense", (), {k: fc[k].astype(self.dtype) for k in ("kernel", "bias")})
+
+    def build(self) -> FoldedNet:
+        """The chain so far."""
+        return FoldedNet(params=tuple(self._params), steps=tuple(self._steps))
+
+
+@runtime_checkable
+class ChainFoldable(Protocol):
+    """A model with no shortcut, which folds whole into a chain (`dirac_jax.fold.fold`).
+
+    DiracNet and MobileNet satisfy it; so does any Flax module that declares
+    `folds = "chain"` and builds its own chain, usually with `ChainBuilder`.
+    `fold.fold` checks the variables, then calls `fold_chain`.
+    """
+
+    folds: ClassVar[str]  # "chain"
+
+    def fold_chain(
+        self, params: Mapping, batch_stats: Mapping, *, dtype: Any, identity_apart: bool = False
+    ) -> FoldedNet:
+        """This net as a `FoldedNet` computing its eval function (BN with running statistics).
+
+        Raises:
+          KeyError: a layer is missing from `params` or `batch_stats`.
+          ValueError: parameters that do not belong to this model.
+        """
+        ...
+
+
+@runtime_checkable
+class KernelFoldable(Protocol):
+    """A residual model, whose kernels fold but whose shortcuts stay (`fold.fold_kernels`).
+
+    WideResNet and ResNet satisfy it: `plain_twin()` is the same architecture
+    with plain (`param.plain`) kernels, and `kernel_factory_of(path)` the kernel
+    factory of the conv at a module path of this model, so each kernel is
+    computed once by the model's own transform and stored in the twin.
+    """
+
+    folds: ClassVar[str]  # "kernels"
+
+    def plain_twin(self) -> Any:
+        """The same net with every conv a plain kernel `{"w": kernel}`."""
+        ...
+
+    def kernel_factory_of(self, path: tuple[str, ...]) -> Callable:
+        """The kernel factory of the conv at module `path`, e.g. `("group0_block0", "conv1")`."""
+        ...

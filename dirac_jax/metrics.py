@@ -9,9 +9,11 @@ multi-process run writes. The workdir may be local or in a bucket
 `dirac_scales.png`.
 
 A record is `{"step": int, "kind": "train" | "eval", ...}`; train records carry
-`train_loss`, `train_accuracy`, `learning_rate`, `images_per_s`; eval records
-carry `test_loss`, `test_accuracy` and, for Dirac-parameterized models, the
+`train_loss`, `train_top1`, `learning_rate`, `images_per_s`; eval records
+carry `test_loss`, `test_top1`, `test_top5` and, for Dirac-parameterized models, the
 per-layer means `dirac_a` and `dirac_b` (`{layer: mean}`, DiracNets fig. 2).
+`read_metrics` reads the names of earlier releases as these
+(`workdir.current_metric_names`).
 
 Example:
   >>> import tempfile
@@ -38,7 +40,7 @@ import tqdm
 
 from dirac_jax import _paths
 from dirac_jax.sharding import host_copy
-from dirac_jax.workdir import METRICS_FILE
+from dirac_jax.workdir import METRICS_FILE, current_metric_names
 
 __all__ = [
     "MetricWriter",
@@ -204,7 +206,8 @@ class MetricWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The records of `workdir/metrics.jsonl` in order (an empty list if there is none).
 
-    A torn last line (the process was killed mid-write) is skipped.
+    A torn last line (the process was killed mid-write) is skipped. Metric
+    names of earlier releases read as today's (`workdir.current_metric_names`).
     """
     path = _paths.resolve(workdir) / METRICS_FILE
     if not path.is_file():
@@ -212,7 +215,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(current_metric_names(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return records
@@ -270,16 +273,16 @@ def _figure(ncols: int, width: float = 5.0):
 
 
 def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
-    """Train and test loss and accuracy against step, saved as an image at `path`."""
+    """Train and test loss and top-1 accuracy against step, saved as an image at `path`."""
     plt, fig, (ax_loss, ax_acc) = _figure(2)
     for kind, prefix, style in (("train", "train", "-"), ("eval", "test", "o-")):
         rows = [r for r in records if r.get("kind") == kind]
         steps = [r["step"] for r in rows]
-        for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "top1")):
             values = [r.get(f"{prefix}_{metric}", math.nan) for r in rows]
             if rows:
                 ax.plot(steps, values, style, label=prefix, markersize=3)
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy")):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -7,8 +7,9 @@ normalizes over the global batch with no `pmean` and a step on 8 devices
 computes what it computes on one. uint8 images (small datasets, resident on the
 devices) are augmented and normalized inside the step, keyed by
 `(config.seed, step)` only; streamed float images arrive ready.
-`classification_metrics` is the one metrics function of the trainer's
-evaluation and of `python -m dirac_jax.evaluate`.
+`classification_metrics` is the one metrics function, and `evaluate_batches`
+the one evaluation loop, of the trainer's evaluation and of
+`python -m dirac_jax.evaluate`; both report `top1`, `top5`, `loss` and `count`.
 
 Soft symmetry (the slides): `config.symmetry_penalty` (lambda) adds
 `lambda * models.network_symmetry_penalty(model, params, p)` (slides eq. 3 over the
@@ -29,7 +30,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dirac_jax import data, models
-from dirac_jax.config_schema import create_model, default_num_classes
 from dirac_jax.optim import create_optimizer, project_kernels
 from dirac_jax.sharding import host_copies, replicated
 
@@ -43,6 +43,7 @@ __all__ = [
     "cross_entropy_loss",
     "eval_step",
     "evaluate_batches",
+    "summarize_metrics",
     "symmetry_penalty_term",
     "train_step",
 ]
@@ -242,7 +243,15 @@ def _gather(arrays: data.ArrayDataset, idx):
     return {"image": arrays.images[idx], "label": arrays.labels[idx]}
 
 
-def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_memory: bool = True):
+def compile_steps(
+    config,
+    mesh: Mesh,
+    learning_rate_fn,
+    dataset_name: str,
+    in_memory: bool = True,
+    *,
+    model=None,
+):
     """The jitted train and eval functions for `mesh`.
 
     In-memory data: `train_fn(state, arrays, idx)` and `eval_fn(state, arrays,
@@ -250,8 +259,9 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
     sharded on `"data"`; `config.augment` turns the in-step augmentation on.
     Streamed data (augmented on the hosts): `train_fn(state, batch)` and
     `eval_fn(state, batch)`. The train function donates the state.
-    `config.symmetry_penalty > 0` adds the soft symmetry constraint of the
-    config's model to the loss.
+    `config.symmetry_penalty > 0` adds the soft symmetry constraint of
+    `model`, the run's model (`config_schema.create_model`), to the loss; only
+    then is `model` needed.
     """
     rep, batched = replicated(mesh), NamedSharding(mesh, P("data"))
     step = functools.partial(
@@ -261,7 +271,7 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
         seed=int(config.seed),
         augment=in_memory and bool(config.augment),
         max_norm=float(config.max_norm),
-        symmetry_penalty=symmetry_penalty_term(config),
+        symmetry_penalty=symmetry_penalty_term(config, model),
     )
     evaluate_batch = functools.partial(eval_step, dataset_name=dataset_name)
     if in_memory:
@@ -286,30 +296,60 @@ def compile_steps(config, mesh: Mesh, learning_rate_fn, dataset_name: str, in_me
     return train_fn, eval_fn
 
 
-def symmetry_penalty_term(config) -> tuple[float, Callable] | None:
-    """`(lambda, params -> penalty)` of the config's model, or None when it is off."""
+def symmetry_penalty_term(config, model) -> tuple[float, Callable] | None:
+    """`(lambda, params -> penalty)` of the run's model, or None when it is off.
+
+    Raises:
+      ValueError: the penalty is on and `model` is None.
+    """
     lam = float(config.symmetry_penalty)
     if lam <= 0:
         return None
-    model = create_model(config, default_num_classes(config))
+    if model is None:
+        raise ValueError(
+            f"config.symmetry_penalty={lam} needs the run's model: pass model= to compile_steps."
+        )
     p = float(config.symmetry_penalty_p)
     return lam, functools.partial(models.network_symmetry_penalty, model, p=p)
 
 
+def summarize_metrics(totals: dict) -> dict:
+    """Means of `classification_metrics` summed over batches: `{"top1", "top5", "loss", "count"}`.
+
+    `loss_sum` becomes the mean `loss`; every other sum but `count` becomes its
+    share of `count` (e.g. `dirac_jax.evaluate`'s `agree`).
+
+    Examples:
+      >>> summarize_metrics({"loss_sum": 3.0, "top1": 3, "top5": 4, "count": 4})
+      {'top1': 0.75, 'top5': 1.0, 'loss': 0.75, 'count': 4}
+    """
+    count = int(totals["count"])
+    out = {k: float(v) / count for k, v in totals.items() if k not in ("loss_sum", "count")}
+    return {**out, "loss": float(totals["loss_sum"]) / count, "count": count}
+
+
 def evaluate_batches(
-    eval_fn: Callable, state: TrainState, batches, expected_count: int | None = None
+    eval_fn: Callable, state: Any, batches, expected_count: int | None = None
 ) -> dict:
-    """Loss and accuracy over every example of the eval batches exactly once.
+    """The one evaluation loop: metrics over every example of the eval batches exactly once.
+
+    The trainer's evaluation and `dirac_jax.evaluate` both run it. `eval_fn`
+    returns `classification_metrics` sums for a batch, or a dict of them (one
+    per net: `dirac_jax.evaluate` runs the unfolded and the folded net on the
+    same batch); the sums are added over the batches and then divided
+    (`summarize_metrics`).
 
     Args:
-      eval_fn: from `compile_steps`.
-      state: the state to evaluate.
+      eval_fn: `eval_fn(state, *args)` for each `args` of `batches`, e.g. from
+        `compile_steps`.
+      state: the state, or whatever `eval_fn` takes first.
       batches: iterable of `eval_fn`'s arguments after `state`; padding
         examples are masked out.
       expected_count: if given, the number of examples the batches must hold.
 
     Returns:
-      `{"test_loss", "test_accuracy", "test_top5_accuracy", "count"}`.
+      `{"top1", "top5", "loss", "count"}` (top-1 and top-5 accuracy, mean
+      cross-entropy, examples), or a dict of them with `eval_fn`'s keys.
 
     Raises:
       AssertionError: the masks counted a different number of examples than
@@ -320,14 +360,14 @@ def evaluate_batches(
         out = eval_fn(state, *args)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = host_copies(totals)
-    count = int(totals["count"])
-    if expected_count is not None and count != expected_count:
+    if "count" in totals:
+        results = summarize_metrics(totals)
+        counts = {results["count"]}
+    else:
+        results = {k: summarize_metrics(v) for k, v in totals.items()}
+        counts = {r["count"] for r in results.values()}
+    if expected_count is not None and counts != {expected_count}:
         raise AssertionError(
-            f"evaluation counted {count} examples, the test set has {expected_count}."
+            f"evaluation counted {sorted(counts)} examples, the test set has {expected_count}."
         )
-    return {
-        "test_loss": float(totals["loss_sum"]) / count,
-        "test_accuracy": float(totals["top1"]) / count,
-        "test_top5_accuracy": float(totals["top5"]) / count,
-        "count": count,
-    }
+    return results

@@ -15,8 +15,12 @@ position is saved with it) continues bit for bit as if it had never stopped.
 
 Soft symmetry runs (`config.symmetry_penalty > 0`) also report, at every
 evaluation, the net with its symmetric-layer kernels projected by
-`param.symmetrize` (`test_accuracy_symmetrized`, ...), as the slides do at test
+`param.symmetrize` (`test_top1_symmetrized`, ...), as the slides do at test
 time.
+
+The run's model is built once (`config_schema.create_model`), and its metrics
+use one vocabulary: `top1`, `top5`, `loss` with the split as prefix
+(`test_top1`, `train_loss`, ...), as `steps.evaluate_batches` returns them.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from dirac_jax.config_schema import (
     validate_config,
     with_defaults,
 )
-from dirac_jax.fold import folded_apply
+from dirac_jax.fold import deployable
 from dirac_jax.optim import create_learning_rate_fn
 from dirac_jax.sharding import host_copies, make_mesh, replicated
 from dirac_jax.steps import compile_steps, create_train_state, evaluate_batches
@@ -67,11 +71,14 @@ __all__ = ["SIGTERM_TEST_ENV", "fold_max_abs_error", "train_and_evaluate"]
 # chosen step instead of after a sleep.
 SIGTERM_TEST_ENV = "DIRAC_JAX_TEST_SIGTERM"
 
+# What each evaluation records of `steps.evaluate_batches`'s result, as `test_{name}`.
+_TEST_METRICS = ("loss", "top1", "top5")
+
 
 def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -> float:
-    """max |folded logits - model logits| over `images`, both in float32.
+    """The largest `|folded logits - model logits|` over `images`, both in float32.
 
-    The folded net is `fold.folded_apply`'s: the conv-ReLU chain of a DiracNet
+    The folded net is `fold.deployable`'s: the conv-ReLU chain of a DiracNet
     or MobileNet (DiracNets sec. 1/2), or a WRN/ResNet with its kernels computed
     once (symmetric and `I + W` kernels). The model is re-created in float32 for
     the comparison, so the number measures the fold, not bfloat16 rounding of a
@@ -84,7 +91,7 @@ def fold_max_abs_error(model, variables, images: np.ndarray, chunk: int = 256) -
       chunk: images per forward pass.
     """
     model = model.clone(dtype=jnp.float32)
-    apply, folded = folded_apply(model, variables)
+    apply, folded = deployable(model, variables)
 
     @jax.jit  # the weights are arguments: one compile, and no weights baked into it
     def error(variables, folded, x):
@@ -187,10 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         extra); rerunning with the same one resumes.
 
     Returns:
-      The summary: `test_accuracy`, `test_top5_accuracy`, `test_loss`,
-      `train_accuracy` and `train_loss` (the last log window's running means;
-      process 0 only), `num_params`, with `config.symmetry_penalty > 0` the
-      same test metrics of the symmetrized net (`test_accuracy_symmetrized`,
+      The summary: `test_top1`, `test_top5`, `test_loss`, `train_top1` and
+      `train_loss` (the last log window's running means; process 0 only),
+      `num_params`, with `config.symmetry_penalty > 0` the same test metrics
+      of the symmetrized net (`test_top1_symmetrized`,
       ...), `symmetry` and `symmetry_penalty` (the config's),
       `fold_max_abs_error` (None for models that do not fold), `step`,
       `wall_time_s`, `preempted` (False), and a few descriptive fields. After a
@@ -256,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             config.batch_size, jax.device_count(),
         )  # fmt: skip
         result = _train_loop(
-            config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief
-        )
+            config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief,
+            model,
+        )  # fmt: skip
     finally:
         if batches is not None:
             batches.close()
@@ -273,9 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         variables = host_copies({"params": state.params, "batch_stats": state.batch_stats})
         fold_error = fold_max_abs_error(model, variables, inputs.fold_check_images(fold_images))
     summary = {
-        "test_accuracy": last_eval["test_accuracy"],
-        "test_top5_accuracy": last_eval["test_top5_accuracy"],
-        "test_loss": last_eval["test_loss"],
+        **{f"test_{k}": last_eval[f"test_{k}"] for k in _TEST_METRICS},
         "num_params": num_params,
         "fold_max_abs_error": fold_error,
         "fold_check_images": min(fold_images, inputs.num_test) if fold_error is not None else 0,
@@ -294,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         records = metrics.read_metrics(workdir)
         trains = [r for r in records if r.get("kind") == "train"]
         # The running means of the last log window (augmented batches, BN in train mode).
-        summary["train_accuracy"] = trains[-1]["train_accuracy"] if trains else None
+        summary["train_top1"] = trains[-1]["train_top1"] if trains else None
         summary["train_loss"] = trains[-1]["train_loss"] if trains else None
         _paths.write_text_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         metrics.plot_curves(records, workdir / CURVES_FILE)
@@ -303,17 +309,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return summary
 
 
-def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief):
-    """Steps from `start_step` to `num_steps`.
+def _train_loop(
+    config, workdir, mngr, inputs, batches, state, start_step, num_steps, lr_fn, chief, model
+):
+    """Steps from `start_step` to `num_steps` of `model`, the run's.
 
     Returns:
       `(state, step, preempted, last_eval)`: `last_eval` is the last eval record
       (None after a preemption, which skips the eval).
     """
-    train_fn, eval_fn = compile_steps(config, inputs.mesh, lr_fn, inputs.name, inputs.in_memory)
+    train_fn, eval_fn = compile_steps(
+        config, inputs.mesh, lr_fn, inputs.name, inputs.in_memory, model=model
+    )
     symmetrize = None
     if config.symmetry_penalty > 0:
-        model = create_model(config, inputs.num_classes)
         symmetrize = jax.jit(
             functools.partial(models.symmetrize_params, model),
             out_shardings=replicated(inputs.mesh),
@@ -368,25 +377,19 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
             eval_fn, state, inputs.eval_batches(), expected_count=inputs.num_test
         )
         scales = metrics.dirac_scale_means(state.params)
-        record = {
-            "step": step,
-            "kind": "eval",
-            "test_loss": result["test_loss"],
-            "test_accuracy": result["test_accuracy"],
-            "test_top5_accuracy": result["test_top5_accuracy"],
-        }
+        record = {"step": step, "kind": "eval", **{f"test_{k}": result[k] for k in _TEST_METRICS}}
         if scales["a"]:
             record.update(dirac_a=scales["a"], dirac_b=scales["b"])
         if symmetrize is not None:
             projected = state.replace(params=symmetrize(state.params))
             result = evaluate_batches(eval_fn, projected, inputs.eval_batches(), inputs.num_test)
-            for k in ("test_loss", "test_accuracy", "test_top5_accuracy"):
-                record[k + SYMMETRIZED] = result[k]
+            for k in _TEST_METRICS:
+                record[f"test_{k}{SYMMETRIZED}"] = result[k]
         writer.write(record)
         logging.info(
             "step %d eval: %s (%.1f s)",
             step,
-            _format({k: record[k] for k in ("test_loss", "test_accuracy")}),
+            _format({k: record[k] for k in ("test_loss", "test_top1")}),
             time.time() - t,
         )
         last_log_time += time.time() - t  # keep eval time out of images/s
@@ -417,7 +420,7 @@ def _train_loop(config, workdir, mngr, inputs, batches, state, start_step, num_s
                         "step": step,
                         "kind": "train",
                         "train_loss": float(np.mean([m["loss"] for m in window])),
-                        "train_accuracy": float(np.mean([m["accuracy"] for m in window])),
+                        "train_top1": float(np.mean([m["accuracy"] for m in window])),
                         "learning_rate": float(window[-1]["learning_rate"]),
                         **(
                             {"symmetry_penalty": float(window[-1]["symmetry_penalty"])}

@@ -40,6 +40,7 @@ __all__ = [
     "SYMMETRIZED",
     "Run",
     "WorkdirError",
+    "current_metric_names",
     "input_shape",
     "load",
     "load_run",
@@ -47,6 +48,7 @@ __all__ = [
     "num_classes",
     "preprocess",
     "read_config",
+    "read_summary",
     "restore_variables",
 ]
 
@@ -62,12 +64,54 @@ EVAL_FILE = "eval.json"
 # Suffix of the eval metrics of the net projected by `param.symmetrize` (soft symmetry runs).
 SYMMETRIZED = "_symmetrized"
 
+# One vocabulary of metrics: `top1`, `top5`, `loss`, `count`, nested per net in eval.json
+# and prefixed by the split in summary.json and metrics.jsonl (`test_top1`, `train_loss`).
+# Files written before it used these names; `current_metric_names` reads them as today's.
+_OLD_METRIC_NAMES = (
+    ("test_top5_accuracy", "test_top5"),
+    ("test_accuracy", "test_top1"),
+    ("train_accuracy", "train_top1"),
+)
+
 # What evaluation and export need of the training state; the optimizer state stays on disk.
 _RESTORED = ("params", "batch_stats", "step")
 
 
 class WorkdirError(FileNotFoundError):
     """The workdir holds no finished run to load; the message says what is missing."""
+
+
+def current_metric_names(record: dict) -> dict:
+    """`record` (a summary or a metrics record) with the metric names of earlier releases renamed.
+
+    `test_accuracy` was `test_top1`, `test_top5_accuracy` `test_top5` and
+    `train_accuracy` `train_top1`, suffixes (`_symmetrized`) kept; other keys
+    stay. Every reader of a run's files goes through it, so old runs still read.
+
+    Examples:
+      >>> current_metric_names({"step": 5, "test_accuracy_symmetrized": 0.5, "test_loss": 1.0})
+      {'step': 5, 'test_top1_symmetrized': 0.5, 'test_loss': 1.0}
+    """
+
+    def name(key: str) -> str:
+        for old, new in _OLD_METRIC_NAMES:
+            if key == old or key.startswith(old + "_"):
+                return new + key[len(old) :]
+        return key
+
+    return {name(k): v for k, v in record.items()}
+
+
+def read_summary(workdir: str | os.PathLike) -> dict:
+    """The final metrics of a finished run (`SUMMARY_FILE`), in today's metric names.
+
+    Raises:
+      WorkdirError: the run has no summary (not finished, or not a workdir).
+    """
+    path = _paths.resolve(workdir) / SUMMARY_FILE
+    if not path.is_file():
+        raise WorkdirError(f"{path} does not exist: the run in {workdir} has not finished.")
+    return current_metric_names(json.loads(path.read_text()))
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _bn import random_bn_stats
 
-from dirac_jax import config_schema
+from dirac_jax import config_schema, folded, models
 from dirac_jax import fold as fold_lib
 from dirac_jax.fold import apply_folded, fold, num_params
 from dirac_jax.folded import KINDS, FoldedNet
@@ -234,11 +234,11 @@ def test_apply_folded_jit_equals_eager():
     ],
 )
 def test_fold_rejects_non_chains(name, kwargs, why):
-    with pytest.raises(ValueError, match=f"DiracNet variants .* and MobileNet.*{why}"):
+    with pytest.raises(ValueError, match=f"DiracNet variants .*MobileNet.*ChainFoldable.*{why}"):
         fold(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
     if name == "plainnet":
         with pytest.raises(ValueError, match="it has no fold"):
-            fold_lib.folded_apply(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
+            fold_lib.deployable(get_model(name, **kwargs), {"params": {}, "batch_stats": {}})
 
 
 def test_each_model_says_how_it_folds_and_the_trainer_groups_agree():
@@ -248,9 +248,44 @@ def test_each_model_says_how_it_folds_and_the_trainer_groups_agree():
     foldable = tuple(n for n, how in folds.items() if how is not None)
     assert set(config_schema.CHAIN_MODELS) == set(chains)
     assert set(config_schema.FOLDABLE_MODELS) == set(foldable)
-    for name, how in folds.items():  # each chain model builds its chain itself
-        assert callable(getattr(get_model(name), "fold_chain", None)) == (how == "chain")
-        assert callable(getattr(get_model(name), "plain_twin", None)) == (how == "kernels")
+    for name, how in folds.items():  # each model satisfies the contract of its kind of fold
+        model = get_model(name)
+        assert isinstance(model, folded.ChainFoldable) == (how == "chain")
+        assert isinstance(model, folded.KernelFoldable) == (how == "kernels")
+        assert callable(getattr(model, "fold_chain", None)) == (how == "chain")
+        assert callable(getattr(model, "plain_twin", None)) == (how == "kernels")
+
+
+def test_one_bn_epsilon_for_the_models_and_the_fold():
+    # With zero running variances the BN divides by sqrt(eps) alone: any other eps in the
+    # fold than in the model's BatchNorm changes the logits by orders of magnitude.
+    assert models.BN_EPSILON is folded.BN_EPSILON
+    model, variables, x = setup("v2-cifar-10")
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if path[-1].key == "var" else v,
+        variables["batch_stats"],
+    )
+    variables = {**variables, "batch_stats": stats}
+    want = model.apply(variables, x, train=False)
+    got = apply_folded(fold(model, variables), x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_renamed_names_raise_an_error_that_names_the_new_one():
+    import dirac_jax
+    from dirac_jax import evaluate
+
+    renamed = [
+        (fold_lib, "folded_apply", r"renamed: use dirac_jax\.fold\.deployable"),
+        (dirac_jax, "fold_net", r"removed: use dirac_jax\.fold\.fold"),
+        (evaluate, "metrics_of", r"removed: use dirac_jax\.steps\.classification_metrics"),
+    ]
+    for module, old, new in renamed:
+        with pytest.raises(AttributeError, match=f"{old} was {new}"):
+            getattr(module, old)
+        assert old not in module.__all__ and not hasattr(module, old)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        fold_lib.nope  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -312,7 +347,7 @@ def test_fold_rejects_bad_variables():
 
 
 def test_bench_matching_resnet_is_nearest_in_params():
-    from dirac_jax.bench.fold_latency import matching_resnet, param_count
+    from benchmarks.fold_latency import matching_resnet, param_count
 
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     target = param_count(get_model("diracnet", depth=10, width=0.5), x)
@@ -325,7 +360,7 @@ def test_bench_matching_resnet_is_nearest_in_params():
 
 
 def test_bench_timing_is_round_robin_and_rotated():
-    from dirac_jax.bench import _timing
+    from benchmarks import _timing
 
     calls = []
     candidates = {name: functools.partial(calls.append, name) for name in "abc"}

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirac_jax import param
-from dirac_jax.models import ParamConv, count_params, get_model, kernel_factory
+from dirac_jax import models, param
+from dirac_jax.models import MODEL_NAMES, ParamConv, count_params, get_model, kernel_factory
 
 
 def abstract_variables(model, size):
@@ -245,7 +245,7 @@ def test_paramconv_accepts_any_transform_factory():
 def test_diracnet_grad_step_has_no_kernel_constants():
     # The deltas are computed in the program: no literal but scalars, and a program
     # text within 1.5x of the plain net's (it was 968x for DiracNet-28-10 with host deltas).
-    from dirac_jax.bench.compile import CASES, constant_bytes, grad_step
+    from benchmarks.compile import CASES, constant_bytes, grad_step
 
     case = dict(CASES["cifar"], depth=10, width=0.5)
     texts = {}
@@ -392,3 +392,18 @@ def test_every_kind_and_axis_builds_a_wrn(kind, axis):
     params = abstract_variables(model, 8)["params"]
     free = abstract_variables(get_model("wrn", depth=10, width=0.25), 8)["params"]
     assert count_params(params) <= count_params(free)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_validates_while_it_plans_its_layers(name):
+    model = get_model(name)
+    assert model.plan() and model.plan() == model.plan()
+    with pytest.raises(ValueError, match="width must be a positive number"):
+        get_model(name, width=-1)
+
+
+def test_the_models_with_symmetric_convs_declare_them():
+    symmetric = {n for n in MODEL_NAMES if isinstance(get_model(n), models.SymmetricLayers)}
+    assert symmetric == {"wrn", "resnet", "mobilenet"}
+    for name in symmetric:
+        assert get_model(name).symmetric_layers()

@@ -42,7 +42,7 @@ def test_smoke_writes_table_json_plot_and_one_workdir_per_run(out, name):
                 (out / name / cell.key / f"seed{seed}" / "summary.json").read_text()
             )
             assert summary["step"] == 2
-        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["num_params"] > 0
+        assert 0.0 <= row["test_top1"] <= 1.0 and row["num_params"] > 0
     # The markdown table: a header, a separator, one line per cell, equal column counts.
     text = (out / f"{name}.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]
@@ -58,12 +58,12 @@ def test_depth_medians_are_over_the_seeds(out):
     for row in report["rows"]:
         accs = [
             json.loads((out / "depth" / row["key"] / f"seed{s}" / "summary.json").read_text())[
-                "test_accuracy"
+                "test_top1"
             ]
             for s in row["seeds"]
         ]
-        assert len(accs) == 2 and row["test_accuracy"] == pytest.approx(sum(accs) / 2)
-        assert row["test_accuracy_min"] == min(accs) and row["test_accuracy_max"] == max(accs)
+        assert len(accs) == 2 and row["test_top1"] == pytest.approx(sum(accs) / 2)
+        assert row["test_top1_min"] == min(accs) and row["test_top1_max"] == max(accs)
 
 
 def test_rerun_skips_finished_runs_and_finishes_interrupted_ones(out):
@@ -87,7 +87,7 @@ def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
     for name in reproduce.EXPERIMENTS:
         report = reproduce.run(name, "smoke", tmp_path, report_only=True)
         assert not report["complete"] and not (tmp_path / name).exists()
-        assert all(r["seeds"] == [] and r["test_accuracy"] is None for r in report["rows"])
+        assert all(r["seeds"] == [] and r["test_top1"] is None for r in report["rows"])
         text = (tmp_path / f"{name}.md").read_text()
         assert "Not every planned run has finished" in text and "| 0/" in text
 
@@ -95,11 +95,11 @@ def test_report_only_trains_nothing_and_says_what_is_missing(tmp_path):
 def test_diverged_runs_count_at_chance():
     cell = reproduce.Cell("c", "fashion_mnist_dirac.py", {}, {"model": "m"})
     plan = reproduce.Plan("x", "smoke", [cell], (0, 1, 2))
-    ok = {"diverged": False, "test_accuracy": 0.8, "train_accuracy": 0.9, "num_params": 5}
-    results = {"c": {0: ok, 1: {"diverged": True}, 2: {**ok, "test_accuracy": 0.6}}}
+    ok = {"diverged": False, "test_top1": 0.8, "train_top1": 0.9, "num_params": 5}
+    results = {"c": {0: ok, 1: {"diverged": True}, 2: {**ok, "test_top1": 0.6}}}
     (row,) = reproduce.summarize(plan, results, chance=0.1)
-    assert row["diverged"] == 1 and row["test_accuracies"] == [0.8, 0.1, 0.6]
-    assert row["test_accuracy"] == 0.6 and row["test_accuracy_min"] == 0.1
+    assert row["diverged"] == 1 and row["test_top1_seeds"] == [0.8, 0.1, 0.6]
+    assert row["test_top1"] == 0.6 and row["test_top1_min"] == 0.1
 
 
 def test_cli_rejects_unknown_experiment_and_preset(tmp_path):
@@ -145,9 +145,9 @@ def test_symmetric_reports_params_at_test_and_the_projected_soft_net(out):
     rows = {r["symmetry"]: r for r in json.loads((out / "symmetric.json").read_text())["rows"]}
     soft, tri, none = rows["soft"], rows["triangular"], rows["none"]
     # A soft run is trained in full and deployed projected: fewer parameters at test.
-    assert soft["test_params"] < soft["num_params"] and soft["test_accuracy_symmetrized"] > 0
+    assert soft["test_params"] < soft["num_params"] and soft["test_top1_symmetrized"] > 0
     assert tri["test_params"] == tri["num_params"] and none["test_params"] == none["num_params"]
-    assert none["test_accuracy_symmetrized"] is None
+    assert none["test_top1_symmetrized"] is None
     assert "symmetrized" in (out / "symmetric.md").read_text()
 
 
@@ -177,3 +177,17 @@ def test_symmetric_paper_cells_have_the_slides_parameter_counts():
         assert round(count / 1000) == trained, name
         assert round(test_time_params(cell.overrides, 10, 3) / 1000) == at_test, name
     assert test_time_params(cells["bottleneck-none"].overrides, 10, 3) == 219_482
+
+
+def test_runs_written_with_earlier_metric_names_still_report(tmp_path):
+    cell = reproduce.Cell("c", "fashion_mnist_dirac.py", {}, {"model": "m"})
+    plan = reproduce.Plan("x", "smoke", [cell], (0,))
+    run = tmp_path / "x" / "c" / "seed0"
+    run.mkdir(parents=True)
+    old = {"test_accuracy": 0.7, "train_accuracy": 0.8, "test_top5_accuracy": 0.9, "num_params": 5}
+    (run / "summary.json").write_text(json.dumps(old))
+    from dirac_jax.reproduce import _grid  # how a report reads its finished runs
+
+    (row,) = reproduce.summarize(plan, _grid.collect(plan, tmp_path), chance=0.1)
+    assert (row["test_top1"], row["train_top1"], row["test_top5"]) == (0.7, 0.8, 0.9)
+    assert row["seeds"] == [0] and row["diverged"] == 0

@@ -236,9 +236,10 @@ def test_eval_counts_each_example_once_when_batch_does_not_divide():
     labels = jnp.asarray(test.labels)
     loss = float(jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)))
     correct = int(jnp.sum(jnp.argmax(logits, -1) == labels))
-    np.testing.assert_allclose(result["test_loss"], loss, rtol=1e-5)
-    assert result["test_accuracy"] == correct / 100
-    with pytest.raises(AssertionError, match="counted 100 examples"):
+    np.testing.assert_allclose(result["loss"], loss, rtol=1e-5)
+    assert result["top1"] == correct / 100
+    assert set(result) == {"top1", "top5", "loss", "count"}
+    with pytest.raises(AssertionError, match=r"counted \[100\] examples"):
         steps.evaluate_batches(eval_fn, state, batches, expected_count=101)
 
 
@@ -303,6 +304,58 @@ def test_a_corrupt_recorded_config_is_one_clear_error_and_kept(tmp_path):
         train._check_config_against_workdir(config, tmp_path, resuming=True, record=True)
     assert str(path) in str(info.value) and "delete it to resume" in str(info.value)
     assert path.read_text() == '{"model": '
+
+
+# ---------------------------------------------------------------------------
+# One metric vocabulary: top1, top5, loss, count; files of earlier releases still read.
+
+
+def test_evaluate_batches_sums_several_nets_and_shares_extra_counts():
+    def eval_fn(state, logits, labels, mask):
+        m = steps.classification_metrics(logits, labels, mask)
+        return {"a": m, "b": {**m, "agree": jnp.sum(mask.astype(jnp.int32))}}
+
+    logits = jnp.eye(4)
+    batches = [(logits, jnp.array([0, 1, 3, 2]), jnp.array([True, True, True, False]))] * 2
+    result = steps.evaluate_batches(eval_fn, None, batches, expected_count=6)
+    assert result["a"]["count"] == 6 and result["a"]["top1"] == pytest.approx(4 / 6)
+    assert result["b"]["agree"] == 1.0 and set(result["a"]) == {"top1", "top5", "loss", "count"}
+    with pytest.raises(AssertionError, match=r"counted \[6\] examples"):
+        steps.evaluate_batches(eval_fn, None, batches, expected_count=7)
+
+
+def test_metric_files_of_earlier_releases_read_with_todays_names(tmp_path):
+    old_eval = {"step": 2, "kind": "eval", "test_loss": 1.0, "test_accuracy": 0.5,
+                "test_top5_accuracy": 0.9, "test_accuracy_symmetrized": 0.4}  # fmt: skip
+    old_train = {"step": 1, "kind": "train", "train_loss": 2.0, "train_accuracy": 0.3}
+    lines = [json.dumps(r) for r in (old_train, old_eval)]
+    (tmp_path / workdir.METRICS_FILE).write_text("\n".join(lines) + "\n")
+    train_record, eval_record = metrics.read_metrics(tmp_path)
+    assert train_record == {"step": 1, "kind": "train", "train_loss": 2.0, "train_top1": 0.3}
+    assert eval_record == {"step": 2, "kind": "eval", "test_loss": 1.0, "test_top1": 0.5,
+                           "test_top5": 0.9, "test_top1_symmetrized": 0.4}  # fmt: skip
+    with pytest.raises(workdir.WorkdirError, match="has not finished"):
+        workdir.read_summary(tmp_path)
+    (tmp_path / workdir.SUMMARY_FILE).write_text(json.dumps({**old_eval, "num_params": 3}))
+    summary = workdir.read_summary(tmp_path)
+    assert summary["test_top1"] == 0.5 and summary["test_top5"] == 0.9
+    assert not any("accuracy" in k for k in summary) and summary["num_params"] == 3
+    # Today's names pass through unchanged.
+    assert workdir.current_metric_names(eval_record) == eval_record
+
+
+def test_the_symmetry_penalty_is_the_run_models():
+    config = config_schema.with_defaults(tiny_config())
+    assert steps.symmetry_penalty_term(config, None) is None  # off: no model needed
+    config.model = ml_collections.ConfigDict({"name": "wrn", "depth": 10, "width": 0.25})
+    config.symmetry_penalty = 0.1
+    with pytest.raises(ValueError, match="needs the run's model"):
+        steps.symmetry_penalty_term(config, None)
+    model = config_schema.create_model(config, 10)
+    lam, penalty = steps.symmetry_penalty_term(config, model)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    assert lam == 0.1
+    assert float(penalty(params)) == float(models.network_symmetry_penalty(model, params, p=1.0))
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +480,7 @@ def test_tfds_array_record_source_trains_end_to_end(tmp_path, tfds_imagenet):
 
     result = evaluate.evaluate_workdir(tmp_path, batch_size=8)
     assert result["unfolded"]["count"] == result["folded"]["count"] == 12
-    assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert result["unfolded"]["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
     assert result["unfolded"]["loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert result["folded"]["loss"] == pytest.approx(summary["test_loss"], rel=1e-3)
     # And it exports: the classifier takes the uint8 eval crops (32 px here).
@@ -462,11 +515,11 @@ def test_fashion_mnist_learns_and_writes_every_artifact(tmp_path):
     config.log_every_steps = 25
     summary = train.train_and_evaluate(config, tmp_path)
     assert summary["num_test_examples"] == 10000
-    assert summary["test_accuracy"] >= 0.70, summary
+    assert summary["test_top1"] >= 0.70, summary
     assert summary["fold_max_abs_error"] < 1e-3
     assert summary["step"] == 150
     on_disk = json.loads((tmp_path / workdir.SUMMARY_FILE).read_text())
-    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert on_disk["test_top1"] == summary["test_top1"]
     records = metrics.read_metrics(tmp_path)
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [75, 150]

@@ -4,10 +4,13 @@ Every conv takes its kernel from a `dirac_jax.param` transform, so the
 parameterization is a constructor value, not a separate model.
 
 Each model says how it folds for deployment (`dirac_jax.fold`), in its class
-attribute `folds`: `"chain"` (DiracNet, MobileNet: `fold_chain` builds the
-folded conv chain), `"kernels"` (WRN, ResNet: `plain_twin` and
-`kernel_factory_of` let `fold.fold_kernels` compute their kernels) or None
-(PlainNet).
+attribute `folds`, and satisfies the matching contract of `dirac_jax.folded`:
+`"chain"` (DiracNet, MobileNet; `folded.ChainFoldable`: `fold_chain` builds the
+folded conv chain), `"kernels"` (WRN, ResNet; `folded.KernelFoldable`:
+`plain_twin` and `kernel_factory_of` let `fold.fold_kernels` compute their
+kernels) or None (PlainNet). Every model's `plan()` validates its attributes
+and returns its layer plan; `get_model` calls it. WRN, ResNet and MobileNet
+name their symmetric convs (`SymmetricLayers`).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -48,6 +51,7 @@ from dirac_jax.models._plainnet import PlainNet
 from dirac_jax.models._resnet import BLOCKS, RESNET_BLOCKS, ResNet, WideResNet
 from dirac_jax.models._symmetry import (
     SYMMETRY_AXES,
+    SymmetricLayers,
     network_symmetry_penalty,
     symmetrize_params,
 )
@@ -98,7 +102,7 @@ def get_model(name: str, **kwargs):
             f"model {name!r} takes no argument(s) {unknown}; it takes {sorted(fields)}."
         )
     model = cls(**fixed, **kwargs)
-    model.plan() if isinstance(model, DiracNet) else model.validate()
+    model.plan()  # every model validates its attributes while planning its layers
     return model
 
 
@@ -126,6 +130,7 @@ __all__ = [
     "PlainNet",
     "ResNet",
     "Step",
+    "SymmetricLayers",
     "WideResNet",
     "count_params",
     "diracnet_plan",

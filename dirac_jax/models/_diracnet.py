@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from dirac_jax import folded, param
 from dirac_jax.models._layers import (
-    BN_EPSILON,
     ParamConv,
     batch_norm,
     dense,
@@ -123,6 +122,12 @@ def diracnet_plan(
     return tuple(steps)
 
 
+def _at(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
 def _check_shape(raw, expected_shape, where):
     shape = tuple(raw["w"].shape)
     if shape != tuple(expected_shape):
@@ -131,14 +136,6 @@ def _check_shape(raw, expected_shape, where):
             f"{tuple(expected_shape)}; pass the variables that belong to this model."
         )
     return shape
-
-
-def _kernel(factory_name, raw, expected_shape, where, dtype):
-    """The effective kernel of one conv, computed by the model's own transform."""
-    shape = _check_shape(raw, expected_shape, where)
-    return folded.effective_kernel(
-        kernel_factory(factory_name), raw, shape, what=factory_name, where=where, dtype=dtype
-    )
 
 
 class _Block(nn.Module):
@@ -189,7 +186,8 @@ class DiracNet(nn.Module):
     variant: str = "v2"
     dtype: Any = jnp.float32
 
-    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`).
+    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`;
+    # `folded.ChainFoldable`).
     folds = "chain"
 
     def plan(self) -> tuple[Step, ...]:
@@ -207,79 +205,56 @@ class DiracNet(nn.Module):
         (`relu(relu(x)) = relu(x)`), so the steps match the reference layer
         order one to one. With `identity_apart`, each block conv with an
         identity part (v2, v1) is a `"dirac_conv"` step (`folded.split_identity`).
-        `dirac_jax.fold.fold` checks the variables and calls this.
+        `dirac_jax.fold.fold` checks the variables and calls this
+        (`folded.ChainFoldable`).
 
         Raises:
           KeyError: a layer the plan names is not in `params` or `batch_stats`.
           ValueError: a kernel shape or parameter set that does not match the plan.
         """
-        steps, out = [], []
-
-        def emit(kind, args=(), p=None):
-            steps.append(folded.FoldedStep(kind, args))
-            out.append({} if p is None else p)
-
-        def bn_fold(kernel, bn_params, bn_stats):
-            return folded.fold_batch_norm(
-                kernel, bn_params, bn_stats, dtype=dtype, epsilon=BN_EPSILON
-            )
-
-        pending = None  # (kernel, conv args) of a conv awaiting its BN.
+        chain = folded.ChainBuilder(params, batch_stats, dtype=dtype)
+        pending = None  # (path, kernel shape, conv args) of a conv awaiting its BN.
         for step in self.plan():
             if step.kind == "conv":
                 features, k, stride, pad = step.args
-                raw = params[step.name]
-                shape = (k, k, raw["w"].shape[-2], features)
-                kernel = _kernel("plain", raw, shape, step.name, dtype)
-                pending = (kernel, ((stride, stride), ((pad, pad), (pad, pad))))
+                shape = (k, k, params[step.name]["w"].shape[-2], features)
+                pending = ((step.name,), shape, ((stride, stride), ((pad, pad), (pad, pad))))
             elif step.kind == "bn":
                 if pending is None:  # pragma: no cover - every plan has conv before bn.
                     raise AssertionError(f"plan has a bn step {step.name!r} with no conv before it")
-                kernel, args = pending
-                emit("conv", args, bn_fold(kernel, params[step.name], batch_stats[step.name]))
+                path, shape, args = pending
+                _check_shape(params[path[0]], shape, path[0])
+                plain = kernel_factory("plain")
+                chain.conv_bn(plain, path, (step.name,), shape, args, what="plain")
                 pending = None
             elif step.kind == "group":
                 act, ni, no, count = step.args
                 name = BLOCK_KERNELS[self.variant]
                 for i in range(count):
-                    block_p = params[step.name][f"block{i}"]
-                    block_s = batch_stats[step.name][f"block{i}"]
+                    block = (step.name, f"block{i}")
                     n_in = ni if i == 0 else no
                     n_in = 2 * n_in if act == "ncrelu" else n_in  # NCReLU doubles channels.
-                    where = f"{step.name}.block{i}.conv"
                     shape = (3, 3, n_in, no)
-                    emit(act)
-                    if identity_apart and kernel_factory(name)(shape).identity is not None:
-                        _check_shape(block_p["conv"], shape, where)
-                        p, sources = folded.split_identity(
-                            kernel_factory(name),
-                            block_p["conv"],
-                            shape,
-                            block_p["bn"],
-                            block_s["bn"],
-                            what=name,
-                            where=where,
-                            dtype=dtype,
-                            epsilon=BN_EPSILON,
-                        )
-                        emit("dirac_conv", (*folded.BLOCK_CONV_ARGS, sources), p)
-                        continue
-                    kernel = _kernel(name, block_p["conv"], shape, where, dtype)
-                    emit(
-                        "conv",
+                    _check_shape(_at(params, (*block, "conv")), shape, ".".join((*block, "conv")))
+                    chain.add(act)
+                    chain.conv_bn(
+                        kernel_factory(name),
+                        (*block, "conv"),
+                        (*block, "bn"),
+                        shape,
                         folded.BLOCK_CONV_ARGS,
-                        bn_fold(kernel, block_p["bn"], block_s["bn"]),
+                        what=name,
+                        identity_apart=identity_apart,
                     )
             elif step.kind == "dense":
-                fc = params[step.name]
-                emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
+                chain.dense((step.name,))
             elif step.kind in ("relu", "ncrelu", "avg_pool"):
-                emit(step.kind)
+                chain.add(step.kind)
             elif step.kind == "max_pool":
-                emit("max_pool", tuple(step.args))
+                chain.add("max_pool", tuple(step.args))
             else:  # pragma: no cover - plans are built by diracnet_plan.
                 raise AssertionError(f"fold: unexpected plan step {step!r}")
-        return folded.FoldedNet(params=tuple(out), steps=tuple(steps))
+        return chain.build()
 
     @nn.compact
     def __call__(self, x, train: bool = False):

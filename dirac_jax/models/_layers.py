@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dirac_jax import param
+from dirac_jax.folded import BN_EPSILON
 from dirac_jax.layers import KernelFactory, ParamConv
 
 __all__ = [
@@ -25,10 +26,9 @@ __all__ = [
     "max_pool",
 ]
 
-# PyTorch's BatchNorm defaults (momentum 0.1 = Flax 0.9, eps 1e-5): the reference
-# checkpoints were trained with them, and the fold and the checkpoint import rely on the same eps.
+# PyTorch's BatchNorm momentum (0.1 = Flax 0.9), as the reference checkpoints were trained; the
+# epsilon is `folded.BN_EPSILON`, which the fold and the checkpoint import rely on too.
 BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 
 
 def kernel_factory(name: str, **kwargs) -> KernelFactory:

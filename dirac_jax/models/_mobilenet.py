@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from dirac_jax import folded
 from dirac_jax.models._diracnet import check_width
 from dirac_jax.models._layers import (
-    BN_EPSILON,
     ParamConv,
     batch_norm,
     dense,
@@ -74,12 +73,6 @@ def mobilenet_plan(width: float) -> tuple[int, tuple[SeparableBlock, ...]]:
         blocks.append(SeparableBlock(f"block{i}", features_in, features, stride))
         features_in = features
     return stem, tuple(blocks)
-
-
-def _at(tree, path):
-    for name in path:
-        tree = tree[name]
-    return tree
 
 
 def _pad1():
@@ -138,10 +131,12 @@ class MobileNet(nn.Module):
     symmetry_axis: str = "channel"
     dtype: Any = jnp.float32
 
-    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`).
+    # How `dirac_jax.fold` folds this net: whole, into a chain of convs (`fold_chain`;
+    # `folded.ChainFoldable`).
     folds = "chain"
 
-    def validate(self):
+    def plan(self) -> tuple[int, tuple[SeparableBlock, ...]]:
+        """The stem's channels and the blocks (`mobilenet_plan`); validates the attributes."""
         check_symmetry(self.symmetry, self.symmetry_axis)
         return mobilenet_plan(self.width)
 
@@ -155,53 +150,38 @@ class MobileNet(nn.Module):
         `(strides, padding, groups)`), and every kernel comes from the model's own
         factories (`factories`), symmetric ones included. Its kernels have no
         identity part, so `identity_apart` changes nothing. `dirac_jax.fold.fold`
-        checks the variables and calls this.
+        checks the variables and calls this (`folded.ChainFoldable`).
 
         Raises:
           KeyError: a layer is missing from `params` or `batch_stats`.
           ValueError: a kernel whose parameters do not match the model's.
         """
-        stem, blocks = self.validate()
+        stem, blocks = self.plan()
         same, valid = ((1, 1), (1, 1)), ((0, 0), (0, 0))
-        steps, out = [], []
+        chain = folded.ChainBuilder(params, batch_stats, dtype=dtype)
 
-        def emit(kind, args=(), p=None):
-            steps.append(folded.FoldedStep(kind, args))
-            out.append({} if p is None else p)
+        def conv_relu(factory, what, conv, bn, shape, args):
+            chain.conv_bn(factory, conv, bn, shape, args, what=what)
+            chain.add("relu")
 
-        def conv(factory, what, path, shape, args):
-            *scope, name = path
-            p, s = _at(params, scope), _at(batch_stats, scope)
-            where = ".".join(path)
-            kernel = folded.effective_kernel(
-                factory, p[name], shape, what=what, where=where, dtype=dtype
-            )
-            bn = folded.fold_batch_norm(
-                kernel, p[f"{name}_bn"], s[f"{name}_bn"], dtype=dtype, epsilon=BN_EPSILON
-            )
-            emit("conv", args, bn)
-            emit("relu")
-
-        # The stem's BN is "bn", beside "conv": give it the "conv_bn" name `conv` looks up.
-        channels = params["conv"]["w"].shape[-2]
-        params = {**params, "conv_bn": params["bn"]}
-        batch_stats = {**batch_stats, "conv_bn": batch_stats["bn"]}
-        stem_shape = (3, 3, channels, stem)
-        conv(kernel_factory("plain"), "'plain'", ("conv",), stem_shape, ((2, 2), same))
+        stem_shape = (3, 3, params["conv"]["w"].shape[-2], stem)
+        plain = kernel_factory("plain")
+        conv_relu(plain, "'plain'", ("conv",), ("bn",), stem_shape, ((2, 2), same))
         for b in blocks:
             depthwise, pointwise = self.factories(b)
             args = ((b.stride, b.stride), same, b.features_in)
-            conv(depthwise, "depthwise", (b.name, "dw"), (3, 3, 1, b.features_in), args)
+            shape = (3, 3, 1, b.features_in)
+            conv_relu(depthwise, "depthwise", (b.name, "dw"), (b.name, "dw_bn"), shape, args)
             shape = (1, 1, b.features_in, b.features)
-            conv(pointwise, "pointwise", (b.name, "pw"), shape, ((1, 1), valid))
-        emit("avg_pool")
-        fc = params["fc"]
-        emit("dense", (), {k: fc[k].astype(dtype) for k in ("kernel", "bias")})
-        return folded.FoldedNet(params=tuple(out), steps=tuple(steps))
+            args = ((1, 1), valid)
+            conv_relu(pointwise, "pointwise", (b.name, "pw"), (b.name, "pw_bn"), shape, args)
+        chain.add("avg_pool")
+        chain.dense(("fc",))
+        return chain.build()
 
     def symmetric_layers(self) -> dict[tuple[str, ...], str]:
         """The convs that carry the symmetry: `{module path: axis}`."""
-        _, blocks = self.validate()
+        _, blocks = self.plan()
         layers = {}
         for b in blocks:
             if self.symmetry_axis in ("spatial", "both"):
@@ -225,7 +205,7 @@ class MobileNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        stem, blocks = self.validate()
+        stem, blocks = self.plan()
         x = ParamConv(
             stem, (3, 3), kernel_factory("plain"), (2, 2), _pad1(), dtype=self.dtype, name="conv"
         )(x)

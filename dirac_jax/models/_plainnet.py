@@ -66,7 +66,8 @@ class PlainNet(nn.Module):
     # No fold: `dirac_jax.fold` has none written for its `conv -> BN -> LeakyReLU` layers.
     folds = None
 
-    def validate(self):
+    def plan(self) -> tuple[tuple[int, ...], list[int]]:
+        """`(layers per group, group widths)`; validates the attributes."""
         widths = [check_width(self.width, b) for b in GROUP_BASES["cifar"]]
         if self.kernel_init not in ("uniform", "he_normal"):
             raise ValueError(
@@ -78,7 +79,7 @@ class PlainNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        counts, widths = self.validate()
+        counts, widths = self.plan()
         factory = kernel_factory("uniform" if self.kernel_init == "uniform" else "plain")
 
         def layer(x, features, name):

@@ -178,10 +178,12 @@ class WideResNet(nn.Module):
     dtype: Any = jnp.float32
 
     # How `dirac_jax.fold` folds this net: it keeps its shortcuts, so only its kernel
-    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels).
+    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels;
+    # `folded.KernelFoldable`).
     folds = "kernels"
 
-    def validate(self):
+    def plan(self) -> tuple[int, list[int]]:
+        """`(blocks per group, group widths)`; validates the attributes."""
         if self.block not in BLOCKS:
             raise ValueError(f"unknown WRN block {self.block!r}; expected one of {BLOCKS}.")
         per_block, extra = (2, 4) if self.block == "basic" else (3, 2)
@@ -200,7 +202,7 @@ class WideResNet(nn.Module):
 
     def symmetric_layers(self) -> dict[tuple[str, ...], str]:
         """The convs that carry the symmetry: `{module path: axis}` (`conv1` of every block)."""
-        n, _ = self.validate()
+        n, _ = self.plan()
         return _block_layers(self, (n, n, n))
 
     def kernel_factory_of(self, path: tuple[str, ...]):
@@ -211,9 +213,11 @@ class WideResNet(nn.Module):
         """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
         return self.clone(symmetry=None, dirac_init_sigma=None)
 
+    validate = plan  # the name `formats.onnx_graph` still calls
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        n, widths = self.validate()
+        n, widths = self.plan()
         factory, symmetric = _factories(self.dirac_init_sigma, self.symmetry, self.symmetry_axis)
         block = _PreActBlock if self.block == "basic" else _PreActBottleneck
         x = ParamConv(16, (3, 3), factory, dtype=self.dtype, name="conv")(x)
@@ -309,10 +313,12 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     # How `dirac_jax.fold` folds this net: it keeps its shortcuts, so only its kernel
-    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels).
+    # parameterizations fold (`fold.fold_kernels`, into `plain_twin`'s plain kernels;
+    # `folded.KernelFoldable`).
     folds = "kernels"
 
-    def validate(self):
+    def plan(self) -> tuple[str, tuple[int, ...], list[int]]:
+        """`(block kind, blocks per group, group widths)`; validates the attributes."""
         if self.depth not in RESNET_BLOCKS:
             raise ValueError(
                 f"depth {self.depth!r} is not valid for ResNet: "
@@ -325,7 +331,7 @@ class ResNet(nn.Module):
 
     def symmetric_layers(self) -> dict[tuple[str, ...], str]:
         """The convs that carry the symmetry: `{module path: axis}` (`conv1` of every block)."""
-        _, blocks, _ = self.validate()
+        _, blocks, _ = self.plan()
         return _block_layers(self, blocks)
 
     def kernel_factory_of(self, path: tuple[str, ...]):
@@ -336,9 +342,11 @@ class ResNet(nn.Module):
         """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
         return self.clone(symmetry=None, dirac_init_sigma=None)
 
+    validate = plan  # the name `formats.onnx_graph` still calls
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        block, blocks, widths = self.validate()
+        block, blocks, widths = self.plan()
         factory, symmetric = _factories(self.dirac_init_sigma, self.symmetry, self.symmetry_axis)
         module = _BasicBlock if block == "basic" else _Bottleneck
         x = ParamConv(

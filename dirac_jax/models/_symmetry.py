@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,7 @@ from dirac_jax.layers import KernelFactory
 
 __all__ = [
     "SYMMETRY_AXES",
+    "SymmetricLayers",
     "check_symmetry",
     "network_symmetry_penalty",
     "symmetric_factory",
@@ -66,6 +68,22 @@ SYMMETRY_AXES = ("channel", "spatial", "both")
 
 # A conv's module path in the params tree (e.g. ("group0_block1", "conv1")) -> its axis.
 LayerMap = Mapping[tuple[str, ...], str]
+
+
+@runtime_checkable
+class SymmetricLayers(Protocol):
+    """A model with convs that may carry a symmetric kernel (WRN, ResNet, MobileNet).
+
+    `symmetry` is the hard kind (None: unconstrained kernels, which the soft
+    penalty and `symmetrize_params` act on); `symmetric_layers()` names the
+    convs by module path with their axis (module docstring).
+    """
+
+    symmetry: str | None
+
+    def symmetric_layers(self) -> LayerMap:
+        """`{module path: axis}` of the convs that carry the symmetry."""
+        ...
 
 
 def check_symmetry(kind, axis, dirac_init_sigma=None) -> None:
@@ -100,8 +118,7 @@ def _layer(params, path: tuple[str, ...]):
 
 
 def _soft_layers(model, what: str) -> LayerMap:
-    layers = getattr(model, "symmetric_layers", None)
-    if layers is None:
+    if not isinstance(model, SymmetricLayers):
         raise ValueError(
             f"{what}: {type(model).__name__} has no symmetric layers; use a 'wrn', 'resnet' "
             "or 'mobilenet' model."
@@ -111,7 +128,7 @@ def _soft_layers(model, what: str) -> LayerMap:
             f"{what}: the model's kernels are symmetric by construction "
             f"(symmetry={model.symmetry!r}); the soft constraint is for symmetry=None."
         )
-    return layers()
+    return model.symmetric_layers()
 
 
 def network_symmetry_penalty(model, params, p: float = 1) -> jax.Array:

@@ -32,7 +32,7 @@ class Experiment:
     claim: str
     source: str
     plan: Callable[[str], Plan]
-    metric: str = "test_accuracy"
+    metric: str = "test_top1"
 
 
 def _small(preset: str, steps: int, **extra) -> dict:
@@ -326,7 +326,7 @@ def test_time_params(overrides, num_classes: int, in_channels: int) -> int:
     )
     x = jnp.zeros((1, 32, 32, in_channels))  # the count does not depend on the image size
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
-    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    return models.count_params(shapes)
 
 
 EXPERIMENTS = {

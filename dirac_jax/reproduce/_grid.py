@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 
 from dirac_jax import configs as shipped
+from dirac_jax.workdir import SUMMARY_FILE, read_summary
 
 DIVERGED_FILE = "diverged.json"
 
@@ -103,8 +104,8 @@ def workdir(out: pathlib.Path, plan: Plan, cell: Cell, seed: int) -> pathlib.Pat
 
 def read_result(wd: pathlib.Path) -> dict | None:
     """The finished run's summary, `{"diverged": True, ...}`, or None if not finished."""
-    if (wd / "summary.json").is_file():
-        return {**json.loads((wd / "summary.json").read_text()), "diverged": False}
+    if (wd / SUMMARY_FILE).is_file():  # metric names of earlier releases read as today's
+        return {**read_summary(wd), "diverged": False}
     if (wd / DIVERGED_FILE).is_file():
         return {**json.loads((wd / DIVERGED_FILE).read_text()), "diverged": True}
     return None
@@ -214,7 +215,7 @@ def summarize(plan: Plan, results: dict, chance: float) -> list[dict]:
         def metric(name, runs=runs):
             return [chance if r["diverged"] else r.get(name) for r in runs]
 
-        test = metric("test_accuracy")
+        test = metric("test_top1")
         rows.append(
             {
                 "key": cell.key,
@@ -222,14 +223,14 @@ def summarize(plan: Plan, results: dict, chance: float) -> list[dict]:
                 "paper": cell.paper,
                 "seeds": list(seeds),
                 "planned_seeds": list(planned),
-                "test_accuracy": median_or_none(test),
-                "test_accuracy_min": min((v for v in test if v is not None), default=None),
-                "test_accuracy_max": max((v for v in test if v is not None), default=None),
-                "test_accuracies": test,
-                "train_accuracy": median_or_none(metric("train_accuracy")),
-                "test_top5_accuracy": median_or_none(metric("test_top5_accuracy")),
+                "test_top1": median_or_none(test),
+                "test_top1_min": min((v for v in test if v is not None), default=None),
+                "test_top1_max": max((v for v in test if v is not None), default=None),
+                "test_top1_seeds": test,
+                "train_top1": median_or_none(metric("train_top1")),
+                "test_top5": median_or_none(metric("test_top5")),
                 # Soft symmetric runs: the net with its kernels projected (`param.symmetrize`).
-                "test_accuracy_symmetrized": median_or_none(metric("test_accuracy_symmetrized")),
+                "test_top1_symmetrized": median_or_none(metric("test_top1_symmetrized")),
                 "num_params": next((r["num_params"] for r in runs if "num_params" in r), None),
                 "diverged": sum(r["diverged"] for r in runs),
                 "wall_time_s": sum(r.get("wall_time_s", 0.0) for r in runs),

@@ -20,7 +20,7 @@ def _err(x: float | None) -> str:
 
 
 def _spread(row: dict, error: bool) -> str:
-    lo, hi = row["test_accuracy_min"], row["test_accuracy_max"]
+    lo, hi = row["test_top1_min"], row["test_top1_max"]
     if lo is None:
         return ""
     if lo is None or len(row["seeds"]) < 2:
@@ -40,7 +40,7 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
     ours = f"ours: {ours} (median [min, max])"
     # Symmetric experiment: parameters as deployed, and the soft runs' projected net.
     test_params = any("test_params" in r for r in rows)
-    symmetrized = any(r.get("test_accuracy_symmetrized") is not None for r in rows)
+    symmetrized = any(r.get("test_top1_symmetrized") is not None for r in rows)
     head = [*labels, "params"]
     head += ["params at test"] if test_params else []
     head += [ours]
@@ -52,10 +52,10 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
         cells = [str(r[k]) for k in labels]
         cells += ["-" if r["num_params"] is None else f"{r['num_params']:,}"]
         cells += [f"{r['test_params']:,}"] if test_params else []
-        cells += [fmt(r["test_accuracy"]) + _spread(r, error)]
-        cells += [fmt(r.get("test_accuracy_symmetrized"))] if symmetrized else []
+        cells += [fmt(r["test_top1"]) + _spread(r, error)]
+        cells += [fmt(r.get("test_top1_symmetrized"))] if symmetrized else []
         cells += [
-            fmt(r["train_accuracy"]),
+            fmt(r["train_top1"]),
             r["paper"] or "-",
             f"{len(r['seeds'])}/{len(r['planned_seeds'])}",
             f"{r['diverged']}/{len(r['seeds'])}",
@@ -65,9 +65,9 @@ def table(experiment: Experiment, rows: list[dict]) -> str:
 
 
 _NOT_LABELS = {
-    "key", "paper", "seeds", "planned_seeds", "test_accuracy", "test_accuracy_min",
-    "test_accuracy_max", "test_accuracies", "train_accuracy", "test_top5_accuracy",
-    "num_params", "diverged", "wall_time_s", "test_accuracy_symmetrized", "test_params",
+    "key", "paper", "seeds", "planned_seeds", "test_top1", "test_top1_min",
+    "test_top1_max", "test_top1_seeds", "train_top1", "test_top5",
+    "num_params", "diverged", "wall_time_s", "test_top1_symmetrized", "test_params",
 }  # fmt: skip
 
 
@@ -75,11 +75,11 @@ def _plot_depth(rows, path):
     plt = metrics.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model and r["test_accuracy"] is not None]
+        rs = [r for r in rows if r["model"] == model and r["test_top1"] is not None]
         x = [r["depth"] for r in rs]
-        y = [100 * r["test_accuracy"] for r in rs]
-        lo = [100 * (r["test_accuracy"] - r["test_accuracy_min"]) for r in rs]
-        hi = [100 * (r["test_accuracy_max"] - r["test_accuracy"]) for r in rs]
+        y = [100 * r["test_top1"] for r in rs]
+        lo = [100 * (r["test_top1"] - r["test_top1_min"]) for r in rs]
+        hi = [100 * (r["test_top1_max"] - r["test_top1"]) for r in rs]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=model)
     ax.set_xscale("log")
     ax.set_xticks(sorted({r["depth"] for r in rows}))
@@ -99,8 +99,8 @@ def _plot_bars(rows, path, error: bool, label_key):
     def tf(a):
         return math.nan if a is None else 100 * (1 - a) if error else 100 * a
 
-    test = [tf(r["test_accuracy"]) for r in rows]
-    trn = [tf(r["train_accuracy"]) for r in rows]
+    test = [tf(r["test_top1"]) for r in rows]
+    trn = [tf(r["train_top1"]) for r in rows]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], test, height=0.4, label="test")
     ax.barh([i - 0.2 for i in y], trn, height=0.4, label="train")
@@ -128,33 +128,33 @@ def _plot_symmetric(rows):
             return math.nan if x is None else 100 * x
 
         y = range(len(rs))
-        ax.barh([i - 0.2 for i in y], [pct(r["test_accuracy"]) for r in rs], 0.4, label="test")
+        ax.barh([i - 0.2 for i in y], [pct(r["test_top1"]) for r in rs], 0.4, label="test")
         ax.barh(
             [i + 0.2 for i in y],
-            [pct(r["train_accuracy"]) for r in rs],
+            [pct(r["train_top1"]) for r in rs],
             0.4,
             label="train",
             fill=False,
             hatch="//",
         )
-        soft = [(i, r) for i, r in enumerate(rs) if r.get("test_accuracy_symmetrized") is not None]
+        soft = [(i, r) for i, r in enumerate(rs) if r.get("test_top1_symmetrized") is not None]
         if soft:
             ax.plot(
-                [pct(r["test_accuracy_symmetrized"]) for _, r in soft],
+                [pct(r["test_top1_symmetrized"]) for _, r in soft],
                 [i - 0.2 for i, _ in soft],
                 "kx",
                 label="test, symmetrized",
             )
         base = next((r for r in rs if r["symmetry"] == "none"), None)
-        if base is not None and base["test_accuracy"] is not None:
-            ax.axvline(pct(base["test_accuracy"]), color="k", ls="--", lw=0.8)
+        if base is not None and base["test_top1"] is not None:
+            ax.axvline(pct(base["test_top1"]), color="k", ls="--", lw=0.8)
         ax.set_yticks(list(y))
         ax.set_yticklabels([f"{r['symmetry']} ({r['num_params'] or 0:,})" for r in rs], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(block, fontsize=9)
         ax.set_xlabel("accuracy % (median over seeds)")
         ax.grid(alpha=0.3, axis="x")
-    finite = [100 * r[k] for r in rows for k in ("test_accuracy", "train_accuracy") if r[k]]
+    finite = [100 * r[k] for r in rows for k in ("test_top1", "train_top1") if r[k]]
     if finite:
         axes[0][0].set_xlim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
     axes[0][-1].legend(fontsize=8)
