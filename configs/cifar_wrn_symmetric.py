@@ -13,7 +13,7 @@ one) carries the symmetry (`dirac_jax.models`): with `hard`, it is
 basic, triangular over channels: 26.8M parameters instead of 36.5M); with
 `soft`, it is unconstrained and `symmetry_penalty * sum ||W - W^T||_1` (slides
 eq. 3) joins the loss, and every evaluation also reports the net projected by
-`param.symmetrize` (`test_accuracy_symmetrized`). lambda = 1e-4 is our default,
+`param.symmetrize` (`test_top1_symmetrized`). lambda = 1e-4 is our default,
 not a figure of the slides. Bottleneck WRNs take depths 9n+2, counting every
 conv (29 = 3 blocks per group): the slides' "WRN-16-1-bottleneck", two blocks per
 group with 219,482 parameters (172,106 triangular), is our depth 20, width 1.
@@ -33,5 +33,4 @@ def get_config(mode: str = "hard"):
     config.model.symmetry = "triangular" if mode == "hard" else None  # a param.SYMMETRIC_KINDS
     config.model.symmetry_axis = "channel"  # channel | spatial | both
     config.symmetry_penalty = 1e-4 if mode == "soft" else 0.0  # lambda of slides eq. 3
-    config.symmetry_penalty_p = 1.0  # the slides' L1
     return config

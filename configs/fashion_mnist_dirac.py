@@ -24,13 +24,10 @@ def get_config():
     config.model.depth = 10  # 2 Dirac convs per group
     config.model.width = 1.0  # 16, 32, 64 channels
     config.dataset.name = "fashion_mnist"
-    config.dataset.source = "auto"  # the IDX files, else TFDS
-    config.batch_size = 128
-    config.eval_batch_size = 512  # 10,000 test images: 20 batches, the last padded and masked
+    # eval_batch_size 512: 10,000 test images in 20 batches, the last padded and masked.
     config.num_epochs = 10
     config.learning_rate = 0.6
     config.lr_boundaries = (0.5, 0.75)
-    config.lr_decay = 0.2
     config.augment = False
     config.log_every_steps = 50
     config.eval_every_steps = 100  # a test-set curve for the 300-step quickstart (~2 s each)

@@ -20,23 +20,19 @@ from dirac_jax.configs import cifar_dirac
 
 def get_config():
     config = cifar_dirac.get_config()
-    config.model.name = "diracnet"
     config.model.depth = 18  # 18 or 34
     config.model.width = 1.0  # 64k .. 512k channels
     config.model.stem = "imagenet"  # 7x7/2 conv, BN, 3x3/2 max-pool, four groups
     config.dataset.name = "imagenet2012"
     config.dataset.source = "tfds"  # tfds (ArrayRecord) | folder
-    config.dataset.image_size = 224  # train crop; eval resizes to 256 and crops the centre
     config.dataset.num_workers = 32  # Grain decode processes per host (BENCHMARKS.md, input)
     config.batch_size = 256
     config.eval_batch_size = 256  # 50,000 validation images, last batch padded and masked
     config.num_epochs = 100
-    config.learning_rate = 0.1
     config.lr_boundaries = (0.3, 0.6, 0.9)
     config.lr_decay = 0.1
     config.weight_decay = 1e-4
     config.half_precision = True
     config.log_every_steps = 500
-    config.eval_every_steps = -1  # once per epoch
     config.checkpoint_every_steps = 5000
     return config

@@ -26,9 +26,7 @@ def get_config(mode: str = "hard"):
             f"imagenet_resnet_symmetric: unknown mode {mode!r}; expected one of {MODES}."
         )
     config = imagenet_resnet.get_config()
-    config.model.depth = 18  # 18 | 34 | 50 | 101 (bottlenecks from 50)
     config.model.symmetry = "triangular" if mode == "hard" else None  # a param.SYMMETRIC_KINDS
     config.model.symmetry_axis = "channel"  # channel | spatial | both
     config.symmetry_penalty = 1e-4 if mode == "soft" else 0.0  # lambda of slides eq. 3
-    config.symmetry_penalty_p = 1.0  # the slides' L1
     return config
