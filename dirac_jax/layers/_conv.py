@@ -210,12 +210,13 @@ def param_conv(
     the `dtype` conv of the rest, `diag(b) W_norm`, whose rounding is relative
     to its own small size. The output is then cast to `dtype`.
 
-    Chosen by measurement (`python -m dirac_jax.bench bf16`, BENCHMARKS.md):
-    on a 64-channel layer the error against float32 drops by 30% and 91% of
-    the outputs (cast: 71%) are float32's correctly rounded, at the cast's
-    layer time; a float32 conv with the kernel `a * delta` gives the same
-    numbers at 1.57x the time. A whole bf16 training step on a CPU costs about
-    10% more than with the cast; `exact_identity=False` restores the cast.
+    Chosen by measurement (BENCHMARKS.md, "bf16": `python -m benchmarks
+    bf16`, run from a checkout): the channel selection keeps more outputs
+    correctly rounded than the cast at about the cast's layer time, and costs
+    less than a float32 conv with the kernel `a * delta`, which gives the same
+    numbers. The float32 sum reads the activations once more, which a whole
+    bf16 training step feels; `exact_identity=False` restores the cast where
+    speed matters more.
 
     Args:
       x: `(batch, *spatial, in_features)`.
