@@ -167,5 +167,17 @@ def _docstring_fixes(app, what, name, obj, options, lines):
         lines[i] = _CODE.sub(lambda m: m[1] + ("\\ " + m[2] if m[2] else ""), line)
 
 
+def _summary_abbreviations():
+    """The autosummary tables show a docstring's first sentence, cut at ". ". The docstrings
+    cite the papers as "DiracNets eq. 5", "sec. 3.4", "fig. 2": not ends of sentences."""
+    from sphinx.ext import autosummary
+
+    autosummary.WELL_KNOWN_ABBREVIATIONS = (
+        *autosummary.WELL_KNOWN_ABBREVIATIONS,
+        *("eq.", "eqs.", "sec.", "fig.", "Eq.", "Sec.", "Fig."),
+    )
+
+
 def setup(app):
+    _summary_abbreviations()
     app.connect("autodoc-process-docstring", _docstring_fixes)

@@ -133,6 +133,7 @@ def test_the_readmes_taste_of_the_api_runs():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two Sphinx builds and the guides' six command lines, one after another
 def test_the_site_builds_with_warnings_as_errors_and_the_guides_run(tmp_path):
     # As launch/docs.sh, without the set-up. The guides run on one CPU device, as a user's do.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
