@@ -253,9 +253,8 @@ def main(argv: list[str]) -> None:
         print(f"preempted at step {summary['step']}; rerun the same command to resume", flush=True)
         return
     summary_path = _paths.resolve(workdir) / SUMMARY_FILE
-    top1 = summary["test_top1"] if "test_top1" in summary else summary["test_accuracy"]
     print(
-        f"done: step {summary['step']}, test accuracy {top1:.4f}, "
+        f"done: step {summary['step']}, test accuracy {summary['test_top1']:.4f}, "
         f"test loss {summary['test_loss']:.4f}, summary in {summary_path}",
         flush=True,
     )
