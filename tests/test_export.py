@@ -98,7 +98,7 @@ def test_evaluate_cli_writes_eval_json_matching_the_summary(run_dir):
     for net in ("unfolded", "folded"):
         m = written[net]
         assert m["count"] == 10_000
-        assert m["top1"] == summary["test_accuracy"]
+        assert m["top1"] == summary["test_top1"]
         assert m["top1"] <= m["top5"] <= 1.0
         np.testing.assert_allclose(m["loss"], summary["test_loss"], rtol=1e-4)
     assert written["step"] == summary["step"] == 40
@@ -113,7 +113,7 @@ def test_evaluate_reads_neither_the_training_split_nor_the_optimizer_state(run_d
 
     monkeypatch.setattr(data, "load", test_split_only)
     result = evaluate.evaluate_workdir(run_dir)
-    assert result["unfolded"]["top1"] == _summary(run_dir)["test_accuracy"]
+    assert result["unfolded"]["top1"] == _summary(run_dir)["test_top1"]
     variables, step = workdir.restore_variables(run_dir)
     assert sorted(variables) == ["batch_stats", "params"] and step == 40
 
@@ -134,7 +134,7 @@ def test_onnx_export_in_onnxruntime_equals_jax_and_the_summary(run_dir, test_spl
     )
     np.testing.assert_allclose(onnx_logits, jax_logits, atol=1e-4, rtol=0)
     accuracy = float(np.mean(onnx_logits.argmax(-1) == test_split.labels))
-    assert accuracy == _summary(run_dir)["test_accuracy"]
+    assert accuracy == _summary(run_dir)["test_top1"]
 
 
 def test_stablehlo_export_is_the_whole_classifier(run_dir, test_split, tmp_path):
