@@ -9,10 +9,9 @@ zero-padded to 32x32.
 Tuned for the 300-step run on 2 CPU cores (about 1-2 minutes): DiracNet-10-1
 (75k params), batch 128, lr 0.6 decayed x0.2 at 50% and 75% of the steps (with the
 reference's momentum restart there), no augmentation (it slows a run this short
-down more than it regularizes). Full-test-set accuracy after 300 steps, seed 0,
-with the reference's He-normal draw of the raw Dirac weights: lr 0.1: 0.846,
-0.2: 0.862, 0.4: 0.855, 0.6: 0.869 (with the paper's N(0, 1) draw, lr 0.6 gave
-0.840 and lr 0.1 0.757). At lr 0.6, seeds 0, 1, 2: 0.869, 0.867, 0.870.
+down more than it regularizes). lr 0.6 is the best of a sweep of the 300-step
+run (RESULTS.md, "The init matters although `w` is normalized": the accuracies
+per lr and per seed).
 For a longer run (the default, 10 epochs) turn augmentation on: --config.augment=True.
 """
 
