@@ -293,7 +293,7 @@ def test_bad_arguments_raise_one_clear_error():
 
 
 def test_bf16_bench_finds_the_split_more_exact_than_the_cast():
-    from dirac_jax.bench import bf16
+    from benchmarks import bf16
 
     args = bf16.options(channels=8, size=8, batch=4, repeats=1)
     results = bf16.run(args)
