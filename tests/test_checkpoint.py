@@ -335,7 +335,7 @@ def _check_sigterm_resume(
         json.loads((tmp_path / d / workdir.SUMMARY_FILE).read_text()) for d in ("full", "broken")
     )
     assert a["step"] == b["step"] == num_steps
-    assert a["test_loss"] == b["test_loss"] and a["test_accuracy"] == b["test_accuracy"]
+    assert a["test_loss"] == b["test_loss"] and a["test_top1"] == b["test_top1"]
     full_state, resumed_state = (
         _saved_tree(tmp_path / "full", num_steps),
         _saved_tree(tmp_path / "broken", num_steps),

@@ -179,16 +179,16 @@ def test_soft_run_reports_the_symmetrized_net_as_evaluated_by_hand(soft_run, tes
         )
         accuracy = float(np.mean(logits.argmax(-1) == test_split.labels))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, test_split.labels)
-        assert summary["test_accuracy" + suffix] == pytest.approx(accuracy, abs=1e-6)
+        assert summary["test_top1" + suffix] == pytest.approx(accuracy, abs=1e-6)
         assert summary["test_loss" + suffix] == pytest.approx(float(losses.mean()), rel=1e-4)
     assert summary["test_loss_symmetrized"] != summary["test_loss"]
     # The workdir evaluation reports the same nets, and the kernel-folded one.
     result = evaluate.evaluate_workdir(path)
-    assert result["unfolded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert result["unfolded"]["top1"] == pytest.approx(summary["test_top1"], abs=1e-6)
     assert result["symmetrized"]["top1"] == pytest.approx(
-        summary["test_accuracy_symmetrized"], abs=1e-6
+        summary["test_top1_symmetrized"], abs=1e-6
     )
-    assert result["folded"]["top1"] == pytest.approx(summary["test_accuracy"], abs=1e-3)
+    assert result["folded"]["top1"] == pytest.approx(summary["test_top1"], abs=1e-3)
     assert summary["fold_max_abs_error"] < 1e-4 and summary["fold_check_images"] == 64
 
 

@@ -269,7 +269,7 @@ def residual_to_onnx(
     valid = ((0, 0), (0, 0))
     x = b.x
     if isinstance(plain, models.WideResNet):
-        n, _ = plain.validate()
+        n, _ = plain.plan()
         x = conv(x, ("conv",))
         for g in range(3):
             for i in range(n):
@@ -288,7 +288,7 @@ def residual_to_onnx(
                 x = b.node("Add", [y, shortcut])
         x = relu(bn(x, ("bn",)))
     else:
-        kind, blocks, _ = plain.validate()
+        kind, blocks, _ = plain.plan()
         x = relu(bn(conv(x, ("conv",), 2), ("bn",)))
         x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
         for g, count in enumerate(blocks):

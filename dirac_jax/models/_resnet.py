@@ -213,8 +213,6 @@ class WideResNet(nn.Module):
         """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
         return self.clone(symmetry=None, dirac_init_sigma=None)
 
-    validate = plan  # the name `formats.onnx_graph` still calls
-
     @nn.compact
     def __call__(self, x, train: bool = False):
         n, widths = self.plan()
@@ -341,8 +339,6 @@ class ResNet(nn.Module):
     def plain_twin(self):
         """The same net with plain kernels, which `dirac_jax.fold.fold_kernels` fills."""
         return self.clone(symmetry=None, dirac_init_sigma=None)
-
-    validate = plan  # the name `formats.onnx_graph` still calls
 
     @nn.compact
     def __call__(self, x, train: bool = False):
