@@ -177,9 +177,11 @@ def evaluate_workdir(
     if config.model.name in config_schema.FOLDABLE_MODELS:
         nets["folded"], params["folded"] = fold.deployable(model, variables)
     if config.get("symmetry_penalty", 0.0) > 0:
-        projected = jax.jit(lambda p: models.symmetrize_params(model, p))(variables["params"])
-        params["symmetrized"] = {**variables, "params": projected}
-        nets["symmetrized"] = nets["unfolded"]
+        # Projected inside the jitted step: the trainer's eval jits the projection on its own.
+        nets["symmetrized"] = lambda v, x: model.apply(
+            {**v, "params": models.symmetrize_params(model, v["params"])}, x, train=False
+        )
+        params["symmetrized"] = variables
 
     reference = "folded" if "folded" in nets else "unfolded"
     metrics = steps.classification_metrics  # the trainer's, so eval.json and summary.json agree
