@@ -1,4 +1,4 @@
-"""The reference DiracNets (szagoruyko/diracnets) in PyTorch: the tests' oracle, the bench's rival.
+"""The reference DiracNets (szagoruyko/diracnets) in PyTorch: the tests' oracle and benchmark rival.
 
 Written from the reference code (master is v2, branch v1 is v1) and DiracNets
 (arXiv:1706.00388), in the reference's own layout: NCHW activations, OIHW

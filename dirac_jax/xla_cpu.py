@@ -9,7 +9,7 @@ wherever the main thread happens to be. Turning YNNPACK fusions off
 on this project's convolutional steps it is also faster (BENCHMARKS.md,
 `python -m benchmarks cpu_flags`).
 
-The command lines (`main`, `evaluate`, `export`, `reproduce`, `bench`) and the
+The command lines (`main`, `evaluate`, `export`, `reproduce`; `benchmarks` from a checkout) and the
 test harness call `apply()` before JAX starts its CPU backend. Importing the
 library sets nothing. The flags are appended to the user's `XLA_FLAGS`, never
 replacing them; a flag the user already set keeps the user's value; and
