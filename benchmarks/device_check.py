@@ -221,7 +221,7 @@ def run_sections(
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": command,
-        "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "started_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "smoke": smoke,
         "budget_s": budget,
         "wall_s": 0.0,
