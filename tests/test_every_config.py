@@ -7,11 +7,12 @@ width, steps, batches, the streamed crop) and the data comes from here: syntheti
 stand-ins of the small datasets, and for the ImageNet configs a JPEG tree made from
 Debian's Fashion-MNIST, decoded by `--grain-workers` Grain processes: 2 by default, as
 each stage that reads images starts its own workers; `pytest --grain-workers=32` runs the
-configs' own count. One ImageNet config takes every stage through its command line; the
-others call the same library functions in this process.
+configs' own count. One ImageNet config goes through the command lines (`main`, `export
+--quantize=int8`, `evaluate --onnx`); the rest calls the same library functions here.
 
 Properties: evaluate's numbers are the summary's, the float32 ONNX file predicts as the
-fold, the INT8 file mostly does, and the loaded model computes the fold's logits.
+fold (logits within 1e-4), the INT8 file mostly does, and the loaded model computes the
+fold's logits.
 """
 
 import json
@@ -39,10 +40,10 @@ CLI_CONFIG = "imagenet_dirac"
 _multihost_worker.use_compilation_cache()
 NUM_STEPS = 4
 CALIBRATION_IMAGES = 64
-# Measured on these tiny nets (4 steps): float32 ONNX 1.0 of the fold's top-1, INT8
-# (per-channel, percentile) 0.93-1.0. A broken graph or calibration lands near chance.
-ONNX_AGREEMENT = 0.99
-INT8_AGREEMENT = 0.85
+# The INT8 file's share of the fold's top-1 predictions. Measured on these tiny nets (4
+# steps, random stand-in data for the small datasets, so many near-ties): 0.88 (DiracNet
+# v1) to 1.0; a broken graph or calibration lands near chance.
+INT8_AGREEMENT = 0.8
 
 
 class _Clock:
@@ -175,60 +176,45 @@ def test_config_goes_from_training_to_deployment(name, image_tree, tmp_path, req
     assert summary["step"] == NUM_STEPS and math.isfinite(summary["test_loss"]), summary
 
     clock("train")
-    # Evaluate: the trainer's eval, recomputed from the checkpoint.
+    # Export the fold: ONNX (float32 and INT8) and StableHLO.
+    out = {kind: tmp_path / f"model.{kind}" for kind in ("onnx", "int8.onnx", "stablehlo")}
+    if foldable:
+        if cli:  # the headline deploy, INT8 of an ImageNet run, through the command line
+            _cli(
+                "dirac_jax.export", f"--workdir={run}", "--format=onnx", "--quantize=int8",
+                f"--out={out['int8.onnx']}", f"--calibration_images={CALIBRATION_IMAGES}",
+            )  # fmt: skip
+        else:
+            int8 = quantize.Int8Options(calibration_images=CALIBRATION_IMAGES)
+            export.export_workdir(run, "onnx", out["int8.onnx"], quantize=int8)
+        export.export_workdir(run, "onnx", out["onnx"])
+        export.export_workdir(run, "stablehlo", out["stablehlo"])
+    clock("export")
+
+    # Evaluate from the checkpoint, with the INT8 file beside the JAX nets (one pass: the
+    # float32 ONNX file's logits are compared with the fold's below, which is stronger).
+    onnx = [f"--onnx={out['int8.onnx']}"] if foldable else []
     if cli:
-        _cli("dirac_jax.evaluate", f"--workdir={run}")
+        _cli("dirac_jax.evaluate", f"--workdir={run}", *onnx)
         result = json.loads((run / workdir.EVAL_FILE).read_text())
     else:
-        result = evaluate.evaluate_workdir(run)
-    assert result["unfolded"]["top1"] == _top1(summary)
+        result = evaluate.evaluate_workdir(run, onnx=out["int8.onnx"] if foldable else None)
+    assert result["unfolded"]["top1"] == _top1(summary)  # the trainer's eval, recomputed
     assert result["unfolded"]["count"] == summary["num_test_examples"]
     assert (result["folded"] is not None) == foldable
+    if foldable:
+        assert result["onnx_reference"] == "folded"
+        assert result["onnx"]["count"] == summary["num_test_examples"]
+        print(f"{name}: INT8 agrees with the fold on {result['onnx']['agree']:.4f}")
+        assert result["onnx"]["agree"] >= INT8_AGREEMENT, result["onnx"]
+    clock("evaluate --onnx")
 
-    clock("evaluate")
     model, variables, loaded = dirac_jax.load(run)
     images = _test_images(loaded)
     if not foldable:
         logits = model.apply(variables, workdir.preprocess(images, loaded), train=False)
         assert logits.shape == (len(images), _num_classes(loaded)) and np.isfinite(logits).all()
         return
-
-    # Export the fold: ONNX (float32 and INT8) and StableHLO.
-    out = {kind: tmp_path / f"model.{kind}" for kind in ("onnx", "int8.onnx", "stablehlo")}
-    if cli:
-        _cli("dirac_jax.export", f"--workdir={run}", "--format=onnx", f"--out={out['onnx']}")
-        _cli(
-            "dirac_jax.export", f"--workdir={run}", "--format=onnx", "--quantize=int8",
-            f"--out={out['int8.onnx']}", f"--calibration_images={CALIBRATION_IMAGES}",
-        )  # fmt: skip
-        _cli(
-            "dirac_jax.export",
-            f"--workdir={run}",
-            "--format=stablehlo",
-            f"--out={out['stablehlo']}",
-        )
-    else:
-        export.export_workdir(run, "onnx", out["onnx"])
-        int8 = quantize.Int8Options(calibration_images=CALIBRATION_IMAGES)
-        export.export_workdir(run, "onnx", out["int8.onnx"], quantize=int8)
-        export.export_workdir(run, "stablehlo", out["stablehlo"])
-
-    clock("export")
-    # Evaluate the ONNX files beside the fold (the float32 one through the command line; in
-    # process its logits are compared with the fold's below, which is stronger).
-    for kind, bar in (("onnx", ONNX_AGREEMENT), ("int8.onnx", INT8_AGREEMENT)):
-        if cli:
-            _cli("dirac_jax.evaluate", f"--workdir={run}", f"--onnx={out[kind]}")
-            on_onnx = json.loads((run / workdir.EVAL_FILE).read_text())
-        elif kind == "int8.onnx":
-            on_onnx = evaluate.evaluate_workdir(run, onnx=out[kind])
-        else:
-            continue
-        assert on_onnx["onnx_reference"] == "folded"
-        assert on_onnx["onnx"]["count"] == summary["num_test_examples"]
-        print(f"{name}: {kind} agrees with the fold on {on_onnx['onnx']['agree']:.4f}")
-        assert on_onnx["onnx"]["agree"] >= bar, (kind, on_onnx["onnx"])
-    clock("evaluate --onnx")
     # dirac_jax.load: the loaded net (in float32) computes the fold's logits, which the
     # StableHLO artifact and the float32 ONNX file carry.
     folded_logits = np.asarray(stablehlo.load_stablehlo(out["stablehlo"].read_bytes())(images))
