@@ -48,6 +48,7 @@ Command lines: `python -m dirac_jax.main` (train), `python -m dirac_jax.evaluate
 
 import importlib
 
+#: The version of the installed dirac_jax package.
 __version__ = "0.1.0"
 
 # name -> (module, attribute): resolved by __getattr__ on first access.

@@ -41,19 +41,25 @@ __all__ = [
 
 # Chains fold whole (`fold.fold`); residual nets fold their kernels (`fold.fold_kernels`):
 # each model class says which (`models.FOLDS`).
+#: Model names whose nets fold whole into a conv-ReLU chain (`fold.fold`), as `export` writes them.
 CHAIN_MODELS = tuple(n for n in models.MODEL_NAMES if models.FOLDS[n] == "chain")
+#: Model names that fold at all (chain or kernels, `models.FOLDS`); `export` refuses the others.
 FOLDABLE_MODELS = tuple(n for n in models.MODEL_NAMES if models.FOLDS[n] is not None)
 
 
 # The fold check compares folded and unfolded logits on the first test images:
 # a thousand images exercise every layer with real statistics at a small cost.
+#: Default of `config.fold_check_images`, the number of test images the fold check compares.
 FOLD_CHECK_IMAGES = 1024
+#: The values `config.lr_schedule` may take; `validate_config` rejects any other.
 LR_SCHEDULES = ("reference", "fractions")
+#: The values `config.weight_decay_on` may take, to decay the kernels only or all parameters.
 WEIGHT_DECAY_SCOPES = ("kernels", "all")
 
 # Config fields a resumed run may change: they decide what is logged, evaluated, saved and
 # how the input is read, never which steps are taken. A change to any other field (model,
 # data, batch, seed, optimizer, schedule, steps, precision, ...) makes another run.
+#: Config fields a resumed run may change; `train.train_and_evaluate` refuses other changes.
 RESUMABLE_FIELDS = (
     "async_checkpointing",
     "checkpoint_every_steps",
@@ -76,6 +82,7 @@ class ConfigError(ValueError):
 # `config.FIELD` directly. Required fields (no default): model.name, dataset.name,
 # batch_size, num_epochs, num_train_steps, learning_rate, weight_decay, seed,
 # checkpoint_every_steps, half_precision.
+#: Every optional config field and its default; `validate_config` fills missing fields from it.
 CONFIG_DEFAULTS = {
     "dataset": {
         "source": "auto",

@@ -44,13 +44,16 @@ __all__ = [
     "split_identity",
 ]
 
+#: The step kinds a `FoldedStep` may have, and so the ops a folded chain is built from.
 KINDS = ("conv", "dirac_conv", "relu", "ncrelu", "max_pool", "avg_pool", "dense")
 
 # Conv args `(strides, padding)` of every folded 3x3 block conv: stride 1, SAME.
+#: The `(strides, padding)` of every folded 3x3 block conv, stride 1 and SAME padding.
 BLOCK_CONV_ARGS = ((1, 1), ((1, 1), (1, 1)))
 
 # The BatchNorm epsilon of every model here, and so of every fold: PyTorch's and Flax's
 # default, which the reference checkpoints were trained with.
+#: The BatchNorm epsilon of every model and of every fold (PyTorch's and Flax's default).
 BN_EPSILON = 1e-5
 
 

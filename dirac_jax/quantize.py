@@ -47,8 +47,11 @@ __all__ = [
     "zero_tap_shares",
 ]
 
+#: The activation range rules `Int8Options.calibration` may name (`export --calibration`).
 CALIBRATIONS = ("minmax", "entropy", "percentile")
+#: The integer types `Int8Options.activations` may name for INT8 activations.
 ACTIVATIONS = ("int8", "uint8")
+#: How the identity stream between blocks is kept (`Int8Options.stream`), float32 or int8.
 STREAMS = ("float", "int8")
 
 

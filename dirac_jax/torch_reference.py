@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 # Residual-block pairs per group of the ImageNet nets (the reference's `definitions`).
+#: Residual-block pairs per group of the reference's ImageNet nets, by depth.
 IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+#: The BatchNorm epsilon of the PyTorch reference (`F.batch_norm`'s default).
 BN_EPS = 1e-5  # F.batch_norm's default, which the reference uses.
 
 

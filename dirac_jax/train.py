@@ -69,6 +69,7 @@ __all__ = ["SIGTERM_TEST_ENV", "fold_max_abs_error", "train_and_evaluate"]
 # Test hook: DIRAC_JAX_TEST_SIGTERM=STEP (or STEP:group) makes the trainer send SIGTERM to
 # itself (to its process group) right after step STEP, so that preemption tests stop at a
 # chosen step instead of after a sleep.
+#: Environment variable that makes the trainer SIGTERM itself after a given step (for tests).
 SIGTERM_TEST_ENV = "DIRAC_JAX_TEST_SIGTERM"
 
 # What each evaluation records of `steps.evaluate_batches`'s result, as `test_{name}`.

@@ -53,15 +53,22 @@ __all__ = [
 ]
 
 # The files of a run, by the module that writes them. The trainer (`train`):
+#: File name of the validated config a run records in its workdir at the start (`train`).
 CONFIG_FILE = "config.json"  # the validated config, recorded at the start
+#: File name of the final metrics the trainer writes in the workdir at the end.
 SUMMARY_FILE = "summary.json"  # the final metrics, written at the end
 # `metrics`: every train and eval record, and the plots made from them at the end.
+#: File name of every train and eval record of a run, one JSON object a line (`metrics`).
 METRICS_FILE = "metrics.jsonl"
+#: File name of the training-curve plot the trainer writes at the end (`metrics.plot_curves`).
 CURVES_FILE = "curves.png"
+#: File name of the plot of the Dirac scales over training (`metrics.plot_dirac_scales`).
 DIRAC_SCALES_FILE = "dirac_scales.png"
 # `python -m dirac_jax.evaluate`:
+#: File name of the metrics `python -m dirac_jax.evaluate` writes, per net.
 EVAL_FILE = "eval.json"
 # Suffix of the eval metrics of the net projected by `param.symmetrize` (soft symmetry runs).
+#: Suffix of the eval metrics of the net projected by `param.symmetrize` (soft symmetry runs).
 SYMMETRIZED = "_symmetrized"
 
 # One vocabulary of metrics: `top1`, `top5`, `loss`, `count`, nested per net in eval.json

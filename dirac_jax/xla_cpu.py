@@ -28,9 +28,12 @@ from collections.abc import MutableMapping
 __all__ = ["AFFECTED_JAXLIB", "CPU_FLAGS", "OPT_OUT", "apply", "flags_for", "with_flags"]
 
 # YNNPACK fusions off: the defective code path of jax-ml/jax#39257 and #40412.
+#: The CPU backend flags `apply` sets on an affected jaxlib (YNNPACK fusions off).
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 # [first, last] jaxlib (major, minor, patch) the upstream reports name, both included.
+#: The first and last jaxlib version, both included, that get `CPU_FLAGS`.
 AFFECTED_JAXLIB = ((0, 10, 2), (0, 11, 99))
+#: Environment variable that turns the flags off when set to 0.
 OPT_OUT = "DIRAC_JAX_XLA_CPU_FLAGS"
 
 

@@ -7,7 +7,9 @@ builds the site as `launch/docs.sh` does, warnings as errors, and runs the
 guides' code.
 """
 
+import ast
 import importlib
+import inspect
 import os
 import pathlib
 import pkgutil
@@ -102,6 +104,95 @@ def test_the_check_fails_when_a_name_is_removed():
     assert missing_from_reference("dirac_jax.param", None) == [
         "dirac_jax.param (no page docs/api/dirac_jax.param.rst)"
     ]
+
+
+# An autodoc directive and its indented block (options `:name:` and content), up to the next
+# line that is neither blank nor indented.
+_ENTRY = re.compile(r"^\.\. (auto\w+)::[ \t]+(\S+)\n((?:(?:[ \t]+.*)?\n)*)", re.M)
+
+
+def _has_doc_comment(module: types.ModuleType, name: str) -> bool:
+    """Whether `module` assigns `name` with a description autodoc shows: a `#:` comment
+    right above or on the assignment, or a string right after it."""
+    source = inspect.getsource(module)
+    lines = source.splitlines()
+    body = ast.parse(source).body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            continue
+        above = lines[node.lineno - 2].lstrip() if node.lineno > 1 else ""
+        inline = re.search(r"\s#:\s", lines[node.end_lineno - 1])
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        after = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt.value, "value", None), str)
+        return above.startswith("#:") or bool(inline) or after
+    return False
+
+
+def _has_docstring(obj) -> bool:
+    """Whether a function or class has its own docstring (not a generated or inherited one)."""
+    doc = vars(obj).get("__doc__") if inspect.isclass(obj) else obj.__doc__
+    if inspect.isclass(obj) and hasattr(obj, "_fields"):  # a NamedTuple's generated one
+        generated = f"{obj.__name__}({', '.join(obj._fields)})"
+        doc = None if doc == generated else doc
+    return bool(doc and doc.strip())
+
+
+def undescribed(module_name: str, page: str) -> list[str]:
+    """The entries of an API page that would render with no description: neither content
+    under the directive nor, for a constant, a `#:` comment where the page's module assigns
+    it (autodoc reads comments only there), nor, for a function or class, a docstring."""
+    module = importlib.import_module(module_name)
+    missing = []
+    for directive, name, block in _ENTRY.findall(page):
+        if directive in ("automodule", "currentmodule"):
+            continue
+        content = [s for s in block.splitlines() if s.strip() and not s.strip().startswith(":")]
+        if content:
+            continue
+        obj = getattr(module, name, None)
+        if directive == "autodata":
+            described = _has_doc_comment(module, name)
+        else:
+            described = _has_docstring(obj)
+        if not described:
+            missing.append(f"{module_name}.{name}")
+    return missing
+
+
+def test_every_api_entry_has_a_description():
+    missing = []
+    for path in sorted(API.glob("*.rst")):
+        page = path.read_text()
+        module, _ = documented_names(page)
+        missing += undescribed(module, page)
+    assert not missing, (
+        "no description (add a `#:` comment on the assignment, or indented text under the "
+        f"directive in docs/api/MODULE.rst): {missing}"
+    )
+
+
+def test_the_description_check_fails_without_one(tmp_path, monkeypatch):
+    # Content under the directive: a re-exported constant's only description.
+    page = _page("dirac_jax.param")
+    assert undescribed("dirac_jax.param", page) == []
+    entry = re.compile(r"(^\.\. autodata:: SYMMETRIC_KINDS\n)(?:(?:   .*)?\n)*", re.M)
+    bare = entry.sub(r"\1\n", page)
+    assert bare != page
+    assert undescribed("dirac_jax.param", bare) == ["dirac_jax.param.SYMMETRIC_KINDS"]
+    # `#:` comments and strings after the assignment, as autodoc reads them.
+    (tmp_path / "described_consts.py").write_text(
+        '"""Constants."""\n\n#: Described above.\nA = 1\nB = 2  #: Described inline.\nC = 3\n'
+        '"""Described after."""\n# A plain comment is not shown.\nD = 4\nE = 5\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entries = "".join(f".. autodata:: {n}\n\n" for n in "ABCDE")
+    assert undescribed("described_consts", entries) == ["described_consts.D", "described_consts.E"]
 
 
 def test_every_api_page_is_in_the_reference_index():

@@ -43,12 +43,17 @@ __all__ = [
     "to_onnx",
 ]
 
+#: Name of the ONNX graph's input, the uint8 NHWC images as the dataset stores them.
 INPUT_NAME = "images"
+#: Name of the ONNX graph's output, the logits.
 OUTPUT_NAME = "logits"
+#: The ONNX opset version the graphs are written for.
 OPSET = 17
 # Node names of the identity path of a `"dirac_conv"` step (its Gather and Mul), and of the
 # Add that joins that path to the step's conv.
+#: Name prefix of the nodes of a `"dirac_conv"` step's identity path; `quantize` finds them by it.
 IDENTITY_PREFIX = "dirac_identity"
+#: Name prefix of the Add nodes that join a Dirac identity path to its conv.
 JOIN_PREFIX = "dirac_join"
 
 

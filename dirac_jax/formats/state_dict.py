@@ -42,8 +42,11 @@ __all__ = [
 
 # `FoldedStep` args of the published chain (the `dirac_jax.folded` contract): the
 # stem conv's (strides, padding), and the (window, stride, padding) of its pools.
+#: The `(strides, padding)` of the published chain's stem conv (a `FoldedStep` arg).
 STEM_CONV_ARGS = ((2, 2), ((3, 3), (3, 3)))
+#: The `(window, stride, padding)` of the max pool after the published chain's stem.
 STEM_POOL = (3, 2, 1)
+#: The `(window, stride, padding)` of the max pool between the published chain's groups.
 GROUP_POOL = (2, 2, 0)
 
 

@@ -65,9 +65,11 @@ _MODELS = {
     "mobilenet": (MobileNet, {}),
     "plainnet": (PlainNet, {}),
 }
+#: The names `config.model.name` may take, each a network class with preset fields.
 MODEL_NAMES = tuple(_MODELS)
 # How each network folds (its class's `folds`): "chain" (`fold.fold`, a conv-ReLU chain),
 # "kernels" (`fold.fold_kernels`, its kernels computed once), or None.
+#: How each model name folds, "chain" (`fold.fold`), "kernels" (`fold.fold_kernels`) or None.
 FOLDS = {name: cls.folds for name, (cls, _) in _MODELS.items()}
 
 
