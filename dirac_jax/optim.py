@@ -143,8 +143,10 @@ def weight_decay_mask(params, scope: str = "kernels"):
 
 
 class ResetState(NamedTuple):
-    count: jax.Array
-    inner: optax.OptState
+    """The state of `reset_at_steps`: the updates so far and the wrapped state."""
+
+    count: jax.Array  # updates applied so far, i.e. the step the next update is
+    inner: optax.OptState  # the wrapped transformation's state
 
 
 def reset_at_steps(inner: optax.GradientTransformation, steps) -> optax.GradientTransformation:

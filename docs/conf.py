@@ -103,6 +103,7 @@ nitpick_ignore = [
         "flax.linen.module.Module",
         "flax.linen.module._Sentinel",
         "optax._src.base.GradientTransformation",
+        "optax.OptState",
         "orbax.checkpoint.checkpoint_manager.CheckpointManager",
         # ml_collections and etils.
         "ml_collections.ConfigDict",
@@ -178,6 +179,32 @@ def _summary_abbreviations():
     )
 
 
+def _summaries_from_content(app, doctree):
+    """An autosummary row shows the first sentence of a docstring or `#:` comment. An entry
+    described only by content under its directive (a constant the page's module imports from a
+    private one) has neither: its row gets that content's first paragraph."""
+    from docutils import nodes
+    from sphinx import addnodes
+    from sphinx.ext.autosummary import autosummary_table
+
+    described = {}
+    for desc in doctree.findall(addnodes.desc):
+        content = next(iter(desc.findall(addnodes.desc_content)), None)
+        paragraph = next(iter(content.findall(nodes.paragraph)), None) if content else None
+        for signature in desc.findall(addnodes.desc_signature):
+            for target in signature["ids"]:
+                described.setdefault(target, paragraph)
+    for table in doctree.findall(autosummary_table):
+        for row in table.findall(nodes.row):
+            name, text = row.children
+            reference = next(iter(name.findall(addnodes.pending_xref)), None)
+            paragraph = described.get(reference["reftarget"]) if reference else None
+            if paragraph is not None and not text.astext().strip():
+                text.children = []
+                text += paragraph.deepcopy()
+
+
 def setup(app):
     _summary_abbreviations()
     app.connect("autodoc-process-docstring", _docstring_fixes)
+    app.connect("doctree-read", _summaries_from_content)
