@@ -72,8 +72,9 @@ def pytest_addoption(parser):
         "--grain-workers",
         type=int,
         default=2,
-        help="Grain worker processes of the streamed preemption test (the ImageNet config's "
-        "own is 32: --grain-workers=32 runs it at that, about 5 minutes on 2 cores).",
+        help="Grain worker processes of the streamed preemption test and of the ImageNet "
+        "configs in tests/test_every_config.py (the ImageNet config's own is 32: "
+        "--grain-workers=32 runs the preemption test at that, about 5 minutes on 2 cores).",
     )
 
 
