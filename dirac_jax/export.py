@@ -159,7 +159,7 @@ def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
       data.DataNotFoundError: the training split is not where the config says.
     """
     if count < 1:
-        raise ValueError(f"--calibration_images must be >= 1, got {count}.")
+        raise ValueError(f"count (calibration images) must be >= 1, got {count}.")
     if config.dataset.name in data.STREAMED_DATASETS:
         from dirac_jax import input_pipeline
 

@@ -437,7 +437,7 @@ def calibration_images(config, count: int, *, seed: int = 0) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
     if count < 1:
-        raise ValueError(f"--calibration_images must be >= 1, got {count}.")
+        raise ValueError(f"count (calibration images) must be >= 1, got {count}.")
     dataset = config.dataset
     source = data.open_stream(dataset.name, dataset.source, "train", dataset.data_dir)
     picked = np.random.default_rng(seed).choice(

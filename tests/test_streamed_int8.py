@@ -83,7 +83,7 @@ def test_calibration_reads_arrayrecord_and_a_bucket_alike(image_tree, tfds_image
 
 
 def test_bad_count_is_one_line(image_tree):
-    with pytest.raises(ValueError, match="--calibration_images must be >= 1"):
+    with pytest.raises(ValueError, match=r"count \(calibration images\) must be >= 1"):
         input_pipeline.calibration_images(_config(image_tree), 0)
 
 
