@@ -12,6 +12,9 @@ os.environ["XLA_FLAGS"] = (
 # the tests run what users run; the subprocesses the tests start inherit them.
 xla_cpu.apply()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# glibc writes the reason for an abort it raises itself (heap corruption, a failed assert) to
+# the terminal, which CI has none of; this sends it to stderr beside faulthandler's stacks.
+os.environ.setdefault("LIBC_FATAL_STDERR_", "1")
 # A persistent compilation cache shared by the test processes and the subprocesses they
 # start: they compile the same tiny programs many times (threefry-heavy inits take seconds).
 os.environ.setdefault(
