@@ -32,6 +32,7 @@ import dirac_jax
 from dirac_jax import config_schema, data, evaluate, export, quantize, train, workdir
 from dirac_jax.formats import stablehlo
 from dirac_jax.reproduce import load_config
+from dirac_jax.reproduce._grid import apply_overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
@@ -96,16 +97,6 @@ def _overrides(config, image_tree, grain_workers: int) -> dict:
     return tiny
 
 
-def _apply(config, overrides: dict):
-    for key, value in overrides.items():
-        *parents, field = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[field] = value
-    return config
-
-
 def _cli(module, *args, timeout=600):
     env = {
         **os.environ,
@@ -160,7 +151,7 @@ def test_config_goes_from_training_to_deployment(name, image_tree, tmp_path, req
     config_file = ROOT / "configs" / f"{name}.py"
     config = load_config(config_file)
     overrides = _overrides(config, image_tree, request.config.getoption("--grain-workers"))
-    _apply(config, overrides)
+    apply_overrides(config, overrides)
     cli = name == CLI_CONFIG
     run = tmp_path / "run"
     foldable = config.model.name in config_schema.FOLDABLE_MODELS

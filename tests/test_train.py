@@ -40,6 +40,7 @@ from dirac_jax import (
     workdir,
 )
 from dirac_jax.configs import cifar_dirac, fashion_mnist_dirac
+from dirac_jax.reproduce._grid import apply_overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _multihost_worker.use_compilation_cache()
@@ -47,14 +48,7 @@ FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    config = _multihost_worker.tiny_config(num_steps=8)
-    for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return config
+    return apply_overrides(_multihost_worker.tiny_config(num_steps=8), overrides)
 
 
 # ---------------------------------------------------------------------------
