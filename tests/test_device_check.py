@@ -16,19 +16,24 @@ from benchmarks import _host_deps, device_check, device_sections
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # the suite's 600 s is less than a loaded 2-core CPU may need
-def test_smoke_run_writes_every_section(tmp_path):
-    out = tmp_path / "report"
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SITE": str(tmp_path / "site")}
-    done = subprocess.run(
+def _smoke_device_check(out, site, *, timeout):
+    """`launch/device_check.sh --smoke` with this Python, its wheels installed into `site`."""
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SITE": str(site)}
+    return subprocess.run(
         ["bash", "launch/device_check.sh", "--smoke", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=timeout,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the suite's 600 s is less than a loaded 2-core CPU may need
+def test_smoke_run_writes_every_section(tmp_path):
+    out = tmp_path / "report"
+    done = _smoke_device_check(out, tmp_path / "site", timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["smoke"] and list(report["sections"]) == [s.name for s in device_check.SECTIONS]
@@ -282,15 +287,7 @@ def test_the_launch_script_stops_on_an_untested_stack(tmp_path):
     meta.parent.mkdir(parents=True)
     meta.write_text("Metadata-Version: 2.1\nName: flax\nVersion: 0.13.0\n")
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHON": sys.executable, "DEVICE_CHECK_SITE": str(site)}
-    done = subprocess.run(
-        ["bash", "launch/device_check.sh", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _smoke_device_check(out, site, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stderr.startswith("error: untested JAX stack: flax 0.13.0 "), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
